@@ -1,0 +1,110 @@
+r"""Run directories and checkpoints: atomic writes, loads that never unpickle code.
+
+A checkpoint is one ``torch.save`` file of tensors and plain Python values (dicts, lists, str, int,
+float, bool, None), loaded with ``weights_only=True``. Layout (format version 1)::
+
+    {"format": "dhp-deploy-checkpoint", "version": 1,
+     "config":    the training configuration (JSON-able dict; "model" holds the network's arguments),
+     "benchmark": {"name", "num_classes", "input_size", "scenario", "tasks": [{"task_id", "classes"}]},
+     "model":     the network's state_dict (with the Hebbian trace),
+     "optimizer", "regularizer", "rng": states needed for an exact resume,
+     "position":  {"task": int, "epoch": int, "finished": bool},
+     "metrics":   metrics so far (JSON-able)}
+
+A run directory holds ``checkpoint.pt`` (the latest), ``config.json`` and, when finished,
+``metrics.json``, ``metrics.csv`` and ``accuracy.png``.
+"""
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dhp_deploy.network import DHPNet
+
+__all__ = ["CheckpointError", "CHECKPOINT_NAME", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
+           "save_checkpoint", "load_checkpoint", "build_model", "load_model"]
+
+CHECKPOINT_NAME = "checkpoint.pt"
+FORMAT = "dhp-deploy-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(Exception):
+    r"""A checkpoint or run directory that cannot be used; the message names the file and why."""
+
+
+def _atomic_write(path: Path, write) -> None:
+    # Write beside the target, flush to disk, then rename: readers see the old file or the new
+    # one, never half of one, even if the process is killed mid-write.
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    _atomic_write(Path(path), lambda f: f.write(data))
+
+
+def atomic_write_text(path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def save_checkpoint(path, payload: dict) -> None:
+    r"""Write ``payload`` (the layout above, without format/version) atomically to ``path``."""
+    payload = {"format": FORMAT, "version": VERSION, **payload}
+    _atomic_write(Path(path), lambda f: torch.save(payload, f))
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    r"""Load a checkpoint written by :func:`save_checkpoint`; :class:`CheckpointError` otherwise."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises many types for truncated / foreign files
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path} is not a readable checkpoint ({reason[:200]})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a dhp-deploy checkpoint")
+    if payload.get("version") != VERSION:
+        raise CheckpointError(f"{path} has checkpoint format version {payload.get('version')}, "
+                              f"this dhp-deploy reads version {VERSION}")
+    return payload
+
+
+def build_model(model_config: dict) -> DHPNet:
+    r"""A fresh network from the ``config["model"]`` dict of a checkpoint."""
+    return DHPNet(in_features=model_config["in_features"], num_classes=model_config["num_classes"],
+                  hidden=tuple(model_config["hidden"]), dhp=model_config["dhp"],
+                  eta_init=model_config.get("eta_init", 0.01))
+
+
+def load_model(run_dir) -> tuple[DHPNet, dict]:
+    r"""The trained network of a run (eval mode, latest trace) and its checkpoint payload."""
+    payload = load_checkpoint(run_dir)
+    model = build_model(payload["config"]["model"])
+    try:
+        model.load_state_dict(payload["model"])
+    except RuntimeError as err:
+        raise CheckpointError(f"{run_dir}: weights do not fit the saved model config "
+                              f"({str(err).splitlines()[0]})") from None
+    return model.eval(), payload

@@ -1,0 +1,156 @@
+r"""The Differentiable Hebbian Plasticity softmax layer (DHP-Softmax).
+
+Each synapse from hidden unit i to class j has a slow weight ``w[i, j]`` (θ), a learned plasticity
+coefficient ``alpha[i, j]`` (α) and a fast Hebbian trace ``hebb[i, j]``; one learned scalar ``eta``
+(η) sets how fast the trace moves. In training, a batch first moves each present class's trace
+column towards the mean activation of that class's rows, then the logits use the updated trace:
+
+    Hebb[:, c] ← (1 − η)·Hebb[:, c] + η·mean(h[y == c])      for every class c in y
+    z = h · (θ + α ⊙ Hebb)
+
+This is Algorithm 1 of Thangarasa, Miconi & Taylor, "Enabling Continual Learning with
+Differentiable Hebbian Plasticity" (IJCNN 2020), computed without a Python loop over classes.
+"""
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+from torch.nn import init
+
+__all__ = ["DHPSoftmax", "hebbian_update", "dhp_logits"]
+
+
+def hebbian_update(hebb: Tensor, h: Tensor, y: Tensor, eta: Tensor) -> Tensor:
+    r"""One step of the Hebbian trace update, as a fresh tensor (differentiable in ``h``, ``eta``).
+
+    Vectorised Algorithm 1: per-class sums and counts by ``index_add``, the class mean where the
+    class is present, and a masked blend so absent classes keep their column exactly. Shapes stay
+    static and nothing is read back to the host, so the step is scriptable and sync-free on CUDA.
+
+    Args:
+        hebb: current trace, ``(in_features, out_features)``.
+        h: activations, ``(B, in_features)``.
+        y: class ids, int64 ``(B,)``, each in ``[0, out_features)`` (not checked here).
+        eta: plasticity rate, shape ``(1,)``.
+    """
+    num_classes = hebb.shape[1]
+    sums = torch.zeros(num_classes, h.shape[1], dtype=h.dtype, device=h.device).index_add(0, y, h)
+    ones = torch.ones(y.shape[0], dtype=h.dtype, device=h.device)
+    counts = torch.zeros(num_classes, dtype=h.dtype, device=h.device).index_add(0, y, ones)
+    # clamp only guards the 0/0 of absent classes; their blend is discarded by the mask below.
+    means = (sums / counts.clamp_min(1.0).unsqueeze(1)).t()
+    blended = (1.0 - eta) * hebb + eta * means
+    return torch.where((counts > 0).unsqueeze(0), blended, hebb)
+
+
+def dhp_logits(h: Tensor, w: Tensor, alpha: Tensor, hebb: Tensor) -> Tensor:
+    r"""``z = h · (θ + α ⊙ Hebb)``."""
+    return h.matmul(w + alpha * hebb)
+
+
+class DHPSoftmax(nn.Module):
+    r"""Output layer with slow weights plus a Hebbian fast-weight trace (DHP-Softmax).
+
+    Args:
+        in_features: width of the penultimate activations ``h``.
+        out_features: number of classes.
+        eta_init: initial plasticity rate η. Default 0.01, the value used by differentiable
+            plasticity (Miconi et al., 2018) that the DHP authors build on: the trace then averages
+            roughly the last 100 batches of each class, slow enough that one batch cannot overwrite
+            what earlier tasks left in it. η is learned.
+        alpha_scale: α starts as ``alpha_scale · U[0, 1)`` (the authors' 0.01), so the layer begins
+            almost as a plain linear softmax and learns how much plasticity each synapse uses.
+        device, dtype: factory arguments, as in :class:`torch.nn.Linear`.
+
+    Attributes:
+        w: slow weights θ, ``(in_features, out_features)``, kaiming-uniform with a=√5 over
+            ``in_features`` (the same bound ``1/√in_features`` as :class:`torch.nn.Linear`).
+        alpha: plasticity coefficients α, ``(in_features, out_features)``.
+        eta: plasticity rate η, ``(1,)``.
+        hebb: the Hebbian trace, a persistent buffer (saved in ``state_dict``, moved by ``.to()``),
+            never a parameter; it is stored detached so no autograd graph survives a step.
+
+    Shape:
+        - h: ``(B, in_features)``; y: int64 ``(B,)`` class ids.
+        - output: ``(B, out_features)`` logits.
+
+    ``forward(h, y)`` in training mode updates the trace with ``y`` and returns logits computed with
+    the updated trace; in eval mode, or when ``y`` is None, it returns logits with the current trace
+    and leaves it unchanged. Gradients flow into ``w``, ``alpha``, ``eta`` (through this step's
+    update) and ``h`` (through the matmul and the class means), as in the authors' code.
+
+    What the module checks: the shapes of ``h`` and ``y`` and the dtype of ``y`` (metadata only, no
+    device sync). It checks the *range* of ``y`` only for CPU tensors. On CUDA an out-of-range label
+    would be a device-side assert that kills the process, and checking it here would cost a host
+    sync every step, so labels must be validated where the data enters (``dhp_deploy.data``
+    validates every label once when a benchmark is built).
+
+    Examples::
+
+        >>> layer = DHPSoftmax(256, 10)
+        >>> logits = layer(torch.randn(64, 256), torch.randint(0, 10, (64,)))
+        >>> logits.shape
+        torch.Size([64, 10])
+    """
+
+    __constants__ = ["in_features", "out_features"]
+    in_features: int
+    out_features: int
+
+    def __init__(self, in_features: int, out_features: int, eta_init: float = 0.01,
+                 alpha_scale: float = 0.01, device=None, dtype=None) -> None:
+        factory = {"device": device, "dtype": dtype}
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.eta_init = eta_init
+        self.alpha_scale = alpha_scale
+        self.w = nn.Parameter(torch.empty(in_features, out_features, **factory))
+        self.alpha = nn.Parameter(torch.empty(in_features, out_features, **factory))
+        self.eta = nn.Parameter(torch.empty(1, **factory))
+        self.register_buffer("hebb", torch.zeros(in_features, out_features, **factory))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        bound = 1.0 / math.sqrt(self.in_features) if self.in_features > 0 else 0.0
+        init.uniform_(self.w, -bound, bound)
+        with torch.no_grad():
+            self.alpha.uniform_(0.0, 1.0).mul_(self.alpha_scale)
+            self.eta.fill_(self.eta_init)
+        self.reset_trace()
+
+    def reset_trace(self) -> None:
+        r"""Zero the Hebbian trace (done at construction; the trace is *not* reset between tasks)."""
+        self.hebb.zero_()
+
+    def forward(self, h: Tensor, y: Optional[Tensor] = None) -> Tensor:
+        self._check_inputs(h, y)
+        if self.training and y is not None:
+            hebb = hebbian_update(self.hebb, h, y, self.eta)
+            # Store detached: the trace carries values, never a graph, into the next step.
+            self.hebb = hebb.detach()
+        else:
+            hebb = self.hebb
+        return dhp_logits(h, self.w, self.alpha, hebb)
+
+    def _check_inputs(self, h: Tensor, y: Optional[Tensor]) -> None:
+        if h.dim() != 2 or h.shape[1] != self.in_features:
+            raise ValueError(f"DHPSoftmax: h must have shape (B, {self.in_features}), "
+                             f"got {list(h.shape)}")
+        if y is None:
+            return
+        if y.dtype != torch.int64:
+            raise TypeError(f"DHPSoftmax: labels y must be int64 class ids, got {y.dtype}")
+        if y.dim() != 1 or y.shape[0] != h.shape[0]:
+            raise ValueError(f"DHPSoftmax: labels y must have shape ({h.shape[0]},), "
+                             f"got {list(y.shape)}")
+        if y.device.type == "cpu" and y.numel() > 0:
+            low, high = int(y.min()), int(y.max())
+            if low < 0 or high >= self.out_features:
+                raise ValueError(f"DHPSoftmax: labels must be in [0, {self.out_features}), "
+                                 f"got values in [{low}, {high}]")
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
