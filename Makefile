@@ -10,7 +10,7 @@ DHP_DATA_DIR ?= ./data
 export DHP_DATA_DIR
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench cpp clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,3 +31,9 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build serve/cpp/build
+
+# The LibTorch program of serve/cpp, built against the pip-installed torch.
+cpp: $(STAMP)
+	cmake -S serve/cpp -B serve/cpp/build -DCMAKE_BUILD_TYPE=Release \
+	  -DCMAKE_PREFIX_PATH="$$($(BIN)/python -c 'import torch; print(torch.utils.cmake_prefix_path)')"
+	cmake --build serve/cpp/build -j 2
