@@ -1,0 +1,407 @@
+r"""Frozen export bundles: fold the trained network, write TorchScript / ONNX, manifest, goldens.
+
+A bundle is one directory, written whole or not at all (built in a temporary directory beside the
+target, renamed into place at the end)::
+
+    BUNDLE/
+      manifest.json        what the bundle holds, how to feed it, sha256 of every other file
+      model.ts             torch.jit.script of the folded eval model (Python and LibTorch)
+      model.onnx           torch.onnx.export(dynamo=True) of the same model, one file
+      golden_inputs.npy    float32 [G, 784] real test images of the run's benchmark
+      golden_logits.npy    float32 [G, C]  the eager (unfolded, from checkpoint) model's logits
+      golden_tasks.npy     int64 [G]       the task each golden image was drawn from
+      golden_labels.npy    int64 [G]       its true global class id
+
+Folding: in eval mode the DHP head computes ``z = h · (θ + α ⊙ Hebb)`` with a fixed trace, so the
+bundle stores the one matrix ``(θ + α ⊙ Hebb)ᵀ`` as the weight of a bias-free ``nn.Linear``; the
+exported network is then exactly a plain MLP and costs what one costs. The plain baseline head
+folds to itself. The full format is documented in ``export/README.md``.
+"""
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from dhp_deploy.checkpoint import CheckpointError, load_model
+from dhp_deploy.layer import DHPSoftmax
+from dhp_deploy.network import DHPNet, PlainHead
+
+__all__ = ["ExportError", "FrozenMLP", "fold_model", "export_run", "write_torchscript",
+           "write_onnx", "benchmark_of_run", "evaluate_accuracy", "sha256_file",
+           "BUNDLE_FORMAT", "BUNDLE_VERSION", "FORMATS", "ATOL", "RTOL", "INPUT_NAME",
+           "OUTPUT_NAME", "MANIFEST_NAME", "GOLDEN_FILES", "ARTIFACT_FILES"]
+
+BUNDLE_FORMAT = "dhp-deploy-bundle"
+BUNDLE_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+FORMATS = ("torchscript", "onnx")
+ARTIFACT_FILES = {"torchscript": "model.ts", "onnx": "model.onnx"}
+GOLDEN_FILES = {"inputs": "golden_inputs.npy", "logits": "golden_logits.npy",
+                "tasks": "golden_tasks.npy", "labels": "golden_labels.npy"}
+# Parity tolerance for fp32 runtimes against the eager goldens, numpy.allclose semantics:
+# |runtime − golden| ≤ ATOL + RTOL·|golden| elementwise. Measured errors here are ~1e-6 or less
+# (a different GEMM summation order); these bounds leave headroom without hiding a wrong weight.
+ATOL, RTOL = 1e-5, 1e-4
+ONNX_OPSET = 20
+
+
+class ExportError(Exception):
+    r"""An export that cannot be done; the message says what and why (no bundle was written)."""
+
+
+class FrozenMLP(nn.Module):
+    r"""The inference network of a bundle: the trunk, then a bias-free linear head.
+
+    ``forward(x)`` maps float32 pixels ``(N, in_features)`` in [0, 1] to logits
+    ``(N, num_classes)``; no state, no labels, nothing that depends on the batch.
+    """
+
+    def __init__(self, trunk: nn.Sequential, head_weight: Tensor) -> None:
+        super().__init__()
+        self.trunk = trunk
+        self.head = nn.Linear(head_weight.shape[1], head_weight.shape[0], bias=False,
+                              dtype=head_weight.dtype)
+        with torch.no_grad():
+            self.head.weight.copy_(head_weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.trunk(x))
+
+
+def fold_model(model: DHPNet) -> FrozenMLP:
+    r"""The eval-mode network with the latest trace folded in: head weight ``(w + alpha*hebb)ᵀ``.
+
+    The sum is the same fp32 expression the eager head evaluates on every call, so the folded
+    matrix is bit-identical to the one the eager model multiplies by. The model is not modified.
+    """
+    for layer in model.trunk:
+        if not isinstance(layer, (nn.Linear, nn.ReLU)):
+            raise ExportError(f"cannot fold a trunk layer of type {type(layer).__name__}")
+    with torch.no_grad():
+        if isinstance(model.head, DHPSoftmax):
+            head = model.head
+            weight = (head.w + head.alpha * head.hebb).t().contiguous()
+        elif isinstance(model.head, PlainHead):
+            weight = model.head.linear.weight.detach().clone()
+        else:
+            raise ExportError(f"cannot fold a head of type {type(model.head).__name__}")
+    frozen = FrozenMLP(copy.deepcopy(model.trunk), weight).eval()
+    frozen.requires_grad_(False)
+    return frozen
+
+
+def write_torchscript(module: nn.Module, path) -> None:
+    scripted = torch.jit.script(module.eval())
+    scripted.save(str(path))
+
+
+@contextmanager
+def _quiet_onnx_logs():
+    # The dynamo exporter logs a warning per missing optional library (e.g. torchvision ops);
+    # the CLI user needs none of it.
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def write_onnx(module: nn.Module, path, in_features: int) -> None:
+    r"""ONNX through the dynamo exporter (never the legacy one), dynamic batch, one file."""
+    example = (torch.rand(2, in_features),)
+    batch = torch.export.Dim("batch", min=1)
+    with _quiet_onnx_logs():
+        program = torch.onnx.export(module.eval(), example, None, dynamo=True,
+                                    input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                    dynamic_shapes={"x": {0: batch}}, opset_version=ONNX_OPSET,
+                                    external_data=False, verbose=False)
+    program.save(str(path), external_data=False)
+    import onnx
+
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+
+
+def benchmark_of_run(payload: dict, data_dir=None):
+    r"""Rebuild the run's benchmark (same test sets) from ``config["data"]`` of its checkpoint."""
+    from dhp_deploy.benchmarks import build_benchmark
+    from dhp_deploy.data import DataError
+
+    kwargs = dict(payload.get("config", {}).get("data") or {})
+    name = kwargs.pop("name", None) or kwargs.pop("benchmark", None) \
+        or payload.get("benchmark", {}).get("name")
+    if not name:
+        raise ExportError("the checkpoint names no benchmark (config['data'] / benchmark.name)")
+    kwargs.pop("data_dir", None)
+    kwargs.pop("device", None)
+    kwargs["download"] = False
+    try:
+        return build_benchmark(name, data_dir, device="cpu", **kwargs)
+    except DataError as err:
+        raise ExportError(f"cannot rebuild the run's test data: {err}") from None
+    except TypeError as err:
+        raise ExportError(f"the checkpoint's config['data'] does not fit build_benchmark: {err}") \
+            from None
+
+
+def evaluate_accuracy(predict_logits, benchmark) -> list[tuple[int, int]]:
+    r"""``(correct, total)`` per task on the test sets, as the training run evaluates.
+
+    ``predict_logits(x) -> logits`` (numpy or torch, ``(N, num_classes)``). Scenario "task":
+    argmax within the task's classes; "class" / "domain": argmax over all classes.
+    """
+    counts = []
+    for task in benchmark.tasks:
+        logits = torch.as_tensor(np.asarray(predict_logits(task.x_test)))
+        if benchmark.scenario == "task":
+            classes = torch.tensor(task.classes, dtype=torch.int64)
+            predicted = classes[logits.index_select(1, classes).argmax(1)]
+        else:
+            predicted = logits.argmax(1)
+        counts.append((int((predicted == task.y_test.cpu()).sum()), len(task.y_test)))
+    return counts
+
+
+def sha256_file(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _golden_rows(benchmark, count: int):
+    # Spread the goldens over the tasks: the first ⌈count/T⌉ test images of each task, in order.
+    per_task = -(-count // len(benchmark.tasks))
+    xs, ys, ts = [], [], []
+    for task in benchmark.tasks:
+        xs.append(task.x_test[:per_task].cpu())
+        ys.append(task.y_test[:per_task].cpu())
+        ts.append(torch.full((len(ys[-1]),), task.task_id, dtype=torch.int64))
+    return torch.cat(xs)[:count], torch.cat(ys)[:count], torch.cat(ts)[:count]
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as f:
+        np.save(f, np.ascontiguousarray(array), allow_pickle=False)
+
+
+def _versions() -> dict:
+    import dhp_deploy
+
+    versions = {"dhp_deploy": dhp_deploy.__version__, "torch": torch.__version__,
+                "numpy": np.__version__, "python": platform.python_version()}
+    for name in ("onnx", "onnxscript"):
+        try:
+            versions[name] = __import__(name).__version__
+        except ImportError:
+            versions[name] = None
+    return versions
+
+
+def _read_metrics(run_dir: Path, payload: dict) -> dict:
+    path = run_dir / "metrics.json"
+    if path.is_file():
+        try:
+            metrics = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise ExportError(f"{path} is not readable JSON ({err})") from None
+    else:
+        metrics = payload.get("metrics") or {}
+    keys = ("acc", "avg_acc", "bwt", "forgetting", "acc_matrix")
+    return {key: metrics.get(key) for key in keys}
+
+
+def _manifest(model: DHPNet, frozen: FrozenMLP, payload: dict, metrics: dict, formats,
+              golden: dict) -> dict:
+    config = payload.get("config", {})
+    model_config = config.get("model", {})
+    bench = payload.get("benchmark", {})
+    linears = [m for m in frozen.modules() if isinstance(m, nn.Linear)]
+    in_features = linears[0].in_features
+    num_classes = linears[-1].out_features
+    return {
+        "format": BUNDLE_FORMAT,
+        "format_version": BUNDLE_VERSION,
+        "versions": _versions(),
+        "model": {
+            "architecture": "mlp",
+            "in_features": in_features,
+            "hidden": [m.out_features for m in linears[:-1]],
+            "num_classes": num_classes,
+            "head": "dhp-folded" if isinstance(model.head, DHPSoftmax) else "plain",
+            "folding": "head weight = (w + alpha * hebb)^T with the latest trace (DHP), or the "
+                       "plain head's weight; bias-free",
+            "parameters": sum(p.numel() for p in frozen.parameters()),
+            "flops_per_sample": 2 * sum(m.in_features * m.out_features for m in linears),
+            "config": model_config,
+        },
+        "input": {"name": INPUT_NAME, "dtype": "float32", "shape": ["N", in_features],
+                  "range": [0.0, 1.0],
+                  "layout": "28x28 grey pixels flattened row-major, value = byte / 255; for "
+                            "permuted benchmarks, in the task's pixel order",
+                  "preprocessing": "none outside the graph"},
+        "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": ["N", num_classes]},
+        "classes": list(range(num_classes)),
+        "scenario": bench.get("scenario"),
+        "task_heads": [{"task_id": int(t["task_id"]), "classes": [int(c) for c in t["classes"]]}
+                       for t in bench.get("tasks", [])],
+        "training": {"benchmark": bench.get("name"), "method": config.get("method"),
+                     "seed": config.get("seed"), "dhp": bool(model_config.get("dhp")),
+                     "data": config.get("data"),
+                     "position": payload.get("position")},
+        "metrics": metrics,
+        "artifacts": {fmt: ARTIFACT_FILES[fmt] for fmt in formats},
+        "onnx": {"opset": ONNX_OPSET, "exporter": "torch.onnx.export(dynamo=True)",
+                 "dynamic_axes": {"input": {"0": "batch"}, "logits": {"0": "batch"}}}
+        if "onnx" in formats else None,
+        "golden": golden,
+        "files": {},
+    }
+
+
+def export_run(run_dir, out_dir, formats: Sequence[str] = FORMATS, *, overwrite: bool = False,
+               golden_count: int = 64, data_dir=None, allow_unfinished: bool = False,
+               verify: bool = True, _before_commit=None) -> Path:
+    r"""Export the trained model of ``run_dir`` as a bundle at ``out_dir``; returns its path.
+
+    Args:
+        run_dir: a training run directory (``checkpoint.pt``, ``metrics.json``).
+        out_dir: the bundle directory to create; must not exist unless ``overwrite``.
+        formats: any of ``"torchscript"``, ``"onnx"``.
+        golden_count: how many real test images to store as golden vectors.
+        data_dir: MNIST root to rebuild the test sets (None → ``$DHP_DATA_DIR`` → ``./data``).
+        allow_unfinished: export a run whose training has not finished.
+        verify: before committing, load every artifact from the temporary bundle with the Python
+            runtime and check it against the goldens; a bundle that fails is never written.
+
+    Raises:
+        ExportError: nothing was written at ``out_dir``.
+    """
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    formats = tuple(dict.fromkeys(formats))
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise ExportError(f"unknown format(s) {unknown}, expected some of {', '.join(FORMATS)}")
+    if out_dir.exists() and not overwrite:
+        raise ExportError(f"{out_dir} already exists (pass overwrite / --overwrite to replace it)")
+    try:
+        model, payload = load_model(run_dir)
+    except CheckpointError as err:
+        raise ExportError(str(err)) from None
+    if not (payload.get("position") or {}).get("finished") and not allow_unfinished:
+        raise ExportError(f"{run_dir}: training has not finished (pass --allow-unfinished to "
+                          f"export the latest checkpoint anyway)")
+    metrics = _read_metrics(run_dir, payload)
+    benchmark = benchmark_of_run(payload, data_dir)
+    frozen = fold_model(model)
+
+    parent = out_dir.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out_dir.name}.tmp-"))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a bundle is a normal directory
+    except OSError as err:
+        raise ExportError(f"cannot create the bundle beside {out_dir}: {err.strerror or err}") \
+            from None
+    try:
+        golden = _write_goldens(tmp, model, benchmark, golden_count)
+        for fmt in formats:
+            if fmt == "torchscript":
+                write_torchscript(frozen, tmp / ARTIFACT_FILES[fmt])
+            else:
+                write_onnx(frozen, tmp / ARTIFACT_FILES[fmt], model.trunk[0].in_features)
+        manifest = _manifest(model, frozen, payload, metrics, formats, golden)
+        for path in sorted(tmp.iterdir()):
+            manifest["files"][path.name] = {"sha256": sha256_file(path),
+                                            "bytes": path.stat().st_size}
+        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+        _fsync_tree(tmp)
+        if verify:
+            _verify(tmp, formats)
+        if _before_commit is not None:  # test hook: a failure at the last possible moment
+            _before_commit(tmp)
+        _commit(tmp, out_dir, overwrite)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, (ExportError, KeyboardInterrupt, SystemExit)):
+            raise
+        if isinstance(err, OSError):
+            raise ExportError(f"writing the bundle failed: {err}") from None
+        raise
+    return out_dir
+
+
+def _write_goldens(tmp: Path, model: DHPNet, benchmark, count: int) -> dict:
+    if count < 1:
+        raise ExportError(f"golden_count={count}, expected at least 1")
+    x, y, tasks = _golden_rows(benchmark, count)
+    with torch.no_grad():
+        logits = model.eval()(x)  # the eager, unfolded model: θ + α⊙Hebb computed per call
+    arrays = {"inputs": x.numpy().astype(np.float32), "logits": logits.numpy().astype(np.float32),
+              "tasks": tasks.numpy(), "labels": y.numpy()}
+    golden = {"source": "eager unfolded model from the checkpoint (eval mode, latest trace), "
+                        "real test images of the run's benchmark",
+              "tolerance": {"atol": ATOL, "rtol": RTOL, "rule": "|out - golden| <= atol + "
+                                                              "rtol * |golden| elementwise"}}
+    for key, name in GOLDEN_FILES.items():
+        _save_npy(tmp / name, arrays[key])
+        golden[key] = {"file": name, "dtype": str(arrays[key].dtype),
+                       "shape": list(arrays[key].shape)}
+    return golden
+
+
+def _fsync_tree(directory: Path) -> None:
+    for path in directory.iterdir():
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _verify(tmp: Path, formats) -> None:
+    from dhp_deploy.runtime import BundleError, open_bundle
+
+    for fmt in formats:
+        try:
+            report = open_bundle(tmp, backend=fmt, device="cpu").check()
+        except BundleError as err:
+            raise ExportError(f"the {fmt} artifact failed verification: {err}") from None
+        if not report["ok"]:
+            raise ExportError(f"the {fmt} artifact does not match the eager goldens "
+                              f"(max abs error {report['max_abs_error']:.3g})")
+
+
+def _commit(tmp: Path, out_dir: Path, overwrite: bool) -> None:
+    # A rename is atomic: readers see no bundle or a whole one. Replacing moves the old bundle
+    # aside first (a directory cannot be renamed over a non-empty one), then deletes it.
+    if not out_dir.exists():
+        os.rename(tmp, out_dir)
+        return
+    if not overwrite:
+        raise ExportError(f"{out_dir} already exists (pass overwrite / --overwrite to replace it)")
+    if not out_dir.is_dir() or out_dir.is_symlink():
+        raise ExportError(f"{out_dir} exists and is not a bundle directory; not replacing it")
+    old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
+    os.rename(out_dir, old / "bundle")
+    os.rename(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,279 @@
+r"""The Python runtime: open a verified bundle, run it with TorchScript or onnxruntime.
+
+    >>> runtime = open_bundle("export/bundles/split-mnist", backend="onnx", device="cpu")
+    >>> out = runtime.predict(pixels)            # float32 [N, 784] in [0, 1]
+    >>> out.logits.shape, out.classes, out.labels  # (N, 10), all class ids, argmax class ids
+    >>> out = runtime.predict(pixels, task=2)     # task head: columns of classes (4, 5) only
+
+What :func:`open_bundle` checks, each failure a :class:`BundleError` with a one-line message:
+the manifest's format name and version, that every file it lists exists and has its sha256, that
+the bundle holds the artifact of the requested backend, that the backend's library is installed,
+and that the requested device is really used: ``cuda`` needs ``torch.cuda.is_available()`` for
+TorchScript and an *active* ``CUDAExecutionProvider`` for onnxruntime (onnxruntime silently falls
+back to CPU when CUDA cannot start; we check ``session.get_providers()`` and refuse instead).
+
+What every call checks (:class:`InputError`, a :class:`BundleError`): the input is a float32
+array (numpy or CPU torch tensor) of shape ``[N, in_features]`` with N ≥ 1 — no silent casts or
+reshapes — and, unless ``allow_nonfinite=True``, holds no NaN or ±inf (a NaN pixel would give NaN
+logits and an arbitrary argmax). Values outside [0, 1] are not rejected: they are legal floats,
+only out of the training distribution.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+
+from dhp_deploy.export import (ARTIFACT_FILES, ATOL, BUNDLE_FORMAT, BUNDLE_VERSION, FORMATS,
+                               GOLDEN_FILES, MANIFEST_NAME, RTOL, sha256_file)
+
+__all__ = ["BundleError", "InputError", "Prediction", "Runtime", "open_bundle", "read_manifest",
+           "compare", "BACKENDS", "DEVICES"]
+
+BACKENDS = FORMATS
+DEVICES = ("cpu", "cuda")
+
+
+class BundleError(Exception):
+    r"""A bundle that cannot be used as asked; the message says which file or setting and why."""
+
+
+class InputError(BundleError):
+    r"""An input the bundle does not accept (shape, dtype, non-finite values, unknown task)."""
+
+
+@dataclass
+class Prediction:
+    r"""What :meth:`Runtime.predict` returns.
+
+    Attributes:
+        logits: float32 ``(N, K)``; all classes (K = num_classes) without a task, else only the
+            task head's classes, in the manifest's order.
+        classes: int64 ``(K,)``, the global class id of each column of ``logits``.
+        labels: int64 ``(N,)``, the predicted global class id of each row (``classes[argmax]``).
+    """
+
+    logits: np.ndarray
+    classes: np.ndarray
+    labels: np.ndarray
+
+
+def read_manifest(bundle_dir, verify: bool = True) -> dict:
+    r"""The manifest of a bundle, after checking its format version and (``verify``) checksums."""
+    bundle_dir = Path(bundle_dir)
+    if not bundle_dir.is_dir():
+        raise BundleError(f"no bundle directory at {bundle_dir}")
+    path = bundle_dir / MANIFEST_NAME
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BundleError(f"{path} is missing: not a bundle") from None
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise BundleError(f"{path} is not readable JSON ({err})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{path} is not a {BUNDLE_FORMAT} manifest")
+    if manifest.get("format_version") != BUNDLE_VERSION:
+        raise BundleError(f"{path} has bundle format version {manifest.get('format_version')!r}; "
+                          f"this dhp-deploy reads version {BUNDLE_VERSION}")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        raise BundleError(f"{path} lists no files")
+    if verify:
+        for name, entry in files.items():
+            file = bundle_dir / name
+            if Path(name).name != name:
+                raise BundleError(f"{path} lists a file outside the bundle: {name!r}")
+            if not file.is_file():
+                raise BundleError(f"{file} is missing (listed in the manifest)")
+            if sha256_file(file) != entry.get("sha256"):
+                raise BundleError(f"{file} fails its sha256 check: corrupted or modified")
+    return manifest
+
+
+def compare(outputs: np.ndarray, golden: np.ndarray, atol: float = ATOL,
+            rtol: float = RTOL) -> dict:
+    r"""Errors of ``outputs`` against ``golden`` logits; ``ok`` under numpy.allclose's rule.
+
+    ``max_rel_error`` is max |out − golden| / |golden| over the elements with |golden| ≥ atol
+    (near-zero logits make a relative error meaningless; the atol term covers them).
+    """
+    outputs, golden = np.asarray(outputs, np.float64), np.asarray(golden, np.float64)
+    if outputs.shape != golden.shape:
+        return {"ok": False, "max_abs_error": float("inf"), "max_rel_error": float("inf"),
+                "argmax_agree": 0, "rows": len(golden), "reason": f"shape {outputs.shape}"}
+    diff = np.abs(outputs - golden)
+    big = np.abs(golden) >= atol
+    rel = (diff[big] / np.abs(golden[big])).max() if big.any() else 0.0
+    within = bool(np.all(diff <= atol + rtol * np.abs(golden)))  # False on NaN, as it should
+    agree = int((outputs.argmax(1) == golden.argmax(1)).sum())
+    return {"ok": within and agree == len(golden), "max_abs_error": float(diff.max()),
+            "max_rel_error": float(rel), "argmax_agree": agree, "rows": len(golden)}
+
+
+class Runtime:
+    r"""A bundle opened with one backend on one device (made by :func:`open_bundle`).
+
+    Attributes:
+        path, manifest, backend, device: as opened.
+        in_features, num_classes: the input width and the number of logits.
+    """
+
+    def __init__(self, path: Path, manifest: dict, backend: str, device: str) -> None:
+        self.path, self.manifest, self.backend, self.device = path, manifest, backend, device
+        self.in_features = int(manifest["input"]["shape"][1])
+        self.num_classes = int(manifest["output"]["shape"][1])
+        self._heads = {int(h["task_id"]): np.asarray(h["classes"], dtype=np.int64)
+                       for h in manifest.get("task_heads") or []}
+        artifact = path / ARTIFACT_FILES[backend]
+        self._run = _torchscript(artifact, device) if backend == "torchscript" \
+            else _onnxruntime(artifact, device, manifest)
+
+    @property
+    def tasks(self) -> list[int]:
+        return sorted(self._heads)
+
+    def task_classes(self, task: int) -> np.ndarray:
+        if task not in self._heads:
+            known = ", ".join(map(str, self.tasks)) or "none"
+            raise InputError(f"unknown task {task!r}; the bundle's task heads are: {known}")
+        return self._heads[task]
+
+    def logits(self, x, allow_nonfinite: bool = False) -> np.ndarray:
+        r"""Raw logits float32 ``(N, num_classes)`` of pixels ``x`` float32 ``(N, in_features)``."""
+        return self._run(self._check_input(x, allow_nonfinite))
+
+    def predict(self, x, task: Optional[int] = None, allow_nonfinite: bool = False) -> Prediction:
+        r"""Logits and predicted global class ids; with ``task``, only that task head's classes.
+
+        Without a task the argmax runs over all classes (class- and domain-incremental use);
+        with one it runs within the task's classes (task-incremental, multi-head use).
+        """
+        classes = np.arange(self.num_classes, dtype=np.int64) if task is None \
+            else self.task_classes(task)
+        logits = self.logits(x, allow_nonfinite)
+        if task is not None:
+            logits = np.ascontiguousarray(logits[:, classes])
+        return Prediction(logits=logits, classes=classes, labels=classes[logits.argmax(1)])
+
+    def golden(self) -> dict:
+        r"""The golden arrays of the bundle (inputs, logits, tasks, labels)."""
+        out = {}
+        for key, name in GOLDEN_FILES.items():
+            try:
+                out[key] = np.load(self.path / name, allow_pickle=False)
+            except (OSError, ValueError) as err:
+                raise BundleError(f"{self.path / name} is not a readable .npy ({err})") from None
+        return out
+
+    def check(self, atol: float = ATOL, rtol: float = RTOL) -> dict:
+        r"""Run the golden inputs as one batch and one row at a time; compare with the goldens.
+
+        Returns :func:`compare`'s report (worst of the two runs) plus ``task_agree``: rows whose
+        task-head prediction equals the golden logits' task-head prediction.
+        """
+        golden = self.golden()
+        batched = self.logits(golden["inputs"])
+        single = np.concatenate([self.logits(golden["inputs"][i:i + 1])
+                                 for i in range(len(golden["inputs"]))])
+        reports = [compare(out, golden["logits"], atol, rtol) for out in (batched, single)]
+        report = max(reports, key=lambda r: (not r["ok"], r["max_abs_error"]))
+        agree = 0
+        for row, task in enumerate(golden["tasks"]):
+            classes = self._heads.get(int(task), np.arange(self.num_classes))
+            agree += int(batched[row, classes].argmax() == golden["logits"][row, classes].argmax())
+        report["task_agree"] = agree
+        report["ok"] = report["ok"] and agree == len(golden["tasks"])
+        report["batch_sizes"] = [len(golden["inputs"]), 1]
+        return report
+
+    def _check_input(self, x, allow_nonfinite: bool) -> np.ndarray:
+        if not isinstance(x, np.ndarray):
+            try:
+                import torch
+            except ImportError:  # pragma: no cover - torch is a dependency
+                torch = None
+            if torch is not None and isinstance(x, torch.Tensor):
+                x = x.detach().cpu().numpy()
+            else:
+                raise InputError(f"input must be a numpy array or torch tensor, "
+                                 f"got {type(x).__name__}")
+        if x.dtype != np.float32:
+            raise InputError(f"input dtype must be float32, got {x.dtype}")
+        if x.ndim != 2 or x.shape[1] != self.in_features or x.shape[0] < 1:
+            raise InputError(f"input shape must be [N, {self.in_features}] with N >= 1, "
+                             f"got {list(x.shape)}")
+        if not allow_nonfinite and not np.isfinite(x).all():
+            bad = int((~np.isfinite(x)).any(1).sum())
+            raise InputError(f"input has NaN or infinite values in {bad} row(s); "
+                             f"pass allow_nonfinite / --allow-nonfinite to run them anyway")
+        return np.ascontiguousarray(x)
+
+
+def open_bundle(bundle_dir, backend: str = "torchscript", device: str = "cpu",
+                verify: bool = True) -> Runtime:
+    r"""Open a bundle with ``backend`` ("torchscript" | "onnx") on ``device`` ("cpu" | "cuda")."""
+    if backend not in BACKENDS:
+        raise BundleError(f"unknown backend {backend!r}, expected one of {', '.join(BACKENDS)}")
+    if device not in DEVICES:
+        raise BundleError(f"unknown device {device!r}, expected one of {', '.join(DEVICES)}")
+    bundle_dir = Path(bundle_dir)
+    manifest = read_manifest(bundle_dir, verify=verify)
+    if backend not in (manifest.get("artifacts") or {}):
+        have = ", ".join(manifest.get("artifacts") or {}) or "none"
+        raise BundleError(f"{bundle_dir} has no {backend} artifact (it has: {have}); "
+                          f"re-export with --format {backend} or all")
+    return Runtime(bundle_dir, manifest, backend, device)
+
+
+def _torchscript(path: Path, device: str):
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BundleError("device cuda requested but torch.cuda.is_available() is False "
+                          "(no GPU, or a CPU-only torch build)")
+    try:
+        module = torch.jit.load(str(path), map_location=device)
+    except (RuntimeError, ValueError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise BundleError(f"{path} is not a loadable TorchScript module ({first[:200]})") \
+            from None
+    module.eval()  # a loaded module keeps the training flag it was saved with
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            out = module(torch.from_numpy(x).to(device))
+        return out.float().cpu().numpy()
+
+    return run
+
+
+def _onnxruntime(path: Path, device: str, manifest: dict):
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise BundleError("backend onnx needs onnxruntime: pip install 'dhp-deploy[onnx]' "
+                          "(CPU) or 'dhp-deploy[gpu]' (CUDA)") from None
+    wanted = "CUDAExecutionProvider" if device == "cuda" else "CPUExecutionProvider"
+    if device == "cuda" and wanted not in ort.get_available_providers():
+        raise BundleError("device cuda requested but this onnxruntime has no "
+                          "CUDAExecutionProvider (install onnxruntime-gpu: 'dhp-deploy[gpu]')")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only; a CUDA start-up failure is checked below
+    try:
+        session = ort.InferenceSession(str(path), sess_options=options, providers=[wanted])
+    except Exception as err:  # onnxruntime raises its own exception types
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise BundleError(f"{path} cannot be loaded by onnxruntime ({first[:200]})") from None
+    active = session.get_providers()
+    if device == "cuda" and (not active or active[0] != wanted):
+        raise BundleError(f"device cuda requested but onnxruntime runs on {active} "
+                          f"(CUDA could not start; no silent CPU fallback)")
+    input_name = manifest["input"]["name"]
+    output_name = manifest["output"]["name"]
+
+    def run(x: np.ndarray) -> np.ndarray:
+        return session.run([output_name], {input_name: x})[0]
+
+    return run
