@@ -19,15 +19,28 @@ import torch
 from torch import Tensor, nn
 from torch.nn import init
 
-__all__ = ["DHPSoftmax", "hebbian_update", "dhp_logits"]
+__all__ = ["DHPSoftmax", "class_means", "hebbian_update", "dhp_logits"]
+
+
+def class_means(h: Tensor, y: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+    r"""Per-class mean rows of ``h`` ``(num_classes, in_features)`` and class counts, by ``index_add``.
+
+    Absent classes get a zero mean (the count is clamped to 1 only to avoid 0/0).
+    """
+    sums = torch.zeros(num_classes, h.shape[1], dtype=h.dtype, device=h.device).index_add(0, y, h)
+    ones = torch.ones(y.shape[0], dtype=h.dtype, device=h.device)
+    counts = torch.zeros(num_classes, dtype=h.dtype, device=h.device).index_add(0, y, ones)
+    return sums / counts.clamp_min(1.0).unsqueeze(1), counts
 
 
 def hebbian_update(hebb: Tensor, h: Tensor, y: Tensor, eta: Tensor) -> Tensor:
     r"""One step of the Hebbian trace update, as a fresh tensor (differentiable in ``h``, ``eta``).
 
-    Vectorised Algorithm 1: per-class sums and counts by ``index_add``, the class mean where the
-    class is present, and a masked blend so absent classes keep their column exactly. Shapes stay
-    static and nothing is read back to the host, so the step is scriptable and sync-free on CUDA.
+    Vectorised Algorithm 1: per-class means by ``index_add``, then one ``lerp`` whose weight is η
+    for the classes present and 0 for the others, so absent classes keep their column exactly
+    (``H + 0·(M − H) = H``). Shapes stay static and nothing is read back to the host, so the step is
+    scriptable and sync-free on CUDA. ``H + η(M − H)`` is Algorithm 1's ``(1 − η)H + ηM`` up to
+    float rounding.
 
     Args:
         hebb: current trace, ``(in_features, out_features)``.
@@ -35,19 +48,45 @@ def hebbian_update(hebb: Tensor, h: Tensor, y: Tensor, eta: Tensor) -> Tensor:
         y: class ids, int64 ``(B,)``, each in ``[0, out_features)`` (not checked here).
         eta: plasticity rate, shape ``(1,)``.
     """
-    num_classes = hebb.shape[1]
-    sums = torch.zeros(num_classes, h.shape[1], dtype=h.dtype, device=h.device).index_add(0, y, h)
-    ones = torch.ones(y.shape[0], dtype=h.dtype, device=h.device)
-    counts = torch.zeros(num_classes, dtype=h.dtype, device=h.device).index_add(0, y, ones)
-    # clamp only guards the 0/0 of absent classes; their blend is discarded by the mask below.
-    means = (sums / counts.clamp_min(1.0).unsqueeze(1)).t()
-    blended = (1.0 - eta) * hebb + eta * means
-    return torch.where((counts > 0).unsqueeze(0), blended, hebb)
+    means, counts = class_means(h, y, hebb.shape[1])
+    return torch.lerp(hebb, means.t(), eta * (counts > 0))
 
 
 def dhp_logits(h: Tensor, w: Tensor, alpha: Tensor, hebb: Tensor) -> Tensor:
     r"""``z = h · (θ + α ⊙ Hebb)``."""
-    return h.matmul(w + alpha * hebb)
+    return h.matmul(torch.addcmul(w, alpha, hebb))
+
+
+class _DHPTrainingStep(torch.autograd.Function):
+    r"""Trace update + logits as one autograd node with a hand-written backward.
+
+    Same forward arithmetic as ``hebbian_update`` then ``dhp_logits`` (so values are identical), but
+    about half the small kernels: generic autograd records ~10 nodes for this tiny layer, and on a
+    CPU their per-op overhead costs more than the matmuls. Used in eager training only (TorchScript
+    takes the generic path); it supports neither double backward nor torch.func transforms, which
+    should run the layer in eval mode or call ``hebbian_update`` directly.
+    """
+
+    @staticmethod
+    def forward(ctx, h, y, w, alpha, eta, hebb):
+        means, counts = class_means(h, y, hebb.shape[1])
+        rate = eta * (counts > 0)
+        new_hebb = torch.lerp(hebb, means.t(), rate)
+        effective = torch.addcmul(w, alpha, new_hebb)
+        ctx.save_for_backward(h, y, alpha, effective, new_hebb, means.t() - hebb, rate, counts)
+        return h.matmul(effective), new_hebb
+
+    @staticmethod
+    def backward(ctx, grad_logits, _grad_hebb):
+        h, y, alpha, effective, new_hebb, delta, rate, counts = ctx.saved_tensors
+        grad_effective = h.t().matmul(grad_logits)           # dL/d(θ + α⊙H'), (m, C)
+        grad_trace = grad_effective * alpha                  # dL/dH'
+        # H' = H + rate·(M − H): the rate is η on present classes, so dL/dη sums their columns.
+        grad_eta = ((grad_trace * delta).sum(0) * (counts > 0)).sum().reshape(1)
+        # dL/dh: through the matmul, and through each class mean (1/count to every member row).
+        grad_means = (grad_trace * (rate / counts.clamp_min(1.0))).t().contiguous()  # fast gather
+        grad_h = grad_logits.matmul(effective.t()) + grad_means.index_select(0, y)
+        return grad_h, None, grad_effective, grad_effective * new_hebb, grad_eta, None
 
 
 class DHPSoftmax(nn.Module):
@@ -127,13 +166,16 @@ class DHPSoftmax(nn.Module):
 
     def forward(self, h: Tensor, y: Optional[Tensor] = None) -> Tensor:
         self._check_inputs(h, y)
-        if self.training and y is not None:
+        if not self.training or y is None:
+            return dhp_logits(h, self.w, self.alpha, self.hebb)
+        if torch.jit.is_scripting():
             hebb = hebbian_update(self.hebb, h, y, self.eta)
-            # Store detached: the trace carries values, never a graph, into the next step.
-            self.hebb = hebb.detach()
+            logits = dhp_logits(h, self.w, self.alpha, hebb)
         else:
-            hebb = self.hebb
-        return dhp_logits(h, self.w, self.alpha, hebb)
+            logits, hebb = _DHPTrainingStep.apply(h, y, self.w, self.alpha, self.eta, self.hebb)
+        # Store detached: the trace carries values, never a graph, into the next step.
+        self.hebb = hebb.detach()
+        return logits
 
     def _check_inputs(self, h: Tensor, y: Optional[Tensor]) -> None:
         if h.dim() != 2 or h.shape[1] != self.in_features:

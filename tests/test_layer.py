@@ -6,18 +6,9 @@ import pytest
 import torch
 
 from dhp_deploy import DHPNet, DHPSoftmax, task_logits
+from oracle import algorithm1_step
 
 IN, OUT = 12, 6
-
-
-def algorithm1_step(hebb, h, y, eta, w, alpha):
-    """The authors' Algorithm 1, literally: a Python loop over the classes present in the batch."""
-    columns = list(hebb.unbind(dim=1))  # a list, not in-place writes: autograd needs the old values
-    for c in torch.unique(y).tolist():
-        class_mean = h[y == c].mean(dim=0)
-        columns[c] = (1 - eta) * columns[c] + eta * class_mean
-    hebb = torch.stack(columns, dim=1)
-    return h @ (w + alpha * hebb), hebb
 
 
 BATCHES = {
