@@ -1,0 +1,130 @@
+r"""Continual-learning metrics from the accuracy matrix, and the files a run writes about them.
+
+``acc_matrix[i][j]`` is task j's test accuracy (a fraction) after training task i; row i has one
+entry per task of the benchmark, including tasks not trained yet. From it:
+
+- ``avg_acc[i]``: mean of ``acc_matrix[i][0..i]``, the average accuracy over the tasks seen so far
+  (the DHP paper's metric).
+- ``acc``: mean of the last row (Lopez-Paz & Ranzato, "Gradient Episodic Memory", NeurIPS 2017).
+- ``bwt``: backward transfer, ``mean_{j<T−1} (R[T−1][j] − R[j][j])`` (Lopez-Paz & Ranzato 2017);
+  negative means forgetting. ``None`` with a single task.
+- ``forgetting``: ``mean_{j<T−1} max_{j≤l<T−1} (R[l][j] − R[T−1][j])`` (Chaudhry et al.,
+  "Riemannian Walk for Incremental Learning", ECCV 2018; the max starts once task j was trained),
+  with each task's value in ``forgetting_per_task``. ``None`` with a single task.
+
+Here T is the number of rows so far, so the same functions summarise a run in progress.
+"""
+
+import csv
+import io
+from pathlib import Path
+from typing import Optional, Sequence
+
+from dhp_deploy.checkpoint import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+__all__ = ["average_accuracies", "final_accuracy", "backward_transfer", "forgetting_per_task",
+           "forgetting", "summarize", "write_run_metrics", "METRICS_JSON", "METRICS_CSV",
+           "ACCURACY_PLOT"]
+
+METRICS_JSON, METRICS_CSV, ACCURACY_PLOT = "metrics.json", "metrics.csv", "accuracy.png"
+
+Matrix = Sequence[Sequence[float]]
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
+
+
+def average_accuracies(acc_matrix: Matrix) -> list[float]:
+    r"""``avg_acc[i]`` = mean accuracy over tasks 0..i after training task i."""
+    return [_mean(row[: i + 1]) for i, row in enumerate(acc_matrix)]
+
+
+def final_accuracy(acc_matrix: Matrix) -> Optional[float]:
+    r"""ACC: mean of the last row (every task's accuracy at the end)."""
+    return _mean(acc_matrix[-1]) if acc_matrix else None
+
+
+def backward_transfer(acc_matrix: Matrix) -> Optional[float]:
+    r"""BWT: mean change of each earlier task's accuracy from just after learning it to the end."""
+    last = len(acc_matrix) - 1
+    if last < 1:
+        return None
+    return _mean([acc_matrix[last][j] - acc_matrix[j][j] for j in range(last)])
+
+
+def forgetting_per_task(acc_matrix: Matrix) -> list[float]:
+    r"""For each task j before the last trained one: best earlier accuracy minus final accuracy."""
+    last = len(acc_matrix) - 1
+    return [max(acc_matrix[l][j] for l in range(j, last)) - acc_matrix[last][j]
+            for j in range(last)]
+
+
+def forgetting(acc_matrix: Matrix) -> Optional[float]:
+    r"""Average forgetting (Chaudhry et al. 2018) over the tasks before the last trained one."""
+    per_task = forgetting_per_task(acc_matrix)
+    return _mean(per_task) if per_task else None
+
+
+def summarize(acc_matrix: Matrix) -> dict:
+    r"""Every metric of the module as a JSON-able dict (``acc_matrix`` copied as lists)."""
+    return {
+        "acc_matrix": [list(row) for row in acc_matrix],
+        "avg_acc": average_accuracies(acc_matrix),
+        "acc": final_accuracy(acc_matrix),
+        "bwt": backward_transfer(acc_matrix),
+        "forgetting": forgetting(acc_matrix),
+        "forgetting_per_task": forgetting_per_task(acc_matrix),
+    }
+
+
+def metrics_csv(acc_matrix: Matrix) -> str:
+    r"""One row per trained task: ``after_task, task_0 .. task_{N-1}, avg_acc`` (fractions)."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    num_tasks = len(acc_matrix[0]) if acc_matrix else 0
+    writer.writerow(["after_task", *[f"task_{j}" for j in range(num_tasks)], "avg_acc"])
+    for i, (row, average) in enumerate(zip(acc_matrix, average_accuracies(acc_matrix))):
+        writer.writerow([i, *[f"{value:.6f}" for value in row], f"{average:.6f}"])
+    return out.getvalue()
+
+
+def accuracy_plot_png(acc_matrix: Matrix, title: str = "") -> bytes:
+    r"""PNG bytes: the accuracy-matrix heatmap beside the average-accuracy curve."""
+    import matplotlib  # lazy: only runs that finish need it
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(10, 4.2))
+    heat_axes, curve_axes = figure.subplots(1, 2)
+    image = heat_axes.imshow(acc_matrix, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+    for i, row in enumerate(acc_matrix):
+        for j, value in enumerate(row):
+            heat_axes.text(j, i, f"{100 * value:.0f}", ha="center", va="center", fontsize=7,
+                           color="white" if value < 0.6 else "black")
+    heat_axes.set(xlabel="evaluated task j", ylabel="after training task i",
+                  title="test accuracy R[i][j]")
+    figure.colorbar(image, ax=heat_axes, fraction=0.046)
+    averages = average_accuracies(acc_matrix)
+    curve_axes.plot(range(1, len(averages) + 1), [100 * a for a in averages], marker="o")
+    curve_axes.set(xlabel="tasks learned", ylabel="average accuracy (%)",
+                   title="average accuracy over tasks seen")
+    curve_axes.grid(True, alpha=0.3)
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    return buffer.getvalue()
+
+
+def write_run_metrics(run_dir, acc_matrix: Matrix, config: dict, timings: dict,
+                      title: str = "") -> dict:
+    r"""Write ``metrics.json``, ``metrics.csv`` and ``accuracy.png`` atomically; return the JSON."""
+    run_dir = Path(run_dir)
+    metrics = {**summarize(acc_matrix), "config": config, "timings": timings}
+    atomic_write_json(run_dir / METRICS_JSON, metrics)
+    atomic_write_text(run_dir / METRICS_CSV, metrics_csv(acc_matrix))
+    atomic_write_bytes(run_dir / ACCURACY_PLOT, accuracy_plot_png(acc_matrix, title))
+    return metrics

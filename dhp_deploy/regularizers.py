@@ -1,0 +1,343 @@
+r"""Consolidation regularisers: one small class per method, acting on slow weights only.
+
+Every regulariser has the same five hooks, called by the training loop (``dhp_deploy.train``):
+
+- ``before_task(model)``: a task is about to start (SI records where the weights start).
+- ``penalty(model)``: the consolidation term added to the task loss, ``loss = ce + penalty``, so its
+  gradient comes from autograd. Returns the float ``0.0`` while there is nothing to consolidate yet
+  (the first task), so that task's step does no extra work.
+- ``after_step(model)``: after ``optimizer.step()`` (SI's path integral).
+- ``after_task(model, inputs, classes, generator)``: the task is learned; estimate importances on at
+  most ``fisher_samples`` of its training ``inputs`` (a subset drawn with ``generator``) and anchor.
+- ``state_dict()`` / ``load_state_dict(state)``: tensors, lists and numbers only, so checkpoints load
+  with ``weights_only=True`` and a resumed run continues bit for bit.
+
+"Slow weights" are every parameter except the DHP head's plasticity ``alpha`` and ``eta``
+(DESIGN.md §1). The parameters are handled as one flat vector (their ``named_parameters`` order), so
+a penalty is a handful of autograd ops however many layers or tasks there are.
+
+Defaults are tuned for the 784-256-256 MLPs of the MNIST benchmarks trained with SGD lr 0.01; tune
+them for another protocol on a validation split (``--val-fraction``), never on test data.
+"""
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from dhp_deploy.network import PLASTIC_PARAMETERS, task_logits
+
+__all__ = ["METHODS", "build_regularizer", "slow_parameters", "flat_slow_weights", "Finetune",
+           "ElasticWeightConsolidation", "SynapticIntelligence", "MemoryAwareSynapses"]
+
+METHODS = ("finetune", "ewc", "online-ewc", "si", "mas")
+
+# Per-sample gradients are computed this many samples at a time (memory ~ chunk × #slow weights).
+PER_SAMPLE_CHUNK = 64
+
+
+def slow_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    r"""The parameters consolidation acts on: all but ``head.alpha`` and ``head.eta``."""
+    return {name: p for name, p in model.named_parameters() if name not in PLASTIC_PARAMETERS}
+
+
+def flat_slow_weights(model: nn.Module) -> Tensor:
+    r"""The slow weights as one 1-D tensor (differentiable: gradients reach the parameters)."""
+    return torch.cat([p.reshape(-1) for p in slow_parameters(model).values()])
+
+
+def _detached_flat(model: nn.Module) -> Tensor:
+    with torch.no_grad():
+        return flat_slow_weights(model).detach().clone()
+
+
+def _flat_grads(model: nn.Module) -> Tensor:
+    # The slow weights' .grad as one vector; a parameter without a gradient contributes zeros.
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                      for p in slow_parameters(model).values()])
+
+
+def sample_subset(inputs: Tensor, count: int, generator: torch.Generator) -> Tensor:
+    r"""At most ``count`` rows of ``inputs``, chosen by one ``randperm`` of ``generator`` (CPU)."""
+    if len(inputs) <= count:
+        return inputs
+    order = torch.randperm(len(inputs), generator=generator)[:count]
+    return inputs[order.to(inputs.device)]
+
+
+def mean_per_sample_gradient(model: nn.Module, inputs: Tensor, classes: Optional[Tensor],
+                             sample_loss: Callable[[Tensor], Tensor],
+                             transform: Callable[[Tensor], Tensor]) -> Tensor:
+    r"""``mean_k transform(∇_θ sample_loss(logits(x_k)))`` over the rows of ``inputs``, flat.
+
+    Per-sample gradients come from ``torch.func`` (``vmap`` over ``grad``) with respect to the slow
+    weights only. The model runs in eval mode, so the DHP head uses its current trace and does not
+    update it; the previous mode is restored afterwards. ``classes`` restricts the logits to one
+    task's head (task-incremental), ``None`` keeps all of them.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        slow = {name: p.detach() for name, p in slow_parameters(model).items()}
+        fixed = {name: p.detach() for name, p in model.named_parameters() if name not in slow}
+        fixed.update({name: b.detach() for name, b in model.named_buffers()})
+
+        def loss_of_one(slow_weights, x):
+            logits = functional_call(model, {**slow_weights, **fixed}, (x.unsqueeze(0),))
+            if classes is not None:
+                logits = task_logits(logits, classes)
+            return sample_loss(logits[0])
+
+        per_sample_grads = vmap(grad(loss_of_one), in_dims=(None, 0))
+        total = torch.zeros(sum(p.numel() for p in slow.values()), device=inputs.device)
+        for chunk in inputs.split(PER_SAMPLE_CHUNK):
+            grads = per_sample_grads(slow, chunk)
+            flat = torch.cat([g.reshape(len(chunk), -1) for g in grads.values()], dim=1)
+            total += transform(flat).sum(0)
+        return total / max(len(inputs), 1)
+    finally:
+        model.train(was_training)
+
+
+class Finetune:
+    r"""No consolidation: plain sequential fine-tuning (the lower baseline)."""
+
+    def before_task(self, model: nn.Module) -> None:
+        pass
+
+    def penalty(self, model: nn.Module):
+        return 0.0
+
+    def after_step(self, model: nn.Module) -> None:
+        pass
+
+    def after_task(self, model, inputs, classes, generator) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class QuadraticAnchors:
+    r"""Shared state of the quadratic penalties ``Σ_t Σ_i importance_t,i · (θ_i − anchor_t,i)²``.
+
+    ``importances`` and ``anchors`` are ``(num_anchors, num_slow_weights)`` tensors, one row per
+    consolidated task (or a single running row), so the penalty costs the same few ops for any
+    number of tasks. ``strength`` multiplies the sum.
+    """
+
+    def __init__(self) -> None:
+        self.importances: Optional[Tensor] = None
+        self.anchors: Optional[Tensor] = None
+
+    def quadratic_penalty(self, model: nn.Module, strength: float):
+        if self.anchors is None:
+            return 0.0
+        deviation = flat_slow_weights(model) - self.anchors
+        return strength * (self.importances * deviation.square()).sum()
+
+    def add_anchor(self, importance: Tensor, anchor: Tensor, keep_previous: bool = True) -> None:
+        if self.anchors is None or not keep_previous:
+            self.importances, self.anchors = importance[None], anchor[None]
+        else:
+            self.importances = torch.cat([self.importances, importance[None]])
+            self.anchors = torch.cat([self.anchors, anchor[None]])
+
+    def anchor_state(self) -> dict:
+        return {"importances": self.importances, "anchors": self.anchors}
+
+    def load_anchor_state(self, state: dict) -> None:
+        self.importances, self.anchors = state["importances"], state["anchors"]
+
+
+def _predicted_label_nll(logits: Tensor) -> Tensor:
+    # −log p(ŷ | x) for the model's own prediction ŷ = argmax: the max of the log-softmax.
+    return -torch.log_softmax(logits, dim=0).max()
+
+
+class ElasticWeightConsolidation(QuadraticAnchors):
+    r"""EWC (Kirkpatrick et al., PNAS 2017) and Online EWC (Schwarz et al., ICML 2018).
+
+    Penalty ``(ewc_lambda / 2) · Σ_t Σ_i F_t,i · (θ_i − θ*_t,i)²`` over the slow weights.
+
+    After each task, the diagonal Fisher ``F_i = mean_k (∂ log p(ŷ_k | x_k) / ∂θ_i)²`` is estimated
+    from per-sample gradients of at most ``fisher_samples`` of the task's training inputs, in eval
+    mode (the DHP trace does not move), using the model's own predicted label ``ŷ_k = argmax``
+    (not the true label), within the task's head in the task-incremental scenario. This is
+    van de Ven's ``continual_learner.py`` default.
+
+    One code path for both methods, differing by ``online_gamma`` (as in van de Ven):
+
+    - ``online_gamma=None`` (EWC): one anchor θ*_t and one Fisher F_t per task, summed.
+    - ``online_gamma=γ`` (Online EWC): one running Fisher ``F ← γ·F + F_new`` and the latest anchor.
+
+    Args:
+        ewc_lambda: penalty strength. Default 1000: with a per-sample Fisher (entries ~1e-6..1e-2 on
+            MNIST MLPs) values in the 100s–1000s protect earlier tasks without freezing the net.
+        online_gamma: decay of the running Fisher; None for classic EWC. Online EWC default 1.0.
+        fisher_samples: training samples per Fisher estimate (bounded so it stays fast on CPU).
+    """
+
+    def __init__(self, ewc_lambda: float = 1000.0, online_gamma: Optional[float] = None,
+                 fisher_samples: int = 1000) -> None:
+        super().__init__()
+        self.ewc_lambda = ewc_lambda
+        self.online_gamma = online_gamma
+        self.fisher_samples = fisher_samples
+
+    def before_task(self, model: nn.Module) -> None:
+        pass
+
+    def penalty(self, model: nn.Module):
+        return self.quadratic_penalty(model, self.ewc_lambda / 2)
+
+    def after_step(self, model: nn.Module) -> None:
+        pass
+
+    def after_task(self, model, inputs, classes, generator) -> None:
+        samples = sample_subset(inputs, self.fisher_samples, generator)
+        fisher = mean_per_sample_gradient(model, samples, classes, _predicted_label_nll,
+                                          torch.square)
+        online = self.online_gamma is not None
+        if online and self.importances is not None:
+            fisher = self.online_gamma * self.importances[0] + fisher
+        self.add_anchor(fisher, _detached_flat(model), keep_previous=not online)
+
+    def state_dict(self) -> dict:
+        return self.anchor_state()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.load_anchor_state(state)
+
+
+def _squared_output_norm(logits: Tensor) -> Tensor:
+    return logits.square().sum()
+
+
+class MemoryAwareSynapses(QuadraticAnchors):
+    r"""MAS (Aljundi et al., "Memory Aware Synapses", ECCV 2018).
+
+    Importance ``Ω_i = mean_k |∂ ‖F(x_k)‖²₂ / ∂θ_i|``: the magnitude of the per-sample gradient of
+    the squared L2 norm of the network's output (the logits; in the task-incremental scenario the
+    task's head) on at most ``fisher_samples`` training inputs, in eval mode. No labels are used.
+    Importances accumulate over tasks (``Ω ← Ω + Ω_new``) with the latest anchor θ*.
+
+    Penalty ``mas_lambda · Σ_i Ω_i · (θ_i − θ*_i)²`` (the paper's form, no ½).
+
+    Args:
+        mas_lambda: penalty strength. Default 1.0, the paper's value for its MNIST experiments.
+        fisher_samples: training samples per importance estimate.
+    """
+
+    def __init__(self, mas_lambda: float = 1.0, fisher_samples: int = 1000) -> None:
+        super().__init__()
+        self.mas_lambda = mas_lambda
+        self.fisher_samples = fisher_samples
+
+    def before_task(self, model: nn.Module) -> None:
+        pass
+
+    def penalty(self, model: nn.Module):
+        return self.quadratic_penalty(model, self.mas_lambda)
+
+    def after_step(self, model: nn.Module) -> None:
+        pass
+
+    def after_task(self, model, inputs, classes, generator) -> None:
+        samples = sample_subset(inputs, self.fisher_samples, generator)
+        importance = mean_per_sample_gradient(model, samples, classes, _squared_output_norm,
+                                              torch.abs)
+        if self.importances is not None:
+            importance = self.importances[0] + importance
+        self.add_anchor(importance, _detached_flat(model), keep_previous=False)
+
+    def state_dict(self) -> dict:
+        return self.anchor_state()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.load_anchor_state(state)
+
+
+class SynapticIntelligence(QuadraticAnchors):
+    r"""SI (Zenke, Poole & Ganguli, "Continual Learning Through Synaptic Intelligence", ICML 2017).
+
+    During a task, the path integral ``ω_i ← ω_i − g_i · Δθ_i`` accumulates, every step, the
+    gradient ``g`` of the *task* loss (the cross-entropy, not the penalty) times the parameter
+    change the optimiser made. The penalty's own gradient ``2·si_c·Ω·(θ − θ*)`` is known in closed
+    form, so ``g`` is the stored gradient minus it, evaluated at the weights before the step.
+    After the task: ``Ω ← Ω + max(ω / (Δ_task² + si_epsilon), 0)`` with ``Δ_task`` the task's total
+    change, and the anchor θ* moves to the current weights. Negative contributions (possible with
+    momentum) are clipped at zero so the penalty never rewards leaving the anchor.
+
+    Penalty ``si_c · Σ_i Ω_i · (θ_i − θ*_i)²`` (Zenke et al.'s surrogate loss).
+
+    Args:
+        si_c: penalty strength c. Default 1.0 (Zenke et al. used c in [0.01, 1] on MNIST).
+        si_epsilon: damping ξ for parameters that barely moved. Default 1e-3, Zenke et al.'s ξ.
+    """
+
+    def __init__(self, si_c: float = 1.0, si_epsilon: float = 1e-3) -> None:
+        super().__init__()
+        self.si_c = si_c
+        self.si_epsilon = si_epsilon
+        self.task_start: Optional[Tensor] = None  # θ when the current task began
+        self.before_step: Optional[Tensor] = None  # θ before the latest optimiser step
+        self.path_integral: Optional[Tensor] = None  # ω of the current task
+
+    def before_task(self, model: nn.Module) -> None:
+        self.task_start = _detached_flat(model)
+        self.before_step = self.task_start.clone()
+        self.path_integral = torch.zeros_like(self.task_start)
+
+    def penalty(self, model: nn.Module):
+        return self.quadratic_penalty(model, self.si_c)
+
+    @torch.no_grad()
+    def after_step(self, model: nn.Module) -> None:
+        task_gradient = _flat_grads(model)
+        if self.anchors is not None:
+            task_gradient -= 2 * self.si_c * self.importances[0] * (self.before_step - self.anchors[0])
+        now = flat_slow_weights(model)
+        self.path_integral -= task_gradient * (now - self.before_step)
+        self.before_step = now
+
+    @torch.no_grad()
+    def after_task(self, model, inputs, classes, generator) -> None:
+        now = _detached_flat(model)
+        change = now - self.task_start
+        importance = (self.path_integral / (change.square() + self.si_epsilon)).clamp_min(0)
+        if self.importances is not None:
+            importance = self.importances[0] + importance
+        self.add_anchor(importance, now, keep_previous=False)
+        self.path_integral.zero_()
+
+    def state_dict(self) -> dict:
+        return {**self.anchor_state(), "task_start": self.task_start,
+                "before_step": self.before_step, "path_integral": self.path_integral}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.load_anchor_state(state)
+        self.task_start = state["task_start"]
+        self.before_step = state["before_step"]
+        self.path_integral = state["path_integral"]
+
+
+def build_regularizer(method: str, *, ewc_lambda: float = 1000.0, online_ewc_gamma: float = 1.0,
+                      si_c: float = 1.0, si_epsilon: float = 1e-3, mas_lambda: float = 1.0,
+                      fisher_samples: int = 1000):
+    r"""The regulariser named ``method`` (one of :data:`METHODS`) with the given strengths."""
+    if method == "finetune":
+        return Finetune()
+    if method == "ewc":
+        return ElasticWeightConsolidation(ewc_lambda, None, fisher_samples)
+    if method == "online-ewc":
+        return ElasticWeightConsolidation(ewc_lambda, online_ewc_gamma, fisher_samples)
+    if method == "si":
+        return SynapticIntelligence(si_c, si_epsilon)
+    if method == "mas":
+        return MemoryAwareSynapses(mas_lambda, fisher_samples)
+    raise ValueError(f"unknown method {method!r}, expected one of {', '.join(METHODS)}")

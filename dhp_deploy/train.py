@@ -1,0 +1,372 @@
+r"""Continual training: tasks in sequence, consolidation, evaluation, checkpoints, exact resume.
+
+For each task: ``epochs`` passes of shuffled mini-batches, each step ``loss = ce + penalty`` with the
+cross-entropy over the task's classes (scenario ``"task"``: multi-head, targets remapped to positions
+within the task) or over all classes (``"class"``, ``"domain"``). The DHP head gets the labels so its
+Hebbian trace updates; the trace is never reset. After the task's last epoch: the regulariser's
+end-of-task step, then every task's test set is evaluated (one row of the accuracy matrix).
+
+A checkpoint is written after every epoch (and once before training). Its ``position`` is the last
+completed epoch, ``{"task": t, "epoch": e}`` (``e = -1``: nothing of task t done yet); the end-of-task
+step and evaluation of task t happen before the checkpoint of its last epoch. Every random draw comes
+from a ``torch.Generator`` derived from ``(seed, purpose, task, epoch)``, so a resumed run needs only
+the position and the saved states to continue bit for bit like an uninterrupted one.
+"""
+
+import hashlib
+import math
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import dhp_deploy
+from dhp_deploy.benchmarks import Benchmark, batches
+from dhp_deploy.checkpoint import CHECKPOINT_NAME, build_model, save_checkpoint
+from dhp_deploy.metrics import average_accuracies, write_run_metrics
+from dhp_deploy.network import task_logits
+from dhp_deploy.regularizers import build_regularizer
+
+__all__ = ["TrainConfig", "TrainingError", "TrainingDiverged", "TrainingRun", "derived_generator",
+           "evaluate", "CONFIG_NAME"]
+
+CONFIG_NAME = "config.json"
+EVAL_BATCH = 1000  # test examples per forward pass during evaluation
+
+
+class TrainingError(Exception):
+    r"""Training cannot go on; the message says why and what is left on disk."""
+
+
+class TrainingDiverged(TrainingError):
+    r"""The loss or the weights stopped being finite (e.g. a learning rate far too high)."""
+
+
+@dataclass
+class TrainConfig:
+    r"""Everything that decides a run's result (saved in ``config.json`` and every checkpoint)."""
+
+    benchmark: str = "split-mnist"  # one of dhp_deploy.benchmarks.BENCHMARKS
+    method: str = "finetune"  # finetune | ewc | online-ewc | si | mas
+    dhp: bool = True  # DHP-Softmax head (True) or a plain linear head (False)
+    epochs: int = 10  # passes over each task's training set (paper: 10)
+    batch_size: int = 64  # paper: 64
+    lr: float = 0.01  # plain SGD learning rate (paper: 0.01)
+    momentum: float = 0.0  # SGD momentum (paper: none)
+    seed: int = 0  # seeds initial weights, batch order, Fisher subsets and the benchmark
+    hidden: tuple = (256, 256)  # hidden layer widths (paper: 784-256-256)
+    eta_init: float = 0.01  # initial DHP plasticity rate η
+    ewc_lambda: float = 1000.0  # EWC / Online EWC strength
+    online_ewc_gamma: float = 1.0  # Online EWC decay of the running Fisher
+    si_c: float = 1.0  # SI strength c
+    si_epsilon: float = 1e-3  # SI damping ξ
+    mas_lambda: float = 1.0  # MAS strength
+    fisher_samples: int = 1000  # training samples per Fisher / MAS importance estimate
+    val_fraction: float = 0.0  # share of each task's training set held out (val accuracies)
+    class_incremental: bool = False  # split benchmarks: one head over all classes
+    num_tasks: Optional[int] = None  # first tasks only (None: the benchmark's default)
+    train_limit: Optional[int] = None  # at most this many training examples per task
+    test_limit: Optional[int] = None  # at most this many test examples per task
+    download: bool = False  # fetch missing dataset files
+
+    def __post_init__(self):
+        self.hidden = tuple(int(width) for width in self.hidden)
+
+    def data_arguments(self) -> dict:
+        r"""The ``build_benchmark`` keyword arguments (all but ``data_dir`` and ``device``)."""
+        return {"name": self.benchmark, "seed": self.seed, "val_fraction": self.val_fraction,
+                "class_incremental": self.class_incremental, "num_tasks": self.num_tasks,
+                "train_limit": self.train_limit, "test_limit": self.test_limit,
+                "download": self.download}
+
+    def regularizer_arguments(self) -> dict:
+        return {"ewc_lambda": self.ewc_lambda, "online_ewc_gamma": self.online_ewc_gamma,
+                "si_c": self.si_c, "si_epsilon": self.si_epsilon, "mas_lambda": self.mas_lambda,
+                "fisher_samples": self.fisher_samples}
+
+    def to_json(self, benchmark: Benchmark) -> dict:
+        r"""The run's JSON config: ``model`` (for ``build_model``), ``data``, settings, versions."""
+        return {
+            "method": self.method,
+            "benchmark": self.benchmark,
+            "seed": self.seed,
+            "model": {"in_features": benchmark.input_size, "num_classes": benchmark.num_classes,
+                      "hidden": list(self.hidden), "dhp": self.dhp, "eta_init": self.eta_init},
+            "data": self.data_arguments(),
+            "regularizer": {"method": self.method, **self.regularizer_arguments()},
+            "optimizer": {"name": "sgd", "lr": self.lr, "momentum": self.momentum,
+                          "batch_size": self.batch_size, "epochs": self.epochs},
+            "training": {**asdict(self), "hidden": list(self.hidden)},
+            "versions": {"dhp_deploy": dhp_deploy.__version__, "torch": torch.__version__,
+                         "python": platform.python_version()},
+        }
+
+    @classmethod
+    def from_json(cls, config: dict) -> "TrainConfig":
+        return cls(**config["training"])
+
+
+def derived_generator(seed: int, purpose: str, *keys: int) -> torch.Generator:
+    r"""A CPU generator seeded from ``(seed, purpose, keys)`` alone (sha256, so streams are unrelated)."""
+    text = "/".join(["dhp-train", str(seed), purpose, *map(str, keys)])
+    digest = hashlib.sha256(text.encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+def _task_heads(benchmark: Benchmark, device) -> list[Optional[Tensor]]:
+    # Per task, the global class ids of its head in the multi-head scenario, else None (all).
+    if benchmark.scenario != "task":
+        return [None] * len(benchmark.tasks)
+    return [torch.tensor(task.classes, device=device) for task in benchmark.tasks]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, benchmark: Benchmark, split: str = "test") -> list[float]:
+    r"""Accuracy (a fraction) on every task's ``split`` ("test" or "val"), in eval mode.
+
+    Multi-head (scenario "task"): argmax within the task's classes. Otherwise over all classes.
+    The model's mode is restored; the DHP trace is read, never updated.
+    """
+    was_training = model.training
+    model.eval()
+    accuracies = []
+    for task, head in zip(benchmark.tasks, _task_heads(benchmark, None)):
+        x, y = getattr(task, f"x_{split}"), getattr(task, f"y_{split}")
+        correct = torch.zeros((), dtype=torch.int64, device=x.device)
+        for xb, yb in zip(x.split(EVAL_BATCH), y.split(EVAL_BATCH)):
+            logits = model(xb)
+            if head is None:
+                predicted = logits.argmax(1)
+            else:
+                head = head.to(x.device)
+                predicted = head[task_logits(logits, head).argmax(1)]
+            correct += (predicted == yb).sum()
+        accuracies.append(correct.item() / max(len(y), 1))
+    model.train(was_training)
+    return accuracies
+
+
+@dataclass
+class Progress:
+    r"""What a run has achieved so far (saved as the checkpoint's ``metrics``)."""
+
+    acc_matrix: list = field(default_factory=list)  # rows of test accuracies, one per task done
+    val_acc_matrix: list = field(default_factory=list)  # the same on validation data, if any
+    epochs: list = field(default_factory=list)  # per epoch: task, epoch, loss, train_acc, seconds
+    timings: dict = field(default_factory=lambda: {"train_s": 0.0, "consolidate_s": 0.0,
+                                                   "evaluate_s": 0.0, "samples": 0})
+
+
+class TrainingRun:
+    r"""One run: the model, optimiser, regulariser and progress, and the loop that advances them.
+
+    Build with :meth:`start` (fresh) or :meth:`resume` (from a checkpoint payload), then call
+    :meth:`run`. ``log`` receives one progress line per epoch; ``on_step`` is called with the number
+    of optimiser steps taken in this process after each step (a test hook).
+    """
+
+    def __init__(self, config: TrainConfig, benchmark: Benchmark, run_dir, device,
+                 log: Optional[Callable[[str], None]] = None,
+                 on_step: Optional[Callable[[int], None]] = None) -> None:
+        self.config, self.benchmark, self.run_dir = config, benchmark, Path(run_dir)
+        self.device = torch.device(device)
+        self.log, self.on_step = log or (lambda line: None), on_step
+        self.config_json = config.to_json(benchmark)
+        torch.manual_seed(config.seed)  # the initial weights
+        self.model = build_model(self.config_json["model"]).to(self.device).train()
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr,
+                                         momentum=config.momentum, foreach=True)
+        self.regularizer = build_regularizer(config.method, **config.regularizer_arguments())
+        self.heads = _task_heads(benchmark, self.device)
+        self.position = {"task": 0, "epoch": -1, "finished": False}
+        self.progress = Progress()
+        self.steps_this_process = 0
+
+    @classmethod
+    def start(cls, config, benchmark, run_dir, device="cpu", **hooks) -> "TrainingRun":
+        run = cls(config, benchmark, run_dir, device, **hooks)
+        run.save()  # a resumable, loadable starting point before any step
+        return run
+
+    @classmethod
+    def resume(cls, payload: dict, benchmark, run_dir, device="cpu", **hooks) -> "TrainingRun":
+        config = TrainConfig.from_json(payload["config"])
+        run = cls(config, benchmark, run_dir, device, **hooks)
+        run.model.load_state_dict(payload["model"])
+        run.optimizer.load_state_dict(payload["optimizer"])
+        run.regularizer.load_state_dict(payload["regularizer"])
+        run.position = dict(payload["position"])
+        run.progress = Progress(**payload["metrics"])
+        _restore_rng(payload["rng"])
+        return run
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> dict:
+        r"""Train from the saved position to the end; write the metrics files; return metrics.json."""
+        started, epochs_done, epochs_left = time.perf_counter(), 0, self._epochs_left()
+        num_tasks = len(self.benchmark.tasks)
+        while not self.position["finished"]:
+            task_id, epoch = self._next_position()
+            if epoch == 0:
+                self.regularizer.before_task(self.model)
+            loss, accuracy, seconds = self.train_epoch(task_id, epoch)
+            if epoch == self.config.epochs - 1:
+                self.end_task(task_id)
+            self.position = {"task": task_id, "epoch": epoch,
+                             "finished": task_id == num_tasks - 1 and epoch == self.config.epochs - 1}
+            self.progress.epochs.append({"task": task_id, "epoch": epoch, "loss": loss,
+                                         "train_acc": accuracy, "seconds": seconds})
+            self.save()
+            epochs_done += 1
+            self._log_epoch(loss, accuracy, started, epochs_done, epochs_left)
+        return self.write_metrics()
+
+    def _next_position(self) -> tuple[int, int]:
+        task_id, epoch = self.position["task"], self.position["epoch"] + 1
+        return (task_id + 1, 0) if epoch == self.config.epochs else (task_id, epoch)
+
+    def _epochs_left(self) -> int:
+        done = self.position["task"] * self.config.epochs + self.position["epoch"] + 1
+        return len(self.benchmark.tasks) * self.config.epochs - done
+
+    def train_epoch(self, task_id: int, epoch: int) -> tuple[float, float, float]:
+        r"""One pass over the task's training set; returns (mean loss, accuracy, seconds)."""
+        task, head = self.benchmark.tasks[task_id], self.heads[task_id]
+        started = time.perf_counter()
+        targets_of = _target_map(head, self.benchmark.num_classes, self.device)
+        generator = derived_generator(self.config.seed, "batches", task_id, epoch)
+        loss_sum = torch.zeros((), device=self.device)  # summed on device: no per-step host sync
+        correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        for xb, yb in batches(task.x_train, task.y_train, self.config.batch_size, generator):
+            loss, hits = self.train_step(xb, yb, head, targets_of)
+            loss_sum += loss * len(yb)
+            correct += hits
+            self.steps_this_process += 1
+            if self.on_step is not None:
+                self.on_step(self.steps_this_process)
+        count = max(len(task.y_train), 1)
+        mean_loss, accuracy = loss_sum.item() / count, correct.item() / count
+        self._check_finite(mean_loss, task_id, epoch)
+        seconds = time.perf_counter() - started
+        self.progress.timings["train_s"] += seconds
+        self.progress.timings["samples"] += len(task.y_train)
+        return mean_loss, accuracy, seconds
+
+    def train_step(self, xb: Tensor, yb: Tensor, head: Optional[Tensor],
+                   targets_of: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        r"""One SGD step on ``loss = ce + penalty``; returns the detached ce and the hit count."""
+        logits = self.model(xb, yb)  # the DHP head sees the labels: its trace updates
+        if head is not None:
+            logits, targets = task_logits(logits, head), targets_of[yb]
+        else:
+            targets = yb
+        task_loss = F.cross_entropy(logits, targets)
+        loss = task_loss + self.regularizer.penalty(self.model)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.regularizer.after_step(self.model)
+        return task_loss.detach(), (logits.detach().argmax(1) == targets).sum()
+
+    def end_task(self, task_id: int) -> None:
+        r"""The regulariser's end-of-task step, then one row of test (and val) accuracies."""
+        task, started = self.benchmark.tasks[task_id], time.perf_counter()
+        generator = derived_generator(self.config.seed, "consolidation", task_id)
+        self.regularizer.after_task(self.model, task.x_train, self.heads[task_id], generator)
+        consolidated = time.perf_counter()
+        self.progress.acc_matrix.append(evaluate(self.model, self.benchmark, "test"))
+        if any(len(t.y_val) for t in self.benchmark.tasks):
+            self.progress.val_acc_matrix.append(evaluate(self.model, self.benchmark, "val"))
+        self.progress.timings["consolidate_s"] += consolidated - started
+        self.progress.timings["evaluate_s"] += time.perf_counter() - consolidated
+
+    # ------------------------------------------------------------------ state on disk
+
+    def save(self) -> None:
+        save_checkpoint(self.run_dir / CHECKPOINT_NAME, {
+            "config": self.config_json,
+            "benchmark": _benchmark_summary(self.benchmark),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "regularizer": self.regularizer.state_dict(),
+            "rng": _rng_state(self.device),
+            "position": dict(self.position),
+            "metrics": asdict(self.progress),
+        })
+
+    def write_metrics(self) -> dict:
+        timings = dict(self.progress.timings)
+        timings["samples_per_s"] = timings["samples"] / max(timings["train_s"], 1e-9)
+        title = (f"{self.config.benchmark} · {self.config.method}"
+                 f"{' + DHP' if self.config.dhp else ''}")
+        metrics = write_run_metrics(self.run_dir, self.progress.acc_matrix, self.config_json,
+                                    timings, title)
+        if self.progress.val_acc_matrix:  # kept out of write_run_metrics: test rows are the report
+            metrics["val_avg_acc"] = average_accuracies(self.progress.val_acc_matrix)
+        return metrics
+
+    # ------------------------------------------------------------------ checks and reports
+
+    def _check_finite(self, mean_loss: float, task_id: int, epoch: int) -> None:
+        weights_finite = all(bool(torch.isfinite(t).all()) for t in self.model.state_dict().values()
+                             if t.is_floating_point())
+        if math.isfinite(mean_loss) and weights_finite:
+            return
+        last = self.position
+        raise TrainingDiverged(
+            f"training diverged in task {task_id} epoch {epoch} (mean loss {mean_loss}, weights "
+            f"{'finite' if weights_finite else 'not finite'}); stopped without saving it. The last "
+            f"good checkpoint ({self.run_dir / CHECKPOINT_NAME}, task {last['task']} epoch "
+            f"{last['epoch']}) is intact; try a lower --lr")
+
+    def _log_epoch(self, loss, accuracy, started, epochs_done, epochs_left) -> None:
+        task_id, epoch = self.position["task"], self.position["epoch"]
+        elapsed = time.perf_counter() - started
+        eta = elapsed / epochs_done * (epochs_left - epochs_done)
+        line = (f"task {task_id + 1}/{len(self.benchmark.tasks)} epoch {epoch + 1}/"
+                f"{self.config.epochs}  loss {loss:.4f}  train acc {100 * accuracy:.2f}%  "
+                f"elapsed {_duration(elapsed)}  ETA {_duration(eta)}")
+        if epoch == self.config.epochs - 1:
+            line += f"  | avg test acc {100 * average_accuracies(self.progress.acc_matrix)[-1]:.2f}%"
+        self.log(line)
+
+
+def _target_map(head: Optional[Tensor], num_classes: int, device) -> Optional[Tensor]:
+    # Global class id → position within the task's head (−1 for classes outside it).
+    if head is None:
+        return None
+    positions = torch.full((num_classes,), -1, dtype=torch.int64, device=device)
+    positions[head] = torch.arange(len(head), device=device)
+    return positions
+
+
+def _benchmark_summary(benchmark: Benchmark) -> dict:
+    return {"name": benchmark.name, "num_classes": benchmark.num_classes,
+            "input_size": benchmark.input_size, "scenario": benchmark.scenario,
+            "tasks": [{"task_id": t.task_id, "classes": list(t.classes)} for t in benchmark.tasks]}
+
+
+def _rng_state(device: torch.device) -> dict:
+    # Batch order and Fisher subsets come from derived generators (the position is their state);
+    # the global generators are saved too, so anything else drawing from them resumes exactly.
+    state = {"torch_cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["torch_cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch_cpu"])
+    if "torch_cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["torch_cuda"])
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
