@@ -30,7 +30,7 @@ from dhp_deploy.export import (ARTIFACT_FILES, ATOL, BUNDLE_FORMAT, BUNDLE_VERSI
                                GOLDEN_FILES, MANIFEST_NAME, RTOL, sha256_file)
 
 __all__ = ["BundleError", "InputError", "Prediction", "Runtime", "open_bundle", "read_manifest",
-           "compare", "BACKENDS", "DEVICES"]
+           "compare", "time_calls", "BACKENDS", "DEVICES"]
 
 BACKENDS = FORMATS
 DEVICES = ("cpu", "cuda")
@@ -144,6 +144,10 @@ class Runtime:
         r"""Raw logits float32 ``(N, num_classes)`` of pixels ``x`` float32 ``(N, in_features)``."""
         return self._run(self._check_input(x, allow_nonfinite))
 
+    def run_unchecked(self, x: np.ndarray) -> np.ndarray:
+        r"""The backend call alone, without input checks (for timing; prefer :meth:`logits`)."""
+        return self._run(x)
+
     def predict(self, x, task: Optional[int] = None, allow_nonfinite: bool = False) -> Prediction:
         r"""Logits and predicted global class ids; with ``task``, only that task head's classes.
 
@@ -204,7 +208,8 @@ class Runtime:
         if x.ndim != 2 or x.shape[1] != self.in_features or x.shape[0] < 1:
             raise InputError(f"input shape must be [N, {self.in_features}] with N >= 1, "
                              f"got {list(x.shape)}")
-        if not allow_nonfinite and not np.isfinite(x).all():
+        # One float64 sum: exact (finite fp32 values cannot overflow it), NaN/inf propagate.
+        if not allow_nonfinite and not np.isfinite(x.sum(dtype=np.float64)):
             bad = int((~np.isfinite(x)).any(1).sum())
             raise InputError(f"input has NaN or infinite values in {bad} row(s); "
                              f"pass allow_nonfinite / --allow-nonfinite to run them anyway")
@@ -277,3 +282,17 @@ def _onnxruntime(path: Path, device: str, manifest: dict):
         return session.run([output_name], {input_name: x})[0]
 
     return run
+
+
+def time_calls(fn, x, iters: int, warmup: int = 5) -> np.ndarray:
+    r"""Wall-clock seconds of ``iters`` calls ``fn(x)`` after ``warmup`` untimed ones."""
+    import time
+
+    for _ in range(warmup):
+        fn(x)
+    times = np.empty(iters)
+    for i in range(iters):
+        start = time.perf_counter()
+        fn(x)
+        times[i] = time.perf_counter() - start
+    return times

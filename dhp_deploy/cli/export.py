@@ -1,0 +1,54 @@
+r"""``dhp-export RUN_DIR --format torchscript|onnx|all --out BUNDLE_DIR``: write a frozen bundle."""
+
+from pathlib import Path
+
+import click
+
+FORMAT_CHOICES = ("torchscript", "onnx", "all")
+
+
+class ExportFailed(click.ClickException):
+    r"""A one-line ``Error: ...`` and exit status 1, no traceback."""
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(FORMAT_CHOICES), default="all",
+              show_default=True, help="Artifacts to write: TorchScript model.ts, ONNX model.onnx, "
+                                      "or both.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
+              help="Bundle directory to create (default: export/bundles/<RUN_DIR name>).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing bundle at --out (atomically).")
+@click.option("--golden", "golden_count", type=click.IntRange(min=1), default=64,
+              show_default=True, help="Number of real test images stored as golden vectors.")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              envvar="DHP_DATA_DIR", show_envvar=True,
+              help="MNIST root (torchvision layout) to rebuild the run's test sets.")
+@click.option("--allow-unfinished", is_flag=True,
+              help="Export the latest checkpoint of a run whose training has not finished.")
+@click.option("--no-verify", is_flag=True,
+              help="Skip the check of every artifact against the goldens before committing.")
+def main(run_dir, fmt, out_dir, overwrite, golden_count, data_dir, allow_unfinished, no_verify):
+    r"""Fold the trained model of RUN_DIR and write a self-checking bundle.
+
+    The DHP head's latest trace is folded into one matrix (θ + α⊙Hebb), so the bundle is a
+    plain MLP. The bundle is built beside --out and renamed into place only when complete and
+    verified: a failed export leaves nothing at --out.
+    """
+    from dhp_deploy.export import FORMATS, ExportError, export_run
+
+    formats = FORMATS if fmt == "all" else (fmt,)
+    out_dir = out_dir or Path("export") / "bundles" / run_dir.resolve().name
+    try:
+        path = export_run(run_dir, out_dir, formats, overwrite=overwrite,
+                          golden_count=golden_count, data_dir=data_dir,
+                          allow_unfinished=allow_unfinished, verify=not no_verify)
+    except ExportError as err:
+        raise ExportFailed(str(err)) from None
+    click.echo(f"wrote bundle {path} ({', '.join(formats)}; "
+               f"{'verified against' if not no_verify else 'with'} {golden_count} goldens)")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

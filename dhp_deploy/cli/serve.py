@@ -1,0 +1,167 @@
+r"""``dhp-serve check|predict|bench BUNDLE``: run a bundle with the Python runtimes."""
+
+import io
+from pathlib import Path
+
+import click
+
+BACKEND_CHOICES = ("torchscript", "onnx", "all")
+DEVICE_CHOICES = ("cpu", "cuda")
+
+
+class ServeFailed(click.ClickException):
+    r"""A one-line ``Error: ...`` and exit status 1, no traceback."""
+
+
+bundle_argument = click.argument("bundle", type=click.Path(exists=True, file_okay=False,
+                                                           path_type=Path))
+device_option = click.option("--device", type=click.Choice(DEVICE_CHOICES), default="cpu",
+                             show_default=True, help="Where to run (cuda fails if unavailable).")
+
+
+def _backends(bundle: Path, backend: str) -> list[str]:
+    from dhp_deploy.runtime import BundleError, read_manifest
+
+    if backend != "all":
+        return [backend]
+    try:
+        return list(read_manifest(bundle, verify=False).get("artifacts") or {})
+    except BundleError as err:
+        raise ServeFailed(str(err)) from None
+
+
+def _open(bundle: Path, backend: str, device: str):
+    from dhp_deploy.runtime import BundleError, open_bundle
+
+    try:
+        return open_bundle(bundle, backend=backend, device=device)
+    except BundleError as err:
+        raise ServeFailed(str(err)) from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main():
+    r"""Check, run and time dhp-export bundles (TorchScript / ONNX Runtime, CPU / CUDA)."""
+
+
+@main.command()
+@bundle_argument
+@click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="all", show_default=True,
+              help="Runtime to check; all = every artifact in the bundle.")
+@device_option
+@click.option("--atol", type=click.FloatRange(min=0), default=None,
+              help="Absolute tolerance (default: the manifest's, 1e-5 for fp32).")
+@click.option("--rtol", type=click.FloatRange(min=0), default=None,
+              help="Relative tolerance (default: the manifest's, 1e-4 for fp32).")
+def check(bundle, backend, device, atol, rtol):
+    r"""Run the golden inputs (one batch, then one row at a time) against the eager logits.
+
+    Passes when |out − golden| ≤ atol + rtol·|golden| everywhere and every argmax (all classes
+    and within each row's task head) agrees; exit status 1 otherwise.
+    """
+    failed = []
+    for name in _backends(bundle, backend):
+        runtime = _open(bundle, name, device)
+        tolerance = runtime.manifest.get("golden", {}).get("tolerance", {})
+        a = atol if atol is not None else float(tolerance.get("atol", 1e-5))
+        r = rtol if rtol is not None else float(tolerance.get("rtol", 1e-4))
+        try:
+            report = runtime.check(atol=a, rtol=r)
+        except Exception as err:  # a backend failing at run time (e.g. CUDA OOM)
+            raise ServeFailed(f"{name}/{device}: {str(err).splitlines()[0][:300]}") from None
+        rows = report["rows"]
+        verdict = "OK" if report["ok"] else "FAIL"
+        click.echo(f"{name}/{device}: max_abs_error={report['max_abs_error']:.3e} "
+                   f"max_rel_error={report['max_rel_error']:.3e} "
+                   f"argmax_agree={report['argmax_agree']}/{rows} "
+                   f"task_head_agree={report['task_agree']}/{rows} "
+                   f"batches={report['batch_sizes']} atol={a:g} rtol={r:g} {verdict}")
+        if not report["ok"]:
+            failed.append(name)
+    if failed:
+        raise ServeFailed(f"parity check failed for {', '.join(failed)}")
+
+
+@main.command()
+@bundle_argument
+@click.option("--input", "input_path", required=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="float32 .npy of shape [N, 784], pixels in [0, 1].")
+@click.option("--output", "output_path", required=True, type=click.Path(path_type=Path),
+              help="Where to write the .npz (logits, classes, labels); written atomically.")
+@click.option("--task", type=int, default=None,
+              help="Task head: logits of the task's classes only, argmax within them.")
+@click.option("--backend", type=click.Choice(BACKEND_CHOICES[:2]), default="torchscript",
+              show_default=True, help="Runtime to use.")
+@device_option
+@click.option("--allow-nonfinite", is_flag=True,
+              help="Run rows with NaN/inf pixels instead of rejecting the input.")
+def predict(bundle, input_path, output_path, task, backend, device, allow_nonfinite):
+    r"""Predict the classes of the images in --input; write logits, classes and labels.
+
+    The .npz holds ``logits`` float32 [N, K] (K = all classes, or the task's classes with --task),
+    ``classes`` int64 [K] (the global class id of each column) and ``labels`` int64 [N] (the
+    predicted global class ids).
+    """
+    import numpy as np
+
+    from dhp_deploy.checkpoint import atomic_write_bytes
+    from dhp_deploy.runtime import BundleError
+
+    try:
+        x = np.load(input_path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise ServeFailed(f"{input_path} is not a readable .npy array "
+                          f"({str(err).splitlines()[0][:200]})") from None
+    runtime = _open(bundle, backend, device)
+    try:
+        out = runtime.predict(x, task=task, allow_nonfinite=allow_nonfinite)
+    except BundleError as err:
+        raise ServeFailed(f"{input_path}: {err}") from None
+    buffer = io.BytesIO()
+    np.savez(buffer, logits=out.logits, classes=out.classes, labels=out.labels)
+    try:
+        atomic_write_bytes(output_path, buffer.getvalue())
+    except OSError as err:
+        raise ServeFailed(f"cannot write {output_path}: {err.strerror or err}") from None
+    click.echo(f"wrote {output_path}: {len(out.labels)} predictions "
+               f"({'task ' + str(task) if task is not None else 'all classes'})")
+
+
+@main.command()
+@bundle_argument
+@click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="all", show_default=True,
+              help="Runtime to time; all = every artifact in the bundle.")
+@device_option
+@click.option("--iters", type=click.IntRange(min=10), default=300, show_default=True,
+              help="Timed batch-1 calls (p50/p99 latency).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=4096, show_default=True,
+              help="Batch size of the throughput run.")
+@click.option("--repeats", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Timed large-batch calls (the median gives the throughput).")
+def bench(bundle, backend, device, iters, batch_size, repeats):
+    r"""Batch-1 latency (p50/p99) and large-batch throughput of each backend.
+
+    Times the backend call alone (no input checks) on the golden images, tiled to the batch size.
+    GFLOP/s counts 2·Σ(in·out) multiply-adds per sample (the manifest's flops_per_sample).
+    """
+    import numpy as np
+
+    from dhp_deploy.runtime import time_calls
+
+    for name in _backends(bundle, backend):
+        runtime = _open(bundle, name, device)
+        inputs = runtime.golden()["inputs"]
+        one = np.ascontiguousarray(inputs[:1])
+        big = np.ascontiguousarray(np.resize(inputs, (batch_size, inputs.shape[1])))
+        latency = time_calls(runtime.run_unchecked, one, iters, warmup=20) * 1e3
+        seconds = float(np.median(time_calls(runtime.run_unchecked, big, repeats, warmup=3)))
+        per_second = batch_size / seconds
+        gflops = per_second * runtime.manifest["model"]["flops_per_sample"] / 1e9
+        click.echo(f"{name}/{device}: batch 1 p50={np.percentile(latency, 50):.3f} ms "
+                   f"p99={np.percentile(latency, 99):.3f} ms; batch {batch_size} "
+                   f"{per_second:,.0f} samples/s = {gflops:.1f} GFLOP/s")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
