@@ -20,8 +20,16 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The main job: a short Split MNIST training (1 epoch per task), exported, checked in Python and C++.
+DEMO_RUN ?= runs/demo
+DEMO_BUNDLE ?= export/bundles/demo
 demo: $(STAMP)
-	$(BIN)/python -m dhp_deploy.demo
+	$(BIN)/dhp-train --benchmark split-mnist --method finetune --dhp --epochs 1 \
+	  --out $(DEMO_RUN) --overwrite
+	$(BIN)/dhp-export $(DEMO_RUN) --format all --out $(DEMO_BUNDLE) --overwrite
+	$(BIN)/dhp-serve check $(DEMO_BUNDLE) --backend all
+	$(MAKE) --no-print-directory cpp
+	serve/cpp/build/dhp_check $(DEMO_BUNDLE)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
