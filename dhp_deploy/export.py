@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from dhp_deploy.checkpoint import CheckpointError, load_model
-from dhp_deploy.layer import DHPSoftmax
+from dhp_deploy.layer import DHPSoftmax, dhp_logits
 from dhp_deploy.network import DHPNet, PlainHead
 
 __all__ = ["ExportError", "FrozenMLP", "fold_model", "export_run", "write_torchscript",
@@ -85,8 +85,9 @@ class FrozenMLP(nn.Module):
 def fold_model(model: DHPNet) -> FrozenMLP:
     r"""The eval-mode network with the latest trace folded in: head weight ``(w + alpha*hebb)ᵀ``.
 
-    The sum is the same fp32 expression the eager head evaluates on every call, so the folded
-    matrix is bit-identical to the one the eager model multiplies by. The model is not modified.
+    The folded matrix is bit-identical to the one the eager head multiplies by on every call (it
+    is computed by the layer's own :func:`~dhp_deploy.layer.dhp_logits`). The model is not
+    modified.
     """
     for layer in model.trunk:
         if not isinstance(layer, (nn.Linear, nn.ReLU)):
@@ -94,7 +95,11 @@ def fold_model(model: DHPNet) -> FrozenMLP:
     with torch.no_grad():
         if isinstance(model.head, DHPSoftmax):
             head = model.head
-            weight = (head.w + head.alpha * head.hebb).t().contiguous()
+            # The layer's own logits function applied to the identity: I·(θ + α⊙Hebb) is that
+            # matrix exactly (each entry is 1·m + zeros), computed by the very expression the
+            # eager head uses (addcmul today), so the fold cannot drift from the layer.
+            eye = torch.eye(head.in_features, dtype=head.w.dtype, device=head.w.device)
+            weight = dhp_logits(eye, head.w, head.alpha, head.hebb).t().contiguous()
         elif isinstance(model.head, PlainHead):
             weight = model.head.linear.weight.detach().clone()
         else:

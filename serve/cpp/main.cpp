@@ -1,11 +1,12 @@
 // dhp_check: prove a dhp-export bundle's TorchScript model on this host with LibTorch.
 //
-//   dhp_check BUNDLE_DIR [--device cpu|cuda] [--atol A] [--rtol R]
+//   dhp_check BUNDLE_DIR [--device cpu|cuda] [--atol A] [--rtol R] [--inputs X.npy --logits Y.npy]
 //
 // Loads BUNDLE_DIR/model.ts (eval mode), runs the golden inputs (golden_inputs.npy, float32
 // [G, 784]) as one batch and one row at a time, and compares with the eager model's logits
 // (golden_logits.npy, float32 [G, C]): passes when |out - golden| <= atol + rtol * |golden|
-// everywhere and every argmax agrees. Exit status: 0 pass, 1 parity failure, 2 usage or load error.
+// everywhere and every argmax agrees. --inputs / --logits check another pair of float32 .npy files
+// instead (e.g. a whole test set). Exit status: 0 pass, 1 parity failure, 2 usage or load error.
 // Checksums are the Python runtime's job (dhp-serve check); this program needs no JSON library.
 
 #include <torch/cuda.h>
@@ -112,7 +113,8 @@ Errors compare(const at::Tensor& out, const at::Tensor& golden, double atol, dou
 }
 
 int usage() {
-  std::cerr << "usage: dhp_check BUNDLE_DIR [--device cpu|cuda] [--atol A] [--rtol R]\n";
+  std::cerr << "usage: dhp_check BUNDLE_DIR [--device cpu|cuda] [--atol A] [--rtol R] "
+               "[--inputs X.npy --logits Y.npy]\n";
   return 2;
 }
 
@@ -121,6 +123,7 @@ int usage() {
 int main(int argc, char** argv) {
   if (argc < 2) return usage();
   std::string bundle = argv[1], device_name = "cpu";
+  std::string inputs_path = bundle + "/golden_inputs.npy", logits_path = bundle + "/golden_logits.npy";
   double atol = kAtol, rtol = kRtol;
   for (int i = 2; i < argc; ++i) {
     const std::string arg = argv[i];
@@ -128,6 +131,8 @@ int main(int argc, char** argv) {
     if (arg == "--device") device_name = argv[++i];
     else if (arg == "--atol") atol = std::atof(argv[++i]);
     else if (arg == "--rtol") rtol = std::atof(argv[++i]);
+    else if (arg == "--inputs") inputs_path = argv[++i];
+    else if (arg == "--logits") logits_path = argv[++i];
     else return usage();
   }
   try {
@@ -138,8 +143,8 @@ int main(int argc, char** argv) {
     torch::jit::script::Module module = torch::jit::load(bundle + "/model.ts", device);
     module.eval();  // a loaded module keeps the training flag it was saved with
 
-    const Npy x = read_npy_f32(bundle + "/golden_inputs.npy");
-    const Npy y = read_npy_f32(bundle + "/golden_logits.npy");
+    const Npy x = read_npy_f32(inputs_path);
+    const Npy y = read_npy_f32(logits_path);
     if (x.shape.size() != 2 || y.shape.size() != 2 || x.shape[0] != y.shape[0])
       throw std::runtime_error("golden arrays have inconsistent shapes");
     const auto inputs = torch::from_blob(const_cast<float*>(x.data.data()), x.shape).clone();
@@ -152,7 +157,7 @@ int main(int argc, char** argv) {
       rows.push_back(module.forward({inputs.slice(0, i, i + 1).to(device)}).toTensor().to(torch::kCPU));
     const auto single = torch::cat(rows);
     if (batched.sizes() != golden.sizes() || single.sizes() != golden.sizes())
-      throw std::runtime_error("model output shape does not match golden_logits.npy");
+      throw std::runtime_error("model output shape does not match " + logits_path);
 
     const Errors a = compare(batched, golden, atol, rtol), b = compare(single, golden, atol, rtol);
     const int64_t n = x.shape[0];
