@@ -1,0 +1,99 @@
+"""serve/cpp: build dhp_check against the pip torch with CMake and prove parity from C++."""
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dhp_deploy.checkpoint import load_model
+from dhp_deploy.export import ATOL, benchmark_of_run
+from test_export import REPO, mnist_dir, served  # noqa: F401
+
+TOOLS = {"cmake": shutil.which("cmake"), "c++": shutil.which("c++") or shutil.which("g++")}
+pytestmark = pytest.mark.skipif(not all(TOOLS.values()), reason="needs cmake and a C++ compiler: "
+                                f"missing {[k for k, v in TOOLS.items() if not v]}")
+
+
+@pytest.fixture(scope="session")
+def dhp_check(tmp_path_factory) -> Path:
+    build = tmp_path_factory.mktemp("cpp-build")
+    prefix = torch.utils.cmake_prefix_path
+    for command in (["cmake", "-S", REPO / "serve" / "cpp", "-B", build,
+                     "-DCMAKE_BUILD_TYPE=Release", f"-DCMAKE_PREFIX_PATH={prefix}"],
+                    ["cmake", "--build", build, "-j", "2"]):
+        result = subprocess.run([str(c) for c in command], capture_output=True, text=True,
+                                timeout=900)
+        assert result.returncode == 0, f"{command[:2]} failed:\n{result.stdout}\n{result.stderr}"
+    return build / "dhp_check"
+
+
+def run(binary, *args):
+    return subprocess.run([str(binary), *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
+
+
+def fields(stdout):
+    return dict(re.findall(r"(\w+)=(\S+)", stdout))
+
+
+def test_cpp_matches_eager_on_the_goldens(dhp_check, served):  # noqa: F811
+    result = run(dhp_check, served[1])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith(f"libtorch {torch.__version__.split('+')[0]}/cpu:")
+    values = fields(result.stdout)
+    assert float(values["max_abs_error"]) <= ATOL and values["argmax_agree"] == "64/64"
+    assert result.stdout.rstrip().endswith("OK")
+
+
+def test_cpp_matches_eager_on_the_full_test_set(dhp_check, served, tmp_path):  # noqa: F811
+    run_dir, bundle = served
+    model, payload = load_model(run_dir)
+    x = torch.cat([t.x_test for t in benchmark_of_run(payload, mnist_dir()).tasks])
+    with torch.no_grad():
+        eager = model(x)  # the unfolded eager model, as the goldens
+    np.save(tmp_path / "x.npy", x.numpy())
+    np.save(tmp_path / "y.npy", eager.numpy())
+    result = run(dhp_check, bundle, "--inputs", tmp_path / "x.npy", "--logits", tmp_path / "y.npy")
+    assert result.returncode == 0, result.stdout + result.stderr
+    values = fields(result.stdout)
+    assert values["argmax_agree"] == f"{len(x)}/{len(x)}" and float(values["max_abs_error"]) <= ATOL
+    assert values["batches"] == f"[{len(x)},"
+
+
+def test_cpp_fails_on_a_parity_error(dhp_check, served, tmp_path):  # noqa: F811
+    bundle = shutil.copytree(served[1], tmp_path / "bundle")
+    logits = np.load(bundle / "golden_logits.npy")
+    logits[10, 4] += 1e-3
+    np.save(bundle / "golden_logits.npy", logits)
+    result = run(dhp_check, bundle)
+    assert result.returncode == 1 and result.stdout.rstrip().endswith("FAIL")
+    assert float(fields(result.stdout)["max_abs_error"]) > 5e-4
+
+
+def test_cpp_errors_are_one_line_with_exit_2(dhp_check, served, tmp_path):  # noqa: F811
+    usage = run(dhp_check)
+    assert usage.returncode == 2 and usage.stderr.startswith("usage: dhp_check BUNDLE_DIR")
+    missing = run(dhp_check, tmp_path / "nowhere")
+    assert missing.returncode == 2 and "cannot open" in missing.stderr
+    bundle = shutil.copytree(served[1], tmp_path / "bundle")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    (bundle / "manifest.json").write_text(json.dumps({**manifest, "format_version": 2}, indent=2))
+    version = run(dhp_check, bundle)
+    assert version.returncode == 2 and "format version is not 1" in version.stderr
+    (bundle / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    (bundle / "model.ts").write_bytes(b"PK\x03\x04 truncated zip")
+    corrupt = run(dhp_check, bundle)
+    assert corrupt.returncode == 2 and corrupt.stderr.startswith("dhp_check: LibTorch error")
+    assert len(corrupt.stderr.strip().splitlines()) <= 3, corrupt.stderr  # no backtrace dump
+    shutil.copy(served[1] / "model.ts", bundle / "model.ts")
+    (bundle / "golden_inputs.npy").write_bytes(b"\x93NUMPY\x09\x00 garbage")
+    npy = run(dhp_check, bundle)
+    assert npy.returncode == 2 and "golden_inputs.npy: unsupported .npy version" in npy.stderr
+    if not torch.cuda.is_available():
+        cuda = run(dhp_check, served[1], "--device", "cuda")
+        assert cuda.returncode == 2 and "no CUDA device" in cuda.stderr

@@ -1,0 +1,132 @@
+"""dhp-serve as a user runs it: real subprocesses, exit codes, one-line errors, no tracebacks."""
+
+import json
+import re
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from dhp_deploy.export import ATOL, sha256_file
+from dhp_deploy.runtime import open_bundle
+from test_export import _one_line_error, run_cli, served  # noqa: F401
+
+
+@pytest.fixture
+def copy(served, tmp_path):  # noqa: F811
+    return shutil.copytree(served[1], tmp_path / "bundle")
+
+
+def serve(*args):
+    return run_cli("dhp-serve", *args)
+
+
+def test_check_reports_errors_and_agreement_per_backend(served):  # noqa: F811
+    result = serve("check", served[1])
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["torchscript/cpu", "onnx/cpu"]
+    for line in lines:
+        fields = dict(re.findall(r"(\w+)=(\S+)", line))
+        assert float(fields["max_abs_error"]) <= ATOL and "max_rel_error" in fields
+        assert fields["argmax_agree"] == "64/64" and fields["task_head_agree"] == "64/64"
+        assert line.endswith(" OK")
+    only = serve("check", served[1], "--backend", "onnx")
+    assert only.returncode == 0 and only.stdout.startswith("onnx/cpu")
+
+
+def test_check_fails_on_a_parity_error(copy):
+    logits = np.load(copy / "golden_logits.npy")
+    logits[0, 0] += 0.01
+    np.save(copy / "golden_logits.npy", logits)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["files"]["golden_logits.npy"]["sha256"] = sha256_file(copy / "golden_logits.npy")
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    result = serve("check", copy)
+    assert result.returncode == 1 and result.stdout.count(" FAIL") == 2
+    _one_line_error(result, "parity check failed for torchscript, onnx")
+    loose = serve("check", copy, "--atol", "0.02")  # the stated tolerance is what decides
+    assert loose.returncode == 0, loose.stdout + loose.stderr
+
+
+def test_predict_writes_logits_classes_and_labels(served, tmp_path):  # noqa: F811
+    bundle = served[1]
+    x = np.load(bundle / "golden_inputs.npy")
+    np.save(tmp_path / "x.npy", x)
+    expected = open_bundle(bundle, backend="onnx").predict(x, task=3)
+    out = tmp_path / "out.npz"
+    result = serve("predict", bundle, "--input", tmp_path / "x.npy", "--output", out,
+                   "--task", 3, "--backend", "onnx")
+    assert result.returncode == 0, result.stderr
+    with np.load(out) as saved:
+        np.testing.assert_array_equal(saved["logits"], expected.logits)
+        assert saved["classes"].tolist() == [6, 7]
+        np.testing.assert_array_equal(saved["labels"], expected.labels)
+    result = serve("predict", bundle, "--input", tmp_path / "x.npy", "--output", out)
+    with np.load(out) as saved:
+        assert saved["logits"].shape == (64, 10) and saved["classes"].tolist() == list(range(10))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.npz", "x.npy"], "no temp files"
+
+
+def test_bench_prints_latency_and_throughput(served):  # noqa: F811
+    result = serve("bench", served[1], "--iters", 20, "--batch-size", 512, "--repeats", 2)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 2
+    for line, backend in zip(lines, ("torchscript", "onnx")):
+        assert re.match(rf"{backend}/cpu: batch 1 p50=[\d.]+ ms p99=[\d.]+ ms; batch 512 "
+                        r"[\d,]+ samples/s = [\d.]+ GFLOP/s$", line), line
+
+
+def _bad_input(tmp_path, name, array):
+    path = tmp_path / name
+    np.save(path, array)
+    return path
+
+
+def test_predict_rejects_bad_inputs_with_one_line(served, tmp_path):  # noqa: F811
+    bundle = served[1]
+    x = np.load(bundle / "golden_inputs.npy")
+    nan = x.copy()
+    nan[1, 1] = np.nan
+    out = tmp_path / "out.npz"
+    cases = [
+        (_bad_input(tmp_path, "shape.npy", x[:, :700]), [], "shape must be [N, 784]"),
+        (_bad_input(tmp_path, "dtype.npy", x.astype(np.float64)), [], "float32, got float64"),
+        (_bad_input(tmp_path, "nan.npy", nan), [], "NaN or infinite"),
+        (_bad_input(tmp_path, "task.npy", x), ["--task", "5"], "unknown task 5"),
+    ]
+    garbage = tmp_path / "garbage.npy"
+    garbage.write_bytes(b"not an npy file")
+    cases.append((garbage, [], "not a readable .npy"))
+    for path, extra, phrase in cases:
+        _one_line_error(serve("predict", bundle, "--input", path, "--output", out, *extra), phrase)
+    assert not out.exists()
+    allowed = serve("predict", bundle, "--input", tmp_path / "nan.npy", "--output", out,
+                    "--allow-nonfinite")
+    assert allowed.returncode == 0 and out.exists()
+
+
+def test_damaged_bundles_fail_with_one_line(copy, tmp_path):
+    ts = copy / "model.ts"
+    ts.write_bytes(ts.read_bytes()[:1000])
+    _one_line_error(serve("check", copy), "model.ts fails its sha256 check")
+    ts.unlink()
+    _one_line_error(serve("check", copy), "model.ts is missing")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["format_version"] = 99
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    _one_line_error(serve("check", copy), "format version 99")
+    _one_line_error(serve("check", tmp_path / "nowhere"), "does not exist")
+
+
+def test_unknown_backend_or_device_and_cuda_without_gpu(served):  # noqa: F811
+    bundle = served[1]
+    _one_line_error(serve("check", bundle, "--backend", "tensorrt"), "tensorrt")
+    _one_line_error(serve("check", bundle, "--device", "tpu"), "tpu")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    _one_line_error(serve("check", bundle, "--device", "cuda"), "cuda requested")
+    _one_line_error(serve("check", bundle, "--backend", "onnx", "--device", "cuda"),
+                    "cuda requested")
