@@ -1,0 +1,183 @@
+r"""Serving cost: the folded DHP bundle against a plain MLP, and the runtimes against the matmul peak.
+
+    python benchmarks/bench_serve.py                      # 784-256-256-10, random weights + trace
+    python benchmarks/bench_serve.py --run runs/split-dhp # a trained run's network instead
+
+1. Folded vs plain: the DHP network folded as dhp-export does it and a plain-head network of the
+   same shape, both exported to TorchScript and ONNX, timed in alternating rounds (batch 1 p50 and
+   batch --batch-size throughput); the median per-round ratio folded/plain must be ≤ --max-ratio
+   (1.02), else the exit status is 1.
+2. Runtimes: eager (the unfolded DHPNet, as trained), TorchScript and onnxruntime: batch-1 latency
+   p50/p99 and batch --batch-size throughput, as samples/s and GFLOP/s (2·Σ in·out per sample),
+   against this machine's fp32 matmul peak measured here (the faster of torch.mm and an
+   onnxruntime MatMul on --peak-size³).
+
+Times are wall clock on whatever else the machine is doing: read the ratios, not the last digit.
+"""
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dhp_deploy.checkpoint import load_model
+from dhp_deploy.export import fold_model, write_onnx, write_torchscript
+from dhp_deploy.network import DHPNet
+
+
+def session(path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=options,
+                                providers=["CPUExecutionProvider"])
+
+
+def runners(model: DHPNet, directory: Path, name: str) -> dict:
+    r"""``{"eager", "torchscript", "onnx"}`` → callable on a float32 numpy batch."""
+    frozen = fold_model(model)
+    write_torchscript(frozen, directory / f"{name}.ts")
+    write_onnx(frozen, directory / f"{name}.onnx", model.trunk[0].in_features)
+    scripted = torch.jit.load(str(directory / f"{name}.ts")).eval()
+    ort_session = session(directory / f"{name}.onnx")
+
+    def eager(x):
+        with torch.inference_mode():
+            return model(torch.from_numpy(x)).numpy()
+
+    def script(x):
+        with torch.inference_mode():
+            return scripted(torch.from_numpy(x)).numpy()
+
+    def onnx(x):
+        return ort_session.run(["logits"], {"input": x})[0]
+
+    return {"eager": eager, "torchscript": script, "onnx": onnx}
+
+
+def timed(fn, x, iters, warmup=3) -> np.ndarray:
+    for _ in range(warmup):
+        fn(x)
+    times = np.empty(iters)
+    for i in range(iters):
+        start = time.perf_counter()
+        fn(x)
+        times[i] = time.perf_counter() - start
+    return times
+
+
+def matmul_peak(size: int, repeats: int) -> dict:
+    r"""Best-of-``repeats`` fp32 GFLOP/s of a size³ matmul with torch.mm and onnxruntime MatMul."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    a = torch.rand(size, size)
+    b = torch.rand(size, size)
+    flops = 2 * size ** 3
+    torch_best = min(timed(lambda _: torch.mm(a, b), None, repeats, warmup=2))
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["A", "B"], ["C"])], "peak",
+        [helper.make_tensor_value_info("A", TensorProto.FLOAT, [size, size]),
+         helper.make_tensor_value_info("B", TensorProto.FLOAT, [size, size])],
+        [helper.make_tensor_value_info("C", TensorProto.FLOAT, [size, size])])
+    # IR 10: onnx 1.23 writes IR 14 by default, newer than onnxruntime 1.31 reads (13).
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx.save(model, f"{tmp}/matmul.onnx")
+        ort_session = session(f"{tmp}/matmul.onnx")
+    feeds = {"A": a.numpy(), "B": b.numpy()}
+    ort_best = min(timed(lambda _: ort_session.run(None, feeds), None, repeats, warmup=2))
+    return {"torch.mm": flops / torch_best / 1e9, "onnxruntime MatMul": flops / ort_best / 1e9}
+
+
+def latency_throughput(fn, one, big, iters, repeats) -> tuple[float, float, float]:
+    latency = timed(fn, one, iters, warmup=20) * 1e3
+    seconds = float(np.median(timed(fn, big, repeats)))
+    return np.percentile(latency, 50), np.percentile(latency, 99), len(big) / seconds
+
+
+def folded_vs_plain(folded: dict, plain: dict, one, big, rounds, iters, repeats) -> dict:
+    r"""Median over alternating rounds of folded/plain for batch-1 p50 and large-batch time."""
+    ratios = {}
+    for backend in ("torchscript", "onnx"):
+        p50, batch = [], []
+        for _ in range(rounds):
+            f1, f_big = np.median(timed(folded[backend], one, iters, 20)), \
+                np.median(timed(folded[backend], big, repeats))
+            p1, p_big = np.median(timed(plain[backend], one, iters, 20)), \
+                np.median(timed(plain[backend], big, repeats))
+            p50.append(f1 / p1)
+            batch.append(f_big / p_big)
+        ratios[backend] = {"batch 1 p50": statistics.median(p50),
+                           f"batch {len(big)}": statistics.median(batch)}
+    return ratios
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--run", type=Path, help="trained run directory (default: random weights)")
+    parser.add_argument("--hidden", default="256,256", help="hidden widths without --run")
+    parser.add_argument("--batch-size", type=int, default=4096)
+    parser.add_argument("--iters", type=int, default=300, help="batch-1 calls per measurement")
+    parser.add_argument("--repeats", type=int, default=15, help="large-batch calls per measurement")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating folded/plain rounds")
+    parser.add_argument("--peak-size", type=int, default=2048)
+    parser.add_argument("--max-ratio", type=float, default=1.02)
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(0)
+    if args.run:
+        model, _ = load_model(args.run)
+    else:
+        model = DHPNet(hidden=tuple(int(w) for w in args.hidden.split(",")), dhp=True).eval()
+        with torch.no_grad():  # a trained-looking trace, so the fold has something to fold
+            model.head.hebb.uniform_(0, 1)
+    hidden = [m.out_features for m in model.trunk if isinstance(m, torch.nn.Linear)]
+    plain = DHPNet(model.trunk[0].in_features, model.head.out_features if model.dhp
+                   else model.head.linear.out_features, hidden=hidden, dhp=False).eval()
+    widths = [model.trunk[0].in_features, *hidden, plain.head.linear.out_features]
+    flops = 2 * sum(a * b for a, b in zip(widths, widths[1:]))
+    print(f"network {'-'.join(map(str, widths))} ({flops:,} FLOP/sample), torch "
+          f"{torch.__version__}, {torch.get_num_threads()} threads")
+
+    rng = np.random.default_rng(0)
+    big = rng.random((args.batch_size, widths[0]), dtype=np.float32)
+    one = np.ascontiguousarray(big[:1])
+    with tempfile.TemporaryDirectory() as tmp:
+        folded_run = runners(model, Path(tmp), "folded")
+        plain_run = runners(plain, Path(tmp), "plain")
+
+        peak = matmul_peak(args.peak_size, repeats=5)
+        best = max(peak, key=peak.get)
+        print(f"\nfp32 matmul peak ({args.peak_size}³): " +
+              ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peak.items()) +
+              f" → peak {peak[best]:.0f} ({best})")
+
+        print(f"\n{'runtime':<22}{'p50 ms':>9}{'p99 ms':>9}{'samples/s':>13}{'GFLOP/s':>9}"
+              f"{'% peak':>8}   (batch 1 latency; batch {args.batch_size} throughput)")
+        for name, fn in folded_run.items():
+            label = "eager (unfolded DHP)" if name == "eager" else f"{name} (folded)"
+            p50, p99, rate = latency_throughput(fn, one, big, args.iters, args.repeats)
+            gflops = rate * flops / 1e9
+            print(f"{label:<22}{p50:>9.3f}{p99:>9.3f}{rate:>13,.0f}{gflops:>9.1f}"
+                  f"{100 * gflops / peak[best]:>7.1f}%")
+
+        ratios = folded_vs_plain(folded_run, plain_run, one, big, args.rounds, args.iters,
+                                 args.repeats)
+    worst = max(r for backend in ratios.values() for r in backend.values())
+    print(f"\nfolded DHP / plain MLP time (median of {args.rounds} alternating rounds):")
+    for backend, values in ratios.items():
+        print(f"  {backend:<12}" + "  ".join(f"{k} {v:.3f}" for k, v in values.items()))
+    verdict = "OK" if worst <= args.max_ratio else "FAIL"
+    print(f"worst ratio {worst:.3f} (limit {args.max_ratio}) {verdict}")
+    return 0 if verdict == "OK" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
