@@ -10,7 +10,7 @@ DHP_DATA_DIR ?= ./data
 export DHP_DATA_DIR
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench cpp clean
+.PHONY: install demo test bench reproduce cpp clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,8 +34,18 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# Every benchmark script of benchmarks/ into docs/PERFORMANCE.md (BENCH_ARGS=--quick: a fast check).
+BENCH_ARGS ?=
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_layer.py
+	$(BIN)/python benchmarks/performance.py $(BENCH_ARGS)
+
+# The paper's table: strength search, then the grid (resumable: run again to continue), then
+# docs/RESULTS.md. Pass e.g. REPRODUCE_ARGS="--seeds 0-2 --benchmarks split-mnist" to the grid.
+REPRODUCE_ARGS ?=
+reproduce: $(STAMP)
+	$(BIN)/python benchmarks/reproduce.py search
+	$(BIN)/python benchmarks/reproduce.py grid $(REPRODUCE_ARGS)
+	$(BIN)/python benchmarks/results.py --from docs/results --out docs/RESULTS.md
 
 clean:
 	rm -rf $(VENV) build serve/cpp/build

@@ -1,0 +1,246 @@
+r"""docs/PERFORMANCE.md: every benchmark script's figures, with the machine and its matmul peak.
+
+    python benchmarks/performance.py [--quick] [--out docs/PERFORMANCE.md]
+
+Runs ``bench_layer.py``, ``bench_data.py``, ``bench_train.py`` and ``bench_serve.py`` (those that
+exist) one after another as subprocesses, captures what they print, and writes one report: a
+header (CPU, cores, torch, the fp32 matmul peak measured here), the key ratios pulled from the
+outputs (DHP/plain step, loop/vectorised layer, folded/plain inference, runtime latencies and
+throughputs side by side, training throughput as % of peak, from bench_train and from the
+reproduce runs' own timings), then each script's output verbatim. A missing or failing script is
+reported, never fatal. ``--quick`` passes each script its smaller-iteration flags (where its
+``--help`` lists them): for checking the pipeline, not for publishing numbers.
+"""
+
+import argparse
+import json
+import re
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+from results import machine  # noqa: E402
+
+# (script, what it measures, flags for --quick: passed only if the script's --help lists them)
+SCRIPTS = (
+    ("bench_layer.py", "DHP layer and full training step vs plain",
+     {"--iters": "10", "--rounds": "5"}),
+    ("bench_data.py", "benchmark build time from the MNIST files", {"--only": "split-mnist"}),
+    ("bench_train.py", "training protocol wall time and throughput",
+     {"--quick": None, "--epochs": "1", "--num-tasks": "2"}),
+    ("bench_serve.py", "export/serving: folded vs plain, runtimes vs peak",
+     {"--iters": "50", "--repeats": "3", "--rounds": "2", "--peak-size": "1024"}),
+)
+# Lines of a script's output that carry a ratio or a rate worth lifting into the summary.
+KEY_LINE = re.compile(r"( / |ratio|% ?peak|of peak|GFLOP/s|samples/s|target|wall)", re.I)
+# 784-256-256-10: multiply-adds per sample of the forward pass; training ≈ 3 forward passes.
+MLP_MACS = 784 * 256 + 256 * 256 + 256 * 10
+
+
+def matmul_peak(size: int, repeats: int) -> dict:
+    r"""fp32 GFLOP/s of a ``size``³ matmul: torch.mm (all threads, 1 thread), oneDNN, ORT."""
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    flop = 2 * size ** 3
+
+    def rate(fn):
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return flop / statistics.median(times) / 1e9
+
+    threads = torch.get_num_threads()
+    peaks = {f"torch.mm ({threads} threads)": rate(lambda: torch.mm(a, b))}
+    torch.set_num_threads(1)
+    peaks["torch.mm (1 thread)"] = rate(lambda: torch.mm(a, b))
+    torch.set_num_threads(threads)
+    try:
+        import torch.utils.mkldnn as mkldnn
+
+        linear = mkldnn.to_mkldnn(torch.nn.Linear(size, size, bias=False).eval())
+        a_dnn = a.to_mkldnn()
+        with torch.no_grad():
+            peaks[f"oneDNN linear ({threads} threads)"] = rate(lambda: linear(a_dnn))
+    except Exception as err:  # optional path: report, never fail
+        peaks["oneDNN linear"] = f"unavailable ({type(err).__name__})"
+    try:
+        peaks[f"onnxruntime MatMul ({threads} threads)"] = _ort_rate(a.numpy(), b.numpy(), rate)
+    except Exception as err:
+        peaks["onnxruntime MatMul"] = f"unavailable ({type(err).__name__}: {str(err)[:80]})"
+    return peaks
+
+
+def _ort_rate(a, b, rate) -> float:
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    size = a.shape[0]
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["a", "b"], ["c"])], "matmul",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [size, size]) for n in ("a", "b")],
+        [helper.make_tensor_value_info("c", TensorProto.FLOAT, [size, size])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8  # what every onnxruntime since 1.10 reads
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), sess_options=options,
+                                   providers=["CPUExecutionProvider"])
+    return rate(lambda: session.run(None, {"a": a, "b": b}))
+
+
+def script_flags(script: Path, quick: dict) -> list[str]:
+    r"""The ``--quick`` flags this script's ``--help`` lists (none if --help fails)."""
+    try:
+        help_text = subprocess.run([sys.executable, str(script), "--help"], capture_output=True,
+                                   text=True, timeout=120).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    flags = []
+    for flag, value in quick.items():
+        if re.search(rf"{re.escape(flag)}\b", help_text):
+            flags += [flag] if value is None else [flag, value]
+    return flags
+
+
+def run_script(script: Path, flags: list[str], timeout: float) -> dict:
+    start = time.perf_counter()
+    try:
+        done = subprocess.run([sys.executable, str(script), *flags], capture_output=True,
+                              text=True, timeout=timeout, cwd=REPO)
+        output, status = done.stdout + (f"\n[stderr]\n{done.stderr}" if done.stderr.strip()
+                                        else ""), done.returncode
+    except subprocess.TimeoutExpired as err:
+        output = (err.stdout or b"").decode() if isinstance(err.stdout, bytes) else (err.stdout or "")
+        status = f"timed out after {timeout:.0f}s"
+    return {"output": output.rstrip(), "status": status, "seconds": time.perf_counter() - start,
+            "command": " ".join(["python", str(script.relative_to(REPO)), *flags])}
+
+
+def serve_ratios(output: str) -> list[str]:
+    r"""From bench_serve's runtime table: each runtime's latency and throughput against eager."""
+    rows = {}
+    for line in output.splitlines():
+        match = re.match(r"^(eager \(unfolded DHP\)|\w+ \(folded\))\s+([\d.]+)\s+([\d.]+)\s+"
+                         r"([\d,]+)\s+([\d.]+)", line)
+        if match:
+            rows[match.group(1)] = (float(match.group(2)), float(match.group(4).replace(",", "")))
+    base = rows.get("eager (unfolded DHP)")
+    if not base:
+        return []
+    lines = []
+    for name, (p50, rate) in rows.items():
+        lines.append(f"{name}: batch-1 p50 {p50:.3f} ms ({p50 / base[0]:.2f}× eager), "
+                     f"throughput {rate:,.0f}/s ({rate / base[1]:.2f}× eager)")
+    return lines
+
+
+def reproduce_throughput(peak: float, peak_one: float) -> list[str]:
+    r"""Training throughput of the recorded reproduce runs (docs/results) as % of peak."""
+    lines = []
+    groups = {}
+    for path in sorted((REPO / "docs" / "results" / "runs").rglob("*.json")):
+        record = json.loads(path.read_text())
+        training = record["config"]["training"]
+        if tuple(training["hidden"]) != (256, 256):
+            continue
+        key = (record["benchmark"], record["protocol"], "DHP" if record["dhp"] else "plain",
+               record["method"])
+        groups.setdefault(key, []).append(record["timings"]["samples_per_s"])
+    for (benchmark, protocol, head, method), rates in sorted(groups.items()):
+        rate = statistics.median(rates)
+        gflops = rate * 3 * 2 * MLP_MACS / 1e9
+        lines.append(f"reproduce {benchmark} ({protocol}) {method} {head}: {rate:,.0f} samples/s ≈ "
+                     f"{gflops:.1f} GFLOP/s = {100 * gflops / peak_one:.1f}% of the 1-thread "
+                     f"peak, {100 * gflops / peak:.1f}% of the machine's (median of {len(rates)})")
+    return lines
+
+
+def render(header: dict, peaks: dict, results: list, quick: bool) -> str:
+    numeric = {k: v for k, v in peaks.items() if isinstance(v, float)}
+    peak_name = max(numeric, key=numeric.get)
+    peak_one = numeric.get("torch.mm (1 thread)", 0.0)
+    lines = ["# Performance", "",
+             "<!-- generated by benchmarks/performance.py (make bench); do not edit -->", "",
+             f"Measured {header['at']} at commit `{header['commit']}`"
+             + (" with **--quick** flags (pipeline check, not publishable figures)" if quick
+                else "") + ".", "",
+             f"- CPU: {header['cpu']}, {header['cores']} logical cores; torch {header['torch']} "
+             f"({header['torch_threads']} threads by default), Python {header['python']}",
+             "- The machine may be shared with other jobs: read ratios (measured interleaved "
+             "within one script) rather than absolute times.",
+             f"- fp32 matmul peak ({header['peak_size']}³, median of {header['peak_repeats']}): "
+             + "; ".join(f"{k} {v:.0f} GFLOP/s" if isinstance(v, float) else f"{k} {v}"
+                         for k, v in peaks.items())
+             + f" → **peak {numeric[peak_name]:.0f} GFLOP/s** ({peak_name})", "",
+             "## Key figures", ""]
+    for result in results:
+        if result["status"] != 0:
+            continue
+        keys = [line.strip() for line in result["output"].splitlines() if KEY_LINE.search(line)]
+        if result["script"] == "bench_serve.py":
+            keys += serve_ratios(result["output"])
+        if keys:
+            lines += [f"**{result['script']}** ({result['what']}):", "", "```", *keys, "```", ""]
+    throughput = reproduce_throughput(numeric[peak_name], peak_one) if peak_one else []
+    if throughput:
+        lines += ["**Reproduce runs** (training samples/s from docs/results timings; "
+                  f"≈ 6 × {MLP_MACS:,} FLOP per training sample of the 784-256-256 MLP; runs "
+                  "used 1 thread on a shared machine):", "", "```", *throughput, "```", ""]
+    lines += ["## Outputs", ""]
+    for result in results:
+        lines.append(f"### {result['script']} — {result['what']}")
+        lines.append("")
+        if result["status"] == "missing":
+            lines += ["Not in this checkout (skipped).", ""]
+            continue
+        status = result["status"]
+        lines += [f"`{result['command']}` — exit status {status}, {result['seconds']:.0f} s", "",
+                  "```", result["output"] or "(no output)", "```", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "PERFORMANCE.md")
+    parser.add_argument("--quick", action="store_true", help="small iteration counts")
+    parser.add_argument("--only", nargs="+", help="these scripts only (e.g. bench_layer.py)")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per script")
+    args = parser.parse_args(argv)
+    commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True,
+                    text=True).stdout.strip() or "unknown"
+    size, repeats = (1024, 5) if args.quick else (2048, 7)
+    header = {**machine(), "commit": commit, "peak_size": size, "peak_repeats": repeats,
+              "at": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    print(f"matmul peak ({size}³) ...", file=sys.stderr, flush=True)
+    peaks = matmul_peak(size, repeats)
+    results = []
+    for name, what, quick_flags in SCRIPTS:
+        if args.only and name not in args.only:
+            continue
+        script = HERE / name
+        if not script.exists():
+            results.append({"script": name, "what": what, "status": "missing"})
+            continue
+        flags = script_flags(script, quick_flags) if args.quick else []
+        print(f"{name} {' '.join(flags)} ...", file=sys.stderr, flush=True)
+        results.append({"script": name, "what": what, **run_script(script, flags, args.timeout)})
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(render(header, peaks, results, args.quick))
+    failed = [r["script"] for r in results if r["status"] not in (0, "missing")]
+    print(f"{args.out} written" + (f"; failed: {', '.join(failed)}" if failed else ""),
+          file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

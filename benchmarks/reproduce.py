@@ -1,0 +1,376 @@
+r"""Reproduce the DHP paper's table: 5 methods × {plain head, DHP head} × benchmarks × seeds.
+
+Two steps, both resumable (run them again after an interruption; nothing finished is redone):
+
+    python benchmarks/reproduce.py search   # regularisation strengths on a validation split
+    python benchmarks/reproduce.py grid     # the table's runs with the chosen strengths
+    python benchmarks/results.py --from docs/results --out docs/RESULTS.md
+
+``search`` trains each regulariser (plain head) with a few strengths on one benchmark with
+``val_fraction`` of every task's training set held out, ranks them by the final average accuracy
+on those *validation* sets (test data is never looked at), and writes the winners to
+``docs/results/strengths.json``. ``grid`` trains every (benchmark, variant, seed) on the full
+training sets with those strengths, the same strength for X and DHP+X, so DHP's gain is the head's.
+
+Trainings run in this process through the training API (``dhp_deploy.train.TrainingRun``, the
+code behind ``dhp-train``), the benchmark's data built once per (benchmark, seed). Every run has
+its own ``dhp-train`` run directory (``config.json``, ``checkpoint.pt`` after every epoch,
+``metrics.json`` when finished) under ``RUNS/<benchmark>/<protocol>/<variant>/seed<k>``, where
+``<protocol>`` is ``paper`` for the paper's settings or names what differs (``e2`` = 2 epochs per
+task). A run directory with ``metrics.json`` is finished and skipped; one with only a checkpoint
+is resumed from its last epoch, bit for bit (the same as ``dhp-train --resume DIR``). Each
+finished run leaves a small JSON summary (config, seed, commit, metrics, timings) under
+``SUMMARIES/`` — the record every number of docs/RESULTS.md comes from.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results import (PAPER_PROTOCOL, STRENGTH_OPTION,  # noqa: E402
+                     SUMMARY_DIR_RUNS, SUMMARY_DIR_SEARCH, VARIANTS, protocol_tag, summarize_run,
+                     train_command, write_summary)
+
+PAPER_BENCHMARKS = ("permuted-mnist", "imbalanced-permuted-mnist", "split-mnist")
+# The values the search tries for each regulariser's strength option (STRENGTH_OPTION): around
+# the library's defaults, a decade apart. Online EWC's γ is not searched (1.0, the default).
+SEARCH_VALUES = {"ewc": (100.0, 1000.0, 10000.0), "online-ewc": (100.0, 1000.0, 10000.0),
+                 "si": (0.1, 1.0, 10.0), "mas": (0.1, 1.0, 10.0)}
+SEARCH_SEED = 1000  # disjoint from the grid's seeds 0..4
+RUN_STATUS = ("finished", "skipped", "resumed", "started", "failed")
+
+
+def variant_settings(variant: str) -> tuple[str, bool]:
+    r"""``"dhp+ewc"`` → ``("ewc", True)``, ``"dhp"`` → ``("finetune", True)``, ``"si"`` → ``("si", False)``."""
+    if variant == "dhp":
+        return "finetune", True
+    if variant.startswith("dhp+"):
+        return variant[4:], True
+    return variant, False
+
+
+# --------------------------------------------------------------------------- provenance
+
+
+def git_commit() -> dict:
+    r"""HEAD's hash and the package files changed against it (a run's code), or nulls off git."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout
+    try:
+        dirty = git("status", "--porcelain", "--", "dhp_deploy", "benchmarks/reproduce.py")
+        return {"commit": git("rev-parse", "HEAD").strip(),
+                "dirty": [line[3:] for line in dirty.splitlines() if line.strip()]}
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "dirty": []}
+
+
+def _record_provenance(run_dir: Path, action: str, role: str, argv: list) -> None:
+    from dhp_deploy.checkpoint import atomic_write_json
+
+    path = run_dir / "provenance.json"
+    record = json.loads(path.read_text()) if path.exists() else {"role": role, "sessions": []}
+    record["sessions"].append({"action": action, **git_commit(), "argv": argv,
+                               "at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    atomic_write_json(path, record)
+
+
+# --------------------------------------------------------------------------- one run
+
+
+class ConfigMismatch(Exception):
+    r"""A run directory holds a run of another configuration."""
+
+
+def run_one(config, benchmark_of, run_dir: Path, *, role: str, device: str, log) -> tuple:
+    r"""Finish the run of ``config`` in ``run_dir``: skip it if finished, resume it, or start it.
+
+    ``benchmark_of()`` builds (or returns the cached) benchmark; it is only called when training
+    is needed. Returns ``(status, metrics or None)``; raises :class:`ConfigMismatch`.
+    """
+    from dhp_deploy.checkpoint import CheckpointError, atomic_write_json, load_checkpoint
+    from dhp_deploy.train import CONFIG_NAME, TrainingError, TrainingRun
+
+    run_dir = Path(run_dir)
+    wanted = {**asdict(config), "hidden": list(config.hidden)}
+    saved = run_dir / CONFIG_NAME
+    if saved.exists():
+        have = json.loads(saved.read_text())["training"]
+        differ = sorted(k for k in set(wanted) | set(have) if wanted.get(k) != have.get(k))
+        if differ:
+            raise ConfigMismatch(f"{run_dir} holds a run with other settings ({', '.join(differ)}); "
+                                 f"move it away or use another --runs directory")
+    if (run_dir / "metrics.json").exists():
+        return "skipped", None
+    argv = [sys.argv[0], *sys.argv[1:]]
+    try:
+        payload = load_checkpoint(run_dir)
+    except CheckpointError:
+        payload = None
+    try:
+        if payload is not None:
+            log(f"  resuming {run_dir} at task {payload['position']['task'] + 1} "
+                f"epoch {payload['position']['epoch'] + 1}")
+            _record_provenance(run_dir, "resume", role, argv)
+            run = TrainingRun.resume(payload, benchmark_of(), run_dir, device)
+            status = "resumed"
+        else:
+            benchmark = benchmark_of()
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(saved, config.to_json(benchmark))
+            _record_provenance(run_dir, "start", role, argv)
+            run = TrainingRun.start(config, benchmark, run_dir, device)
+            status = "started"
+        return status, run.run()
+    except TrainingError as err:
+        log(f"  FAILED {run_dir}: {err}")
+        return "failed", None
+
+
+class BenchmarkCache:
+    r"""The last built benchmark (permuted MNIST holds ~2 GB of tensors: keep one at a time)."""
+
+    def __init__(self, data_dir, device):
+        self.data_dir, self.device, self.key, self.benchmark = data_dir, device, None, None
+
+    def get(self, config):
+        from dhp_deploy.benchmarks import build_benchmark
+
+        key = json.dumps(config.data_arguments(), sort_keys=True)
+        if key != self.key:
+            self.benchmark = None  # free the old tensors before building the new ones
+            self.benchmark = build_benchmark(**config.data_arguments(), data_dir=self.data_dir,
+                                             device=self.device)
+            self.key = key
+        return self.benchmark
+
+
+def execute(jobs, *, data_dir, device, summaries, log, stop_at=None) -> dict:
+    r"""Run ``jobs`` (``(config, run_dir, role, summary_path)``) in order; return status counts."""
+    cache = BenchmarkCache(data_dir, device)
+    counts = {status: 0 for status in RUN_STATUS}
+    for number, (config, run_dir, role, summary_path) in enumerate(jobs, 1):
+        if stop_at is not None and time.time() >= stop_at and not (run_dir / "metrics.json").exists():
+            log(f"[{number}/{len(jobs)}] time is up (--stop-after): {len(jobs) - number + 1} runs "
+                f"left for a later sitting")
+            break
+        started = time.perf_counter()
+        status, metrics = run_one(config, lambda: cache.get(config), run_dir, role=role,
+                                  device=device, log=log)
+        counts[status] += 1
+        if status != "failed" and summaries is not None:
+            summary = summarize_run(run_dir, command=train_command(asdict(config)))
+            write_summary(summary_path, summary)
+        if status in ("started", "resumed"):
+            counts["finished"] += 1
+            acc = metrics["avg_acc"][-1]
+            val = metrics.get("val_avg_acc", [None])[-1]
+            log(f"[{number}/{len(jobs)}] {run_dir}: avg acc {100 * acc:.2f}%"
+                + (f" (val {100 * val:.2f}%)" if val is not None else "")
+                + f" in {time.perf_counter() - started:.0f}s")
+        else:
+            log(f"[{number}/{len(jobs)}] {run_dir}: {status}")
+    return counts
+
+
+# --------------------------------------------------------------------------- the two steps
+
+
+def base_config(args, benchmark: str, **overrides):
+    from dhp_deploy.train import TrainConfig
+
+    protocol = {name: value for name, value in PAPER_PROTOCOL.items() if name != "val_fraction"}
+    for name in ("epochs", "batch_size", "lr", "hidden", "num_tasks", "train_limit", "test_limit",
+                 "fisher_samples"):
+        if getattr(args, name) is not None:
+            protocol[name] = getattr(args, name)
+    return TrainConfig(benchmark=benchmark, **protocol, **overrides)
+
+
+def search_jobs(args) -> list:
+    jobs = []
+    for method in args.methods or SEARCH_VALUES:
+        for value in SEARCH_VALUES[method]:
+            option = STRENGTH_OPTION[method]
+            config = base_config(args, args.benchmark, method=method, dhp=False, seed=args.seed,
+                                 val_fraction=args.val_fraction, **{option: value})
+            name = f"{method}-{option}={value:g}"
+            tag = protocol_tag(asdict(config))
+            jobs.append((config, args.runs / "search" / args.benchmark / tag / name /
+                         f"seed{args.seed}", "search",
+                         args.summaries / SUMMARY_DIR_SEARCH / args.benchmark / tag / name /
+                         f"seed{args.seed}.json"))
+    return jobs
+
+
+def choose_strengths(jobs, benchmark: str, path: Path, log) -> dict:
+    r"""Per method, the strength with the best final validation average accuracy → ``path``."""
+    from dhp_deploy.checkpoint import atomic_write_json
+
+    chosen = json.loads(path.read_text()) if path.exists() else {}
+    by_method = {}
+    for config, run_dir, _, _ in jobs:
+        summary = summarize_run(run_dir) if (run_dir / "metrics.json").exists() else None
+        if summary is None or summary["metrics"].get("val_avg_acc") is None:
+            continue
+        option = STRENGTH_OPTION[config.method]
+        by_method.setdefault(config.method, []).append(
+            {option: getattr(config, option), "val_acc": summary["metrics"]["val_avg_acc"][-1]})
+    entry = chosen.setdefault(benchmark, {})
+    for method, trials in by_method.items():
+        if len(trials) < len(SEARCH_VALUES[method]):
+            log(f"{method}: only {len(trials)} of {len(SEARCH_VALUES[method])} strengths finished; "
+                f"not choosing yet")
+            continue
+        best = max(trials, key=lambda trial: trial["val_acc"])  # ties: the first (smallest)
+        option = STRENGTH_OPTION[method]
+        entry[method] = {option: best[option], "val_acc": best["val_acc"], "trials": trials,
+                         "seed": jobs[0][0].seed, "val_fraction": jobs[0][0].val_fraction,
+                         "protocol": protocol_tag(asdict(jobs[0][0]))}
+        log(f"{benchmark} {method}: {option} = {best[option]:g} (val avg acc "
+            f"{100 * best['val_acc']:.2f}%)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, chosen)
+    return chosen
+
+
+def chosen_strengths(path: Path, benchmark: str, log) -> dict:
+    r"""``{method: {option: value}}`` for ``benchmark``: its own search, else split-mnist's."""
+    chosen = json.loads(path.read_text()) if path.exists() else {}
+    source = benchmark if benchmark in chosen else "split-mnist" if "split-mnist" in chosen else None
+    if source is None:
+        log(f"no strengths chosen in {path}: {benchmark} uses the library defaults")
+        return {}
+    if source != benchmark:
+        log(f"{benchmark}: no search of its own in {path}; using split-mnist's strengths")
+    return {method: {STRENGTH_OPTION[method]: entry[STRENGTH_OPTION[method]]}
+            for method, entry in chosen[source].items()}
+
+
+def grid_jobs(args) -> list:
+    jobs = []
+    for benchmark in args.benchmarks:
+        strengths = chosen_strengths(args.strengths, benchmark, args.log)
+        for seed in args.seeds:  # seed-major: every variant of seed 0 first, then seed 1, ...
+            for variant in args.variants:
+                method, dhp = variant_settings(variant)
+                config = base_config(args, benchmark, method=method, dhp=dhp, seed=seed,
+                                     val_fraction=args.val_fraction, **strengths.get(method, {}))
+                tag = protocol_tag(asdict(config))
+                jobs.append((config, args.runs / benchmark / tag / variant / f"seed{seed}", "grid",
+                             args.summaries / SUMMARY_DIR_RUNS / benchmark / tag / variant /
+                             f"seed{seed}.json"))
+    return jobs
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _seeds(text: str) -> list[int]:
+    seeds = []
+    for part in text.split(","):
+        low, _, high = part.partition("-")
+        seeds += list(range(int(low), int(high or low) + 1))
+    return seeds
+
+
+def _names(choices):
+    def parse(text):
+        names = [name.strip() for name in text.split(",") if name.strip()]
+        unknown = [name for name in names if name not in choices]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown)}; expected some of "
+                                             f"{', '.join(choices)}")
+        return names
+    return parse
+
+
+def parse_arguments(argv=None):
+    from dhp_deploy.benchmarks import BENCHMARKS
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("step", choices=("search", "grid"), help="search strengths, or run the grid")
+    parser.add_argument("--runs", type=Path, default=REPO / "runs" / "reproduce",
+                        help="root of the run directories (default runs/reproduce)")
+    parser.add_argument("--summaries", type=Path, default=REPO / "docs" / "results",
+                        help="where run summaries and strengths.json go (default docs/results)")
+    parser.add_argument("--strengths", type=Path, help="chosen strengths JSON "
+                        "(default SUMMARIES/strengths.json)")
+    parser.add_argument("--benchmarks", type=_names(BENCHMARKS), default=list(PAPER_BENCHMARKS),
+                        help="grid: comma-separated benchmarks (default the paper's three)")
+    parser.add_argument("--benchmark", choices=BENCHMARKS, default="split-mnist",
+                        help="search: the benchmark to tune on (default split-mnist)")
+    parser.add_argument("--variants", type=_names(VARIANTS), default=list(VARIANTS),
+                        help="grid: comma-separated variants (default all ten: "
+                             f"{','.join(VARIANTS)})")
+    parser.add_argument("--methods", type=_names(tuple(SEARCH_VALUES)),
+                        help="search: regularisers to tune (default all four)")
+    parser.add_argument("--seeds", type=_seeds, default=_seeds("0-4"),
+                        help="grid: seeds, e.g. 0-4 or 0,2 (default 0-4)")
+    parser.add_argument("--seed", type=int, default=SEARCH_SEED,
+                        help=f"search: the one seed (default {SEARCH_SEED})")
+    parser.add_argument("--val-fraction", type=float, default=None,
+                        help="held-out share of each task's training set (default: search 0.1, "
+                             "grid 0 — the grid trains on all training data)")
+    for name, kind in (("epochs", int), ("batch-size", int), ("lr", float), ("num-tasks", int),
+                       ("train-limit", int), ("test-limit", int), ("fisher-samples", int)):
+        parser.add_argument(f"--{name}", type=kind, help="protocol override (default: the paper's)")
+    parser.add_argument("--hidden", type=lambda text: tuple(int(w) for w in text.split(",")),
+                        help="hidden widths, e.g. 256,256 (default the paper's)")
+    parser.add_argument("--data-dir", default=os.environ.get("DHP_DATA_DIR"),
+                        help="MNIST root (default $DHP_DATA_DIR, else ./data)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: batch-64 steps gain little from more, "
+                             "and on a busy machine extra threads stall each other)")
+    parser.add_argument("--stop-after", type=float, metavar="MINUTES",
+                        help="start no new run after this many minutes (resume later)")
+    parser.add_argument("--dry-run", action="store_true", help="list the runs and their state")
+    args = parser.parse_args(argv)
+    if args.val_fraction is None:
+        args.val_fraction = 0.1 if args.step == "search" else 0.0
+    if args.strengths is None:
+        args.strengths = args.summaries / "strengths.json"
+    args.log = lambda line: print(line, flush=True)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_arguments(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    jobs = search_jobs(args) if args.step == "search" else grid_jobs(args)
+    if args.dry_run:
+        for config, run_dir, _, _ in jobs:
+            state = ("finished" if (run_dir / "metrics.json").exists() else
+                     "to resume" if (run_dir / "checkpoint.pt").exists() else "to run")
+            print(f"{state:>10}  {run_dir}  ({train_command(asdict(config))})")
+        return 0
+    stop_at = time.time() + 60 * args.stop_after if args.stop_after is not None else None
+    started = time.perf_counter()
+    try:
+        counts = execute(jobs, data_dir=args.data_dir, device=args.device,
+                         summaries=args.summaries, log=args.log, stop_at=stop_at)
+    except ConfigMismatch as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.step == "search":
+        choose_strengths(jobs, args.benchmark, args.strengths, args.log)
+    print(f"{args.step}: {counts['finished']} trained ({counts['resumed']} resumed), "
+          f"{counts['skipped']} already finished, {counts['failed']} failed, of {len(jobs)} runs "
+          f"in {time.perf_counter() - started:.0f}s", flush=True)
+    return 1 if counts["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+r"""benchmarks/reproduce.py and results.py on a tiny grid of real training runs.
+
+Tiny: Split MNIST's first 2 tasks, 200 training / 100 test examples per task, hidden 16, 1 epoch,
+2 methods × {plain, DHP} × 2 seeds. Checks that finished runs are skipped, interrupted ones
+(a ``dhp-train`` killed mid-run) resumed to the same result as an uninterrupted run, that a run
+directory of other settings is refused, that the search chooses by validation accuracy, and that
+the report's numbers are the runs' numbers. Plus: the committed docs/RESULTS.md regenerates from
+the committed summaries.
+"""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+import reproduce  # noqa: E402
+import results  # noqa: E402
+
+TINY = ["--benchmarks", "split-mnist", "--epochs", "1", "--num-tasks", "2", "--train-limit", "200",
+        "--test-limit", "100", "--hidden", "16", "--fisher-samples", "20"]
+TAG = "e1-h16-t2-n200-m100-f20"
+VARIANTS = ("finetune", "dhp", "ewc", "dhp+ewc")
+
+
+def grid(tmp: Path, *extra: str) -> int:
+    return reproduce.main(["grid", "--runs", str(tmp / "runs"), "--summaries", str(tmp / "sum"),
+                           "--variants", ",".join(VARIANTS), "--seeds", "0-1", *TINY, *extra])
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, data_dir):
+    tmp = tmp_path_factory.mktemp("reproduce")
+    os.environ["DHP_DATA_DIR"] = str(data_dir)
+    assert grid(tmp) == 0
+    return tmp
+
+
+def test_grid_writes_runs_and_summaries(tiny):
+    for variant in VARIANTS:
+        for seed in (0, 1):
+            run_dir = tiny / "runs" / "split-mnist" / TAG / variant / f"seed{seed}"
+            assert (run_dir / "metrics.json").exists() and (run_dir / "checkpoint.pt").exists()
+            summary = json.loads((tiny / "sum" / "runs" / "split-mnist" / TAG / variant /
+                                  f"seed{seed}.json").read_text())
+            metrics = json.loads((run_dir / "metrics.json").read_text())
+            assert summary["kind"] == results.SUMMARY_KIND and summary["seed"] == seed
+            assert summary["variant"] == variant and summary["protocol"] == TAG
+            assert summary["metrics"]["acc_matrix"] == metrics["acc_matrix"]
+            assert summary["config"]["training"]["hidden"] == [16]
+            assert summary["commit"] is None or len(summary["commit"]) == 40
+            assert summary["command"].startswith("dhp-train --benchmark split-mnist --method")
+            assert "checkpoint" not in json.dumps(summary["metrics"])  # small: numbers only
+
+
+def test_finished_runs_are_skipped(tiny, capsys):
+    metrics = sorted((tiny / "runs").rglob("metrics.json"))
+    before = {path: path.stat().st_mtime_ns for path in metrics}
+    capsys.readouterr()
+    assert grid(tiny) == 0
+    out = capsys.readouterr().out
+    assert out.count(": skipped") == len(VARIANTS) * 2
+    assert "0 trained (0 resumed), 8 already finished" in out
+    assert {path: path.stat().st_mtime_ns for path in metrics} == before
+
+
+def test_interrupted_dhp_train_run_is_resumed_exactly(tiny, tmp_path, capsys):
+    # A run started by dhp-train and killed mid-task, in the place reproduce expects it.
+    pytest.importorskip("dhp_deploy.cli.train")
+    run_dir = tmp_path / "runs" / "split-mnist" / TAG / "dhp" / "seed0"
+    command = [sys.executable, "-m", "dhp_deploy.cli.train", "--benchmark", "split-mnist",
+               "--method", "finetune", "--dhp", "--epochs", "1", "--num-tasks", "2",
+               "--train-limit", "200", "--test-limit", "100", "--hidden", "16",
+               "--fisher-samples", "20", "--seed", "0", "--device", "cpu", "--quiet",
+               "--out", str(run_dir)]
+    env = {**os.environ, "DHP_TRAIN_FAULT": "sigkill-after-steps=4"}
+    killed = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert killed.returncode < 0, killed.stderr  # died by the signal, no metrics
+    assert (run_dir / "checkpoint.pt").exists() and not (run_dir / "metrics.json").exists()
+    capsys.readouterr()
+    assert reproduce.main(["grid", "--runs", str(tmp_path / "runs"), "--summaries",
+                           str(tmp_path / "sum"), "--variants", "dhp", "--seeds", "0",
+                           *TINY]) == 0
+    assert "1 trained (1 resumed)" in capsys.readouterr().out
+    resumed = json.loads((run_dir / "metrics.json").read_text())
+    straight = json.loads((tiny / "runs" / "split-mnist" / TAG / "dhp" / "seed0" /
+                           "metrics.json").read_text())
+    assert resumed["acc_matrix"] == straight["acc_matrix"]
+
+
+def test_run_directory_of_other_settings_is_refused(tiny, capsys):
+    # Other strengths chosen later: the finished EWC runs no longer fit; refuse, never mix.
+    strengths = tiny / "other-strengths.json"
+    strengths.write_text(json.dumps({"split-mnist": {"ewc": {"ewc_lambda": 5.0}}}))
+    assert grid(tiny, "--strengths", str(strengths)) == 2
+    assert "holds a run with other settings (ewc_lambda)" in capsys.readouterr().err
+
+
+def test_search_chooses_by_validation_accuracy(tmp_path, data_dir, capsys):
+    os.environ["DHP_DATA_DIR"] = str(data_dir)
+    argv = ["search", "--runs", str(tmp_path / "runs"), "--summaries", str(tmp_path / "sum"),
+            "--methods", "si", *TINY[2:]]
+    assert reproduce.main(argv) == 0
+    chosen = json.loads((tmp_path / "sum" / "strengths.json").read_text())["split-mnist"]["si"]
+    trials = chosen["trials"]
+    assert [t["si_c"] for t in trials] == list(reproduce.SEARCH_VALUES["si"])
+    assert chosen["val_acc"] == max(t["val_acc"] for t in trials)
+    assert chosen["si_c"] == next(t["si_c"] for t in trials if t["val_acc"] == chosen["val_acc"])
+    assert chosen["val_fraction"] == 0.1
+    summaries = sorted((tmp_path / "sum" / "search").rglob("*.json"))
+    assert len(summaries) == 3
+    for path in summaries:
+        summary = json.loads(path.read_text())
+        assert summary["role"] == "search" and summary["config"]["training"]["val_fraction"] == 0.1
+        assert len(summary["metrics"]["val_avg_acc"]) == 2
+
+
+def _table_row(text: str, name: str) -> list[str]:
+    line = next(line for line in text.splitlines() if line.startswith(f"| {name} |"))
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+def test_report_numbers_are_the_runs_numbers(tiny):
+    out = tiny / "report" / "RESULTS.md"
+    assert results.main(["--from", str(tiny / "sum"), "--out", str(out)]) == 0
+    text = out.read_text()
+    final = {}
+    for variant in VARIANTS:
+        final[variant] = [json.loads((tiny / "runs" / "split-mnist" / TAG / variant / f"seed{s}" /
+                                      "metrics.json").read_text())["avg_acc"][-1] for s in (0, 1)]
+        row = _table_row(text, results.display_name(variant))
+        mean, std = statistics.fmean(final[variant]), statistics.stdev(final[variant])
+        assert row[1] == "0,1" and row[2] == f"{100 * mean:.2f} ± {100 * std:.2f}"
+    gains = [d - b for d, b in zip(final["dhp+ewc"], final["ewc"])]
+    gain = f"{100 * statistics.fmean(gains):.2f} ± {100 * statistics.stdev(gains):.2f} (n=2)"
+    assert _table_row(text, "DHP+EWC")[5] == gain
+    assert "| Online EWC | — | not run yet |" in text
+    assert (out.parent / f"results-split-mnist-{TAG}.png").stat().st_size > 1000
+    # The same report straight from the run directories (summarised on the fly).
+    again = tiny / "report-from-runs" / "RESULTS.md"
+    assert results.main(["--from", str(tiny / "runs"), "--out", str(again)]) == 0
+    assert _table_row(again.read_text(), "DHP+EWC") == _table_row(text, "DHP+EWC")
+
+
+def test_committed_report_regenerates_from_committed_summaries(tmp_path, monkeypatch):
+    committed = REPO / "docs" / "RESULTS.md"
+    if not committed.exists() or not (REPO / "docs" / "results").is_dir():
+        pytest.skip("no committed docs/RESULTS.md yet")
+    monkeypatch.chdir(REPO)  # the report quotes its --from argument
+    out = tmp_path / "RESULTS.md"
+    assert results.main(["--from", "docs/results", "--out", str(out)]) == 0
+    assert out.read_text() == committed.read_text()
