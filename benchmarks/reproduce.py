@@ -166,7 +166,9 @@ def execute(jobs, *, data_dir, device, summaries, log, stop_at=None) -> dict:
         status, metrics = run_one(config, lambda: cache.get(config), run_dir, role=role,
                                   device=device, log=log)
         counts[status] += 1
-        if status != "failed" and summaries is not None:
+        # A skipped run keeps its summary (written when it finished); rewrite only a missing one.
+        fresh = status in ("started", "resumed") or not Path(summary_path).exists()
+        if status != "failed" and summaries is not None and fresh:
             summary = summarize_run(run_dir, command=train_command(asdict(config)))
             write_summary(summary_path, summary)
         if status in ("started", "resumed"):

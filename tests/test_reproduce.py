@@ -148,10 +148,16 @@ def test_report_numbers_are_the_runs_numbers(tiny):
 
 
 def test_committed_report_regenerates_from_committed_summaries(tmp_path, monkeypatch):
-    committed = REPO / "docs" / "RESULTS.md"
-    if not committed.exists() or not (REPO / "docs" / "results").is_dir():
-        pytest.skip("no committed docs/RESULTS.md yet")
-    monkeypatch.chdir(REPO)  # the report quotes its --from argument
-    out = tmp_path / "RESULTS.md"
-    assert results.main(["--from", "docs/results", "--out", str(out)]) == 0
-    assert out.read_text() == committed.read_text()
+    # The committed state (HEAD), not the working tree, where a running grid adds summaries.
+    def git(*args, **kwargs):
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, check=True, **kwargs)
+
+    try:
+        committed = git("show", "HEAD:docs/RESULTS.md", text=True).stdout
+        archive = git("archive", "HEAD", "docs/results").stdout
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("no committed docs/RESULTS.md and docs/results/ (or no git)")
+    subprocess.run(["tar", "-x", "-C", str(tmp_path)], input=archive, check=True)
+    monkeypatch.chdir(tmp_path)  # the report quotes its --from argument
+    assert results.main(["--from", "docs/results", "--out", "docs/RESULTS.md"]) == 0
+    assert (tmp_path / "docs" / "RESULTS.md").read_text() == committed
