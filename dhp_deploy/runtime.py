@@ -96,15 +96,16 @@ def compare(outputs: np.ndarray, golden: np.ndarray, atol: float = ATOL,
             rtol: float = RTOL) -> dict:
     r"""Errors of ``outputs`` against ``golden`` logits; ``ok`` under numpy.allclose's rule.
 
-    ``max_rel_error`` is max |out − golden| / |golden| over the elements with |golden| ≥ atol
-    (near-zero logits make a relative error meaningless; the atol term covers them).
+    ``max_rel_error`` is max |out − golden| / |golden| over the elements with |golden| ≥
+    atol / rtol, where the relative term of the rule dominates (near zero a relative error means
+    nothing and the atol term governs), so it is directly comparable with ``rtol``.
     """
     outputs, golden = np.asarray(outputs, np.float64), np.asarray(golden, np.float64)
     if outputs.shape != golden.shape:
         return {"ok": False, "max_abs_error": float("inf"), "max_rel_error": float("inf"),
                 "argmax_agree": 0, "rows": len(golden), "reason": f"shape {outputs.shape}"}
     diff = np.abs(outputs - golden)
-    big = np.abs(golden) >= atol
+    big = np.abs(golden) >= (atol / rtol if rtol > 0 else 0.0)
     rel = (diff[big] / np.abs(golden[big])).max() if big.any() else 0.0
     within = bool(np.all(diff <= atol + rtol * np.abs(golden)))  # False on NaN, as it should
     agree = int((outputs.argmax(1) == golden.argmax(1)).sum())

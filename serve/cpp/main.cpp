@@ -105,7 +105,7 @@ Errors compare(const at::Tensor& out, const at::Tensor& golden, double atol, dou
   const auto ref = golden.to(torch::kDouble).abs();
   Errors e;
   e.max_abs = diff.max().item<double>();
-  const auto big = ref >= atol;
+  const auto big = ref >= (rtol > 0 ? atol / rtol : 0.0);  // where the relative term governs
   if (big.any().item<bool>()) e.max_rel = (diff.masked_select(big) / ref.masked_select(big)).max().item<double>();
   e.within = (diff <= atol + rtol * ref).all().item<bool>();  // false on NaN
   e.argmax_agree = (out.argmax(1) == golden.argmax(1)).sum().item<int64_t>();
