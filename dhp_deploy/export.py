@@ -29,7 +29,7 @@ import tempfile
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -129,6 +129,12 @@ def _quiet_onnx_logs():
 
 def write_onnx(module: nn.Module, path, in_features: int) -> None:
     r"""ONNX through the dynamo exporter (never the legacy one), dynamic batch, one file."""
+    try:
+        import onnx
+        import onnxscript  # noqa: F401  (the dynamo exporter's backend)
+    except ImportError as err:
+        raise ExportError(f"--format onnx needs onnx and onnxscript ({err}): "
+                          f"pip install 'dhp-deploy[onnx]'") from None
     example = (torch.rand(2, in_features),)
     batch = torch.export.Dim("batch", min=1)
     with _quiet_onnx_logs(), warnings.catch_warnings():
@@ -139,8 +145,6 @@ def write_onnx(module: nn.Module, path, in_features: int) -> None:
                                     dynamic_shapes={"x": {0: batch}}, opset_version=ONNX_OPSET,
                                     external_data=False, verbose=False)
     program.save(str(path), external_data=False)
-    import onnx
-
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)
 
 

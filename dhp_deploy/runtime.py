@@ -22,7 +22,7 @@ only out of the training distribution.
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional
 
 import numpy as np
 
