@@ -45,6 +45,9 @@ PAPER_BENCHMARKS = ("permuted-mnist", "imbalanced-permuted-mnist", "split-mnist"
 SEARCH_VALUES = {"ewc": (100.0, 1000.0, 10000.0), "online-ewc": (100.0, 1000.0, 10000.0),
                  "si": (0.1, 1.0, 10.0), "mas": (0.1, 1.0, 10.0)}
 SEARCH_SEED = 1000  # disjoint from the grid's seeds 0..4
+# A best value at the edge of the values tried is extended by a decade past it, at most this many
+# times per method, so the choice is an interior optimum (or says it is not).
+MAX_EXTENSIONS = 2
 RUN_STATUS = ("finished", "skipped", "resumed", "started", "failed")
 
 
@@ -197,10 +200,10 @@ def base_config(args, benchmark: str, **overrides):
     return TrainConfig(benchmark=benchmark, **protocol, **overrides)
 
 
-def search_jobs(args) -> list:
+def search_jobs(args, values: dict) -> list:
     jobs = []
-    for method in args.methods or SEARCH_VALUES:
-        for value in SEARCH_VALUES[method]:
+    for method, method_values in values.items():
+        for value in sorted(method_values):
             option = STRENGTH_OPTION[method]
             config = base_config(args, args.benchmark, method=method, dhp=False, seed=args.seed,
                                  val_fraction=args.val_fraction, **{option: value})
@@ -227,14 +230,20 @@ def choose_strengths(jobs, benchmark: str, path: Path, log) -> dict:
         by_method.setdefault(config.method, []).append(
             {option: getattr(config, option), "val_acc": summary["metrics"]["val_avg_acc"][-1]})
     entry = chosen.setdefault(benchmark, {})
+    planned = {}
+    for config, _, _, _ in jobs:
+        planned[config.method] = planned.get(config.method, 0) + 1
     for method, trials in by_method.items():
-        if len(trials) < len(SEARCH_VALUES[method]):
-            log(f"{method}: only {len(trials)} of {len(SEARCH_VALUES[method])} strengths finished; "
+        if len(trials) < planned[method]:
+            log(f"{method}: only {len(trials)} of {planned[method]} strengths finished; "
                 f"not choosing yet")
             continue
         best = max(trials, key=lambda trial: trial["val_acc"])  # ties: the first (smallest)
         option = STRENGTH_OPTION[method]
+        values = [trial[option] for trial in trials]
+        at_edge = best[option] in (min(values), max(values))
         entry[method] = {option: best[option], "val_acc": best["val_acc"], "trials": trials,
+                         "at_edge": at_edge,
                          "seed": jobs[0][0].seed, "val_fraction": jobs[0][0].val_fraction,
                          "protocol": protocol_tag(asdict(jobs[0][0]))}
         log(f"{benchmark} {method}: {option} = {best[option]:g} (val avg acc "
@@ -351,7 +360,9 @@ def main(argv=None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    jobs = search_jobs(args) if args.step == "search" else grid_jobs(args)
+    if args.step == "search":
+        return search(args)
+    jobs = grid_jobs(args)
     if args.dry_run:
         for config, run_dir, _, _ in jobs:
             state = ("finished" if (run_dir / "metrics.json").exists() else
@@ -366,12 +377,51 @@ def main(argv=None) -> int:
     except ConfigMismatch as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if args.step == "search":
-        choose_strengths(jobs, args.benchmark, args.strengths, args.log)
     print(f"{args.step}: {counts['finished']} trained ({counts['resumed']} resumed), "
           f"{counts['skipped']} already finished, {counts['failed']} failed, of {len(jobs)} runs "
           f"in {time.perf_counter() - started:.0f}s", flush=True)
     return 1 if counts["failed"] else 0
+
+
+def search(args) -> int:
+    r"""Try each method's values; extend past an edge optimum (≤ MAX_EXTENSIONS); choose."""
+    values = {method: list(SEARCH_VALUES[method]) for method in args.methods or SEARCH_VALUES}
+    started, totals = time.perf_counter(), {status: 0 for status in RUN_STATUS}
+    while True:
+        jobs = search_jobs(args, values)
+        if args.dry_run:
+            for config, run_dir, _, _ in jobs:
+                done = (run_dir / "metrics.json").exists()
+                print(f"{'finished' if done else 'to run':>10}  {run_dir}")
+            return 0
+        try:
+            counts = execute(jobs, data_dir=args.data_dir, device=args.device,
+                             summaries=args.summaries, log=args.log)
+        except ConfigMismatch as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        totals = {status: totals[status] + counts[status] for status in totals}
+        chosen = choose_strengths(jobs, args.benchmark, args.strengths, args.log)[args.benchmark]
+        extended = False
+        for method, method_values in values.items():
+            entry = chosen.get(method)
+            if entry is None or len(method_values) - len(SEARCH_VALUES[method]) >= MAX_EXTENSIONS:
+                continue
+            best = entry[STRENGTH_OPTION[method]]
+            if best == max(method_values):
+                method_values.append(best * 10)
+            elif best == min(method_values):
+                method_values.append(best / 10)
+            else:
+                continue
+            args.log(f"{method}: best at the edge ({best:g}); extending to {method_values[-1]:g}")
+            extended = True
+        if not extended:
+            break
+    print(f"search: {totals['finished']} trained ({totals['resumed']} resumed), "
+          f"{totals['skipped']} already finished, {totals['failed']} failed, in "
+          f"{time.perf_counter() - started:.0f}s", flush=True)
+    return 1 if totals["failed"] else 0
 
 
 if __name__ == "__main__":
