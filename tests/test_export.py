@@ -206,7 +206,8 @@ def test_goldens_are_real_test_images_with_eager_logits(served, test_sets):
     assert all(label in test_sets.tasks[task].classes for task, label in zip(tasks, labels))
     with torch.no_grad():
         eager = model(torch.from_numpy(x)).numpy()
-    np.testing.assert_array_equal(np.load(bundle / "golden_logits.npy"), eager)
+    # Computed in another process (dhp-export): equal up to GEMM scheduling, far below ATOL.
+    np.testing.assert_allclose(np.load(bundle / "golden_logits.npy"), eager, rtol=1e-6, atol=1e-7)
 
 
 # ----------------------------------------------------------------------------- folding
