@@ -66,7 +66,12 @@ def test_predict_writes_logits_classes_and_labels(served, tmp_path):  # noqa: F8
     result = serve("predict", bundle, "--input", tmp_path / "x.npy", "--output", out)
     with np.load(out) as saved:
         assert saved["logits"].shape == (64, 10) and saved["classes"].tolist() == list(range(10))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.npz", "x.npy"], "no temp files"
+    result = serve("predict", bundle, "--input", tmp_path / "x.npy", "--output",
+                   tmp_path / "logits.npy", "--task", 3, "--backend", "onnx")
+    assert result.returncode == 0, result.stderr
+    np.testing.assert_array_equal(np.load(tmp_path / "logits.npy"), expected.logits)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["logits.npy", "out.npz", "x.npy"], "no temporary files left"
 
 
 def test_bench_prints_latency_and_throughput(served):  # noqa: F811

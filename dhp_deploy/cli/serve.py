@@ -88,7 +88,8 @@ def check(bundle, backend, device, atol, rtol):
               type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="float32 .npy of shape [N, 784], pixels in [0, 1].")
 @click.option("--output", "output_path", required=True, type=click.Path(path_type=Path),
-              help="Where to write the .npz (logits, classes, labels); written atomically.")
+              help="Where to write the results, atomically: FILE.npy holds the logits only, "
+                   "any other name an .npz of logits, classes and labels.")
 @click.option("--task", type=int, default=None,
               help="Task head: logits of the task's classes only, argmax within them.")
 @click.option("--backend", type=click.Choice(BACKEND_CHOICES[:2]), default="torchscript",
@@ -101,7 +102,7 @@ def predict(bundle, input_path, output_path, task, backend, device, allow_nonfin
 
     The .npz holds ``logits`` float32 [N, K] (K = all classes, or the task's classes with --task),
     ``classes`` int64 [K] (the global class id of each column) and ``labels`` int64 [N] (the
-    predicted global class ids).
+    predicted global class ids). An --output ending in .npy gets the logits array alone.
     """
     import numpy as np
 
@@ -119,7 +120,10 @@ def predict(bundle, input_path, output_path, task, backend, device, allow_nonfin
     except BundleError as err:
         raise ServeFailed(f"{input_path}: {err}") from None
     buffer = io.BytesIO()
-    np.savez(buffer, logits=out.logits, classes=out.classes, labels=out.labels)
+    if output_path.suffix == ".npy":
+        np.save(buffer, out.logits, allow_pickle=False)
+    else:
+        np.savez(buffer, logits=out.logits, classes=out.classes, labels=out.labels)
     try:
         atomic_write_bytes(output_path, buffer.getvalue())
     except OSError as err:
