@@ -102,7 +102,7 @@ class TrainConfig:
             "optimizer": {"name": "sgd", "lr": self.lr, "momentum": self.momentum,
                           "batch_size": self.batch_size, "epochs": self.epochs},
             "training": {**asdict(self), "hidden": list(self.hidden)},
-            "versions": {"dhp_deploy": dhp_deploy.__version__, "torch": torch.__version__,
+            "versions": {"dhp_deploy": str(dhp_deploy.__version__), "torch": str(torch.__version__),
                          "python": platform.python_version()},
         }
 
@@ -318,12 +318,11 @@ class TrainingRun:
                              if t.is_floating_point())
         if math.isfinite(mean_loss) and weights_finite:
             return
-        last = self.position
         raise TrainingDiverged(
-            f"training diverged in task {task_id} epoch {epoch} (mean loss {mean_loss}, weights "
-            f"{'finite' if weights_finite else 'not finite'}); stopped without saving it. The last "
-            f"good checkpoint ({self.run_dir / CHECKPOINT_NAME}, task {last['task']} epoch "
-            f"{last['epoch']}) is intact; try a lower --lr")
+            f"training diverged in task {task_id + 1} epoch {epoch + 1} (mean loss {mean_loss}, "
+            f"weights {'finite' if weights_finite else 'not finite'}); stopped without saving it. "
+            f"The last good checkpoint {self.run_dir / CHECKPOINT_NAME} ({_describe(self.position)})"
+            f" is intact; try a lower --lr")
 
     def _log_epoch(self, loss, accuracy, started, epochs_done, epochs_left) -> None:
         task_id, epoch = self.position["task"], self.position["epoch"]
@@ -365,6 +364,12 @@ def _restore_rng(state: dict) -> None:
     torch.set_rng_state(state["torch_cpu"])
     if "torch_cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["torch_cuda"])
+
+
+def _describe(position: dict) -> str:
+    if position["epoch"] < 0:
+        return f"before task {position['task'] + 1}"
+    return f"after task {position['task'] + 1} epoch {position['epoch'] + 1}"
 
 
 def _duration(seconds: float) -> str:

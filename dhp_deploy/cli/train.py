@@ -1,0 +1,279 @@
+r"""``dhp-train``: continual training on a benchmark, with checkpoints and exact resume.
+
+Examples::
+
+    dhp-train --benchmark split-mnist --method finetune --out runs/split-dhp
+    dhp-train --benchmark permuted-mnist --method ewc --no-dhp --num-tasks 3 --out runs/pm-ewc
+    dhp-train --resume runs/pm-ewc          # continue an interrupted run, bit for bit
+
+A run directory holds ``config.json``, ``checkpoint.pt`` (after every epoch) and, when finished,
+``metrics.json``, ``metrics.csv`` and ``accuracy.png``.
+"""
+
+import os
+import signal
+from pathlib import Path
+
+import click
+
+from dhp_deploy.benchmarks import BENCHMARKS
+from dhp_deploy.regularizers import METHODS
+
+# Options that decide the result: with --resume they come from the checkpoint, never the command.
+TRAINING_OPTIONS = ("benchmark", "method", "dhp", "epochs", "batch_size", "lr", "momentum", "seed",
+                    "hidden", "ewc_lambda", "online_ewc_gamma", "si_c", "si_epsilon", "mas_lambda",
+                    "fisher_samples", "val_fraction", "class_incremental", "num_tasks",
+                    "train_limit", "test_limit")
+RUN_FILES = ("checkpoint.pt", "config.json", "metrics.json", "metrics.csv", "accuracy.png")
+# Test hook: "sigkill-after-steps=N" makes the process SIGKILL itself after N optimiser steps.
+FAULT_ENV = "DHP_TRAIN_FAULT"
+
+
+class TrainCommandError(click.ClickException):
+    r"""A run that cannot start or go on (data, checkpoint, divergence): one line, exit status 1."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(str(message).split()))  # one line, whatever the source said
+
+
+class HiddenSizes(click.ParamType):
+    r"""Comma-separated positive layer widths, e.g. ``256,256``."""
+
+    name = "WIDTHS"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            widths = tuple(int(part) for part in str(value).split(","))
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of integers", param, ctx)
+        if not widths or min(widths) < 1:
+            self.fail(f"{value!r}: every width must be a positive integer", param, ctx)
+        return widths
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--benchmark", type=click.Choice(BENCHMARKS), help="Task sequence to train on "
+              "(required unless --resume).")
+@click.option("--method", type=click.Choice(METHODS), default="finetune", show_default=True,
+              help="Consolidation regulariser on the slow weights.")
+@click.option("--dhp/--no-dhp", default=True, show_default=True,
+              help="DHP-Softmax output layer, or a plain linear head.")
+@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Epochs per task.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.01,
+              show_default=True, help="SGD learning rate.")
+@click.option("--momentum", type=click.FloatRange(0, 1, max_open=True), default=0.0,
+              show_default=True, help="SGD momentum.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seeds weights, batch order, Fisher subsets and the benchmark.")
+@click.option("--hidden", type=HiddenSizes(), default="256,256", show_default=True,
+              help="Hidden layer widths.")
+@click.option("--ewc-lambda", type=click.FloatRange(min=0), default=1000.0, show_default=True,
+              help="EWC / Online EWC strength.")
+@click.option("--online-ewc-gamma", type=click.FloatRange(0, 1), default=1.0, show_default=True,
+              help="Online EWC decay of the running Fisher.")
+@click.option("--si-c", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="SI strength c.")
+@click.option("--si-epsilon", type=click.FloatRange(min=0, min_open=True), default=1e-3,
+              show_default=True, help="SI damping ξ.")
+@click.option("--mas-lambda", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="MAS strength.")
+@click.option("--fisher-samples", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Training samples per Fisher / MAS importance estimate.")
+@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.0,
+              show_default=True, help="Share of each task's training set held out for tuning.")
+@click.option("--class-incremental", is_flag=True,
+              help="Split benchmarks: one head over all classes instead of one per task.")
+@click.option("--num-tasks", type=click.IntRange(min=1), help="Train on the first tasks only.")
+@click.option("--train-limit", type=click.IntRange(min=1),
+              help="At most this many training examples per task (quick runs).")
+@click.option("--test-limit", type=click.IntRange(min=1),
+              help="At most this many test examples per task (quick runs).")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
+              envvar="DHP_DATA_DIR", default="data", show_default="$DHP_DATA_DIR, else ./data",
+              help="Root holding MNIST/raw/ (torchvision layout).")
+@click.option("--download", is_flag=True, help="Fetch missing dataset files.")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="auto",
+              show_default=True, help="auto: CUDA when available.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Run directory to create (required unless --resume).")
+@click.option("--resume", "resume_dir", type=click.Path(exists=True, file_okay=False,
+              path_type=Path), help="Continue the run in this directory where it stopped.")
+@click.option("--overwrite", is_flag=True, help="Replace the run files of a non-empty --out.")
+@click.option("--quiet", is_flag=True, help="No progress lines and no summary.")
+@click.pass_context
+def main(ctx, out_dir, resume_dir, overwrite, data_dir, download, device, quiet, **training):
+    r"""Train a DHP network on a continual-learning benchmark, one task after another."""
+    if (out_dir is None) == (resume_dir is None):
+        raise click.UsageError("give exactly one of --out RUN_DIR (a new run) and --resume RUN_DIR")
+    device = _resolve_device(device)
+    log = (lambda line: None) if quiet else (lambda line: click.echo(line, err=True))
+    if resume_dir is not None:
+        _refuse_training_options_on_resume(ctx)
+        run = _resume_run(resume_dir, data_dir, download, device, log)
+        run_dir = resume_dir
+    else:
+        if training["benchmark"] is None:
+            raise click.UsageError("missing option --benchmark (required unless --resume)")
+        _prepare_run_dir(out_dir, overwrite)
+        run = _start_run(training, out_dir, data_dir, download, device, log)
+        run_dir = out_dir
+    metrics = _run_to_the_end(run)
+    if not quiet:
+        click.echo(summary_table(metrics, run_dir))
+
+
+def _resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise click.BadParameter("CUDA was asked for but torch sees no CUDA device",
+                                     param_hint="--device")
+        # Deterministic cuBLAS and kernels, so a resumed run matches an uninterrupted one.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    return device
+
+
+def _refuse_training_options_on_resume(ctx: click.Context) -> None:
+    given = [f"--{name.replace('_', '-')}" for name in TRAINING_OPTIONS
+             if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
+    if given:
+        raise click.UsageError(f"--resume continues with the saved configuration; drop "
+                               f"{', '.join(given)}")
+
+
+def _prepare_run_dir(out_dir: Path, overwrite: bool) -> None:
+    r"""Create ``out_dir`` and prove it writable; refuse a non-empty one unless ``overwrite``."""
+    from dhp_deploy.checkpoint import atomic_write_text
+
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".dhp-train-write-test"
+        atomic_write_text(probe, "")
+        probe.unlink()
+    except OSError as err:
+        raise TrainCommandError(f"cannot write to the output directory {out_dir}: "
+                                f"{err.strerror or err}") from None
+    if any(out_dir.iterdir()):
+        if not overwrite:
+            raise click.BadParameter(f"{out_dir} is not empty ({_describe_run_dir(out_dir)}); "
+                                     f"pass --overwrite to replace its run files",
+                                     param_hint="--out")
+        for name in RUN_FILES:
+            (out_dir / name).unlink(missing_ok=True)
+
+
+def _describe_run_dir(run_dir: Path) -> str:
+    from dhp_deploy.checkpoint import CheckpointError, load_checkpoint
+
+    try:
+        payload = load_checkpoint(run_dir)
+    except CheckpointError:
+        return "no resumable run in it"
+    if payload.get("position", {}).get("finished"):
+        return "it holds a finished run"
+    return f"it holds an unfinished run: continue it with --resume {run_dir}"
+
+
+def _build_benchmark(data_arguments: dict, data_dir, download: bool, device: str):
+    from dhp_deploy.benchmarks import build_benchmark
+    from dhp_deploy.data import DataError
+
+    arguments = {**data_arguments, "download": download or data_arguments.get("download", False)}
+    try:
+        return build_benchmark(**arguments, data_dir=data_dir, device=device)
+    except DataError as err:
+        raise TrainCommandError(str(err)) from None
+
+
+def _start_run(training: dict, out_dir: Path, data_dir, download: bool, device: str, log):
+    from dhp_deploy.checkpoint import atomic_write_json
+    from dhp_deploy.train import CONFIG_NAME, TrainConfig, TrainingRun
+
+    config = TrainConfig(**training, download=download)
+    benchmark = _build_benchmark(config.data_arguments(), data_dir, download, device)
+    atomic_write_json(out_dir / CONFIG_NAME, config.to_json(benchmark))
+    log(f"training {config.method}{' + DHP' if config.dhp else ''} on {benchmark.name} "
+        f"({len(benchmark.tasks)} tasks, scenario {benchmark.scenario}) on {device}; "
+        f"run directory {out_dir}")
+    return TrainingRun.start(config, benchmark, out_dir, device, log=log, on_step=_fault_hook())
+
+
+def _resume_run(run_dir: Path, data_dir, download: bool, device: str, log):
+    from dhp_deploy.checkpoint import CheckpointError, load_checkpoint
+    from dhp_deploy.train import TrainConfig, TrainingRun
+
+    try:
+        payload = load_checkpoint(run_dir, map_location=device)
+        config = TrainConfig.from_json(payload["config"])
+    except CheckpointError as err:
+        raise TrainCommandError(f"cannot resume: {err}") from None
+    except (KeyError, TypeError) as err:
+        raise TrainCommandError(f"cannot resume: {run_dir} holds no dhp-train checkpoint "
+                                f"(missing {err})") from None
+    benchmark = _build_benchmark(config.data_arguments(), data_dir, download, device)
+    try:
+        run = TrainingRun.resume(payload, benchmark, run_dir, device, log=log,
+                                 on_step=_fault_hook())
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise TrainCommandError(f"cannot resume: the checkpoint in {run_dir} does not fit its "
+                                f"configuration ({str(err).splitlines()[0][:200]})") from None
+    position = run.position
+    log(f"resuming {run_dir} after task {position['task'] + 1} epoch {position['epoch'] + 1}"
+        if not position["finished"] else f"{run_dir} is already finished; rewriting its metrics")
+    return run
+
+
+def _run_to_the_end(run) -> dict:
+    from dhp_deploy.train import TrainingError
+
+    try:
+        return run.run()
+    except TrainingError as err:
+        raise TrainCommandError(str(err)) from None
+
+
+def _fault_hook():
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return None
+    kind, _, count = spec.partition("=")
+    if kind != "sigkill-after-steps" or not count.isdigit():
+        raise click.UsageError(f"{FAULT_ENV}={spec!r}: expected sigkill-after-steps=N")
+    limit = int(count)
+
+    def sigkill_after(steps: int) -> None:
+        if steps >= limit:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return sigkill_after
+
+
+def summary_table(metrics: dict, run_dir: Path) -> str:
+    r"""The accuracy matrix (%) with the average accuracy per row, then ACC / BWT / forgetting."""
+    matrix = metrics["acc_matrix"]
+    num_tasks = len(matrix[0]) if matrix else 0
+    header = "after task " + "".join(f"{f'T{j + 1}':>8}" for j in range(num_tasks)) + f"{'avg':>9}"
+    lines = [header, "-" * len(header)]
+    for i, (row, average) in enumerate(zip(matrix, metrics["avg_acc"])):
+        lines.append(f"{i + 1:>10} " + "".join(f"{100 * v:8.2f}" for v in row)
+                     + f"{100 * average:9.2f}")
+
+    def percent(value):
+        return "n/a" if value is None else f"{100 * value:.2f}%"
+
+    lines.append(f"ACC {percent(metrics['acc'])}  BWT {percent(metrics['bwt'])}  forgetting "
+                 f"{percent(metrics['forgetting'])}  ({metrics['timings']['samples_per_s']:.0f} "
+                 f"samples/s)  → {run_dir / 'metrics.json'}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main(prog_name="dhp-train")
