@@ -176,11 +176,10 @@ def execute(jobs, *, data_dir, device, summaries, log, stop_at=None) -> dict:
             write_summary(summary_path, summary)
         if status in ("started", "resumed"):
             counts["finished"] += 1
-            acc = metrics["avg_acc"][-1]
-            val = metrics.get("val_avg_acc", [None])[-1]
-            log(f"[{number}/{len(jobs)}] {run_dir}: avg acc {100 * acc:.2f}%"
-                + (f" (val {100 * val:.2f}%)" if val is not None else "")
-                + f" in {time.perf_counter() - started:.0f}s")
+            # The search shows validation accuracy only: its choices must not see test data.
+            split, key = ("val", "val_avg_acc") if role == "search" else ("test", "avg_acc")
+            log(f"[{number}/{len(jobs)}] {run_dir}: final {split} avg acc "
+                f"{100 * metrics[key][-1]:.2f}% in {time.perf_counter() - started:.0f}s")
         else:
             log(f"[{number}/{len(jobs)}] {run_dir}: {status}")
     return counts
