@@ -127,8 +127,11 @@ def _quiet_onnx_logs():
         logger.setLevel(level)
 
 
-def write_onnx(module: nn.Module, path, in_features: int) -> None:
-    r"""ONNX through the dynamo exporter (never the legacy one), dynamic batch, one file."""
+def write_onnx(module: nn.Module, path, in_features: int) -> int:
+    r"""ONNX through the dynamo exporter (never the legacy one), dynamic batch, one file.
+
+    Returns the file's ONNX IR version (readers such as onnxruntime support a maximum).
+    """
     try:
         import onnx
         import onnxscript  # noqa: F401  (the dynamo exporter's backend)
@@ -145,7 +148,9 @@ def write_onnx(module: nn.Module, path, in_features: int) -> None:
                                     dynamic_shapes={"x": {0: batch}}, opset_version=ONNX_OPSET,
                                     external_data=False, verbose=False)
     program.save(str(path), external_data=False)
-    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    written = onnx.load(str(path))
+    onnx.checker.check_model(written, full_check=True)
+    return int(written.ir_version)
 
 
 def benchmark_of_run(payload: dict, data_dir=None):
@@ -333,13 +338,17 @@ def export_run(run_dir, out_dir, formats: Sequence[str] = FORMATS, *, overwrite:
         raise ExportError(f"cannot create the bundle beside {out_dir}: {err.strerror or err}") \
             from None
     try:
+        ir_version = None
         golden = _write_goldens(tmp, model, benchmark, golden_count)
         for fmt in formats:
             if fmt == "torchscript":
                 write_torchscript(frozen, tmp / ARTIFACT_FILES[fmt])
             else:
-                write_onnx(frozen, tmp / ARTIFACT_FILES[fmt], model.trunk[0].in_features)
+                ir_version = write_onnx(frozen, tmp / ARTIFACT_FILES[fmt],
+                                        model.trunk[0].in_features)
         manifest = _manifest(model, frozen, payload, metrics, formats, golden)
+        if manifest["onnx"] is not None:
+            manifest["onnx"]["ir_version"] = ir_version
         for path in sorted(tmp.iterdir()):
             manifest["files"][path.name] = {"sha256": sha256_file(path),
                                             "bytes": path.stat().st_size}
