@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 import dhp_deploy
 from dhp_deploy.benchmarks import Benchmark, batches
-from dhp_deploy.checkpoint import CHECKPOINT_NAME, build_model, save_checkpoint
+from dhp_deploy.checkpoint import CHECKPOINT_NAME, atomic_write_json, build_model, save_checkpoint
 from dhp_deploy.metrics import average_accuracies, write_run_metrics
 from dhp_deploy.network import task_logits
 from dhp_deploy.regularizers import build_regularizer
@@ -190,6 +190,8 @@ class TrainingRun:
     @classmethod
     def start(cls, config, benchmark, run_dir, device="cpu", **hooks) -> "TrainingRun":
         run = cls(config, benchmark, run_dir, device, **hooks)
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run.run_dir / CONFIG_NAME, run.config_json)
         run.save()  # a resumable, loadable starting point before any step
         return run
 

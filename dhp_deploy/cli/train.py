@@ -194,12 +194,10 @@ def _build_benchmark(data_arguments: dict, data_dir, download: bool, device: str
 
 
 def _start_run(training: dict, out_dir: Path, data_dir, download: bool, device: str, log):
-    from dhp_deploy.checkpoint import atomic_write_json
-    from dhp_deploy.train import CONFIG_NAME, TrainConfig, TrainingRun
+    from dhp_deploy.train import TrainConfig, TrainingRun
 
     config = TrainConfig(**training, download=download)
     benchmark = _build_benchmark(config.data_arguments(), data_dir, download, device)
-    atomic_write_json(out_dir / CONFIG_NAME, config.to_json(benchmark))
     log(f"training {config.method}{' + DHP' if config.dhp else ''} on {benchmark.name} "
         f"({len(benchmark.tasks)} tasks, scenario {benchmark.scenario}) on {device}; "
         f"run directory {out_dir}")

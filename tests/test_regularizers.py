@@ -1,0 +1,217 @@
+"""Regularisers: penalties zero at the anchor, per-sample importances against a literal loop,
+the DHP trace untouched by consolidation, SI's path integral, and state that survives a checkpoint."""
+
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dhp_deploy.benchmarks import build_benchmark
+from dhp_deploy.network import DHPNet, task_logits
+from dhp_deploy.regularizers import (METHODS, ElasticWeightConsolidation, Finetune,
+                                     MemoryAwareSynapses, SynapticIntelligence, build_regularizer,
+                                     flat_slow_weights, mean_per_sample_gradient, slow_parameters)
+
+CONSOLIDATING = [m for m in METHODS if m != "finetune"]
+
+
+@pytest.fixture(scope="module")
+def split_tasks(data_dir):
+    return build_benchmark("split-mnist", data_dir, num_tasks=2, train_limit=256, test_limit=64)
+
+
+def make_model(dhp=True, seed=0):
+    torch.manual_seed(seed)
+    return DHPNet(784, 10, hidden=(32,), dhp=dhp)
+
+
+def train_steps(model, regularizer, task, steps=8, lr=0.05):
+    """A few SGD steps on ``ce + penalty`` over one task's head, as the trainer takes them."""
+    head = torch.tensor(task.classes)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    regularizer.before_task(model)
+    for xb, yb in zip(task.x_train.split(32)[:steps], task.y_train.split(32)[:steps]):
+        targets = (yb == head[1]).long()  # position within the two-class head
+        loss = F.cross_entropy(task_logits(model(xb, yb), head), targets)
+        loss = loss + regularizer.penalty(model)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        regularizer.after_step(model)
+
+
+def consolidate(model, regularizer, task):
+    regularizer.after_task(model, task.x_train, torch.tensor(task.classes),
+                           torch.Generator().manual_seed(0))
+
+
+def nudge(parameter, amount=1e-2):
+    with torch.no_grad():
+        parameter.add_(amount * torch.randn_like(parameter))
+
+
+@pytest.mark.parametrize("dhp", [True, False], ids=["dhp", "plain"])
+def test_slow_parameters_leave_out_only_plasticity(dhp):
+    names = set(slow_parameters(make_model(dhp)))
+    all_names = {name for name, _ in make_model(dhp).named_parameters()}
+    expected = all_names - {"head.alpha", "head.eta"}
+    assert names == expected
+    assert ("head.w" in names) == dhp and ("head.linear.weight" in names) == (not dhp)
+
+
+@pytest.mark.parametrize("dhp", [True, False], ids=["dhp", "plain"])
+@pytest.mark.parametrize("method", CONSOLIDATING)
+def test_penalty_is_exactly_zero_at_the_anchor_and_positive_away(method, dhp, split_tasks):
+    model = make_model(dhp)
+    regularizer = build_regularizer(method, fisher_samples=128)
+    assert regularizer.penalty(model) == 0.0  # nothing consolidated yet: no work, no penalty
+    task = split_tasks.tasks[0]
+    train_steps(model, regularizer, task)
+    consolidate(model, regularizer, task)
+
+    at_anchor = regularizer.penalty(model)
+    assert torch.is_tensor(at_anchor) and at_anchor.item() == 0.0
+    if dhp:  # plasticity parameters are not anchored: moving them costs nothing
+        nudge(model.head.alpha)
+        nudge(model.head.eta)
+        assert regularizer.penalty(model).item() == 0.0
+    nudge(model.trunk[0].weight)
+    away = regularizer.penalty(model)
+    assert away.item() > 0.0
+    away.backward()  # through autograd, into the slow weights
+    assert model.trunk[0].weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("method", CONSOLIDATING)
+def test_consolidation_leaves_the_trace_and_mode_alone(method, split_tasks):
+    model = make_model(dhp=True)
+    regularizer = build_regularizer(method, fisher_samples=128)
+    task = split_tasks.tasks[0]
+    train_steps(model, regularizer, task)
+    hebb_before = model.head.hebb.clone()
+    assert hebb_before.abs().sum() > 0
+    consolidate(model, regularizer, task)
+    assert torch.equal(model.head.hebb, hebb_before)
+    assert model.training
+
+
+def literal_mean(model, inputs, head, sample_loss, transform):
+    """Oracle: one autograd pass per sample, in eval mode."""
+    model.eval()
+    params = list(slow_parameters(model).values())
+    total = 0
+    for x in inputs:
+        logits = task_logits(model(x[None]), head)[0]
+        grads = torch.autograd.grad(sample_loss(logits), params)
+        total = total + transform(torch.cat([g.reshape(-1) for g in grads]))
+    model.train()
+    return total / len(inputs)
+
+
+@pytest.mark.parametrize("dhp", [True, False], ids=["dhp", "plain"])
+def test_per_sample_fisher_and_mas_importance_match_a_loop(dhp, split_tasks):
+    model = make_model(dhp)
+    task = split_tasks.tasks[1]
+    train_steps(model, Finetune(), task)
+    inputs, head = task.x_train[:20], torch.tensor(task.classes)
+
+    def predicted_nll(logits):
+        return F.cross_entropy(logits[None], logits.argmax()[None])
+
+    def squared_norm(logits):
+        return logits.pow(2).sum()
+
+    for loss, transform in [(predicted_nll, torch.square), (squared_norm, torch.abs)]:
+        vectorised = mean_per_sample_gradient(model, inputs, head, loss, transform)
+        expected = literal_mean(model, inputs, head, loss, transform)
+        torch.testing.assert_close(vectorised, expected, rtol=1e-4, atol=1e-9)
+
+
+def test_ewc_keeps_one_anchor_per_task_and_online_ewc_one_decayed_fisher(split_tasks):
+    model = make_model()
+    ewc = ElasticWeightConsolidation(ewc_lambda=10.0, fisher_samples=64)
+    online = ElasticWeightConsolidation(ewc_lambda=10.0, online_gamma=0.5, fisher_samples=64)
+    fishers = []
+    for task in split_tasks.tasks:
+        train_steps(model, ewc, task)
+        consolidate(model, ewc, task)
+        consolidate(model, online, task)
+        fishers.append(ewc.importances[-1])
+    assert ewc.anchors.shape[0] == 2 and online.anchors.shape[0] == 1
+    torch.testing.assert_close(online.importances[0], 0.5 * fishers[0] + fishers[1])
+    assert torch.equal(online.anchors[0], flat_slow_weights(model).detach())
+    # The EWC penalty is the sum over tasks of (λ/2)·Σ F_t (θ − θ*_t)².
+    nudge(model.trunk[0].weight)
+    theta = flat_slow_weights(model).detach()
+    expected = sum(5.0 * (f * (theta - a).square()).sum() for f, a in zip(ewc.importances,
+                                                                           ewc.anchors))
+    torch.testing.assert_close(ewc.penalty(model).detach(), expected)
+
+
+def test_si_path_integral_uses_the_task_gradient_not_the_penalty(split_tasks):
+    model = make_model()
+    si = SynapticIntelligence(si_c=5.0, si_epsilon=1e-3)
+    task0, task1 = split_tasks.tasks
+    train_steps(model, si, task0)
+    consolidate(model, si, task0)
+    assert si.importances.min() >= 0 and si.importances.sum() > 0
+
+    # One step of the second task by hand: ω must grow by −g_task·Δθ with g_task the ce gradient.
+    si.before_task(model)
+    head = torch.tensor(task1.classes)
+    xb, yb = task1.x_train[:32], task1.y_train[:32]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    before = flat_slow_weights(model).detach().clone()
+    model.train()
+    hebb = model.head.hebb.clone()
+    ce = F.cross_entropy(task_logits(model(xb, yb), head), (yb == head[1]).long())
+    task_gradient = torch.cat([g.reshape(-1) for g in torch.autograd.grad(
+        ce, list(slow_parameters(model).values()), retain_graph=True)])
+    loss = ce + si.penalty(model)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    si.after_step(model)
+    change = flat_slow_weights(model).detach() - before
+    torch.testing.assert_close(si.path_integral, -task_gradient * change, rtol=1e-3, atol=1e-12)
+    assert not torch.equal(model.head.hebb, hebb)  # the step did train the DHP head
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_state_survives_a_weights_only_round_trip(method, split_tasks):
+    model = make_model()
+    regularizer = build_regularizer(method, fisher_samples=64)
+    task = split_tasks.tasks[0]
+    train_steps(model, regularizer, task)
+    consolidate(model, regularizer, task)
+    regularizer.before_task(model)
+    train_steps(model, regularizer, split_tasks.tasks[1], steps=3)  # mid-task state (SI)
+
+    buffer = io.BytesIO()
+    torch.save(regularizer.state_dict(), buffer)
+    buffer.seek(0)
+    restored = build_regularizer(method, fisher_samples=64)
+    restored.load_state_dict(torch.load(buffer, weights_only=True))
+    assert regularizer.state_dict().keys() == restored.state_dict().keys()
+    for key, value in regularizer.state_dict().items():
+        assert torch.equal(value, restored.state_dict()[key]), key
+    penalty = regularizer.penalty(model)
+    assert (penalty == restored.penalty(model)) if method != "finetune" else penalty == 0.0
+
+
+def test_unknown_method_is_refused():
+    with pytest.raises(ValueError, match="unknown method"):
+        build_regularizer("l2")
+
+
+def test_mas_importance_accumulates_over_tasks(split_tasks):
+    model = make_model()
+    mas = MemoryAwareSynapses(mas_lambda=1.0, fisher_samples=64)
+    for task in split_tasks.tasks:
+        train_steps(model, mas, task)
+        previous = None if mas.importances is None else mas.importances[0].clone()
+        consolidate(model, mas, task)
+        if previous is not None:
+            assert torch.all(mas.importances[0] >= previous)
+    assert mas.anchors.shape[0] == 1
