@@ -35,7 +35,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results import (PAPER_PROTOCOL, STRENGTH_OPTION,  # noqa: E402
+from results import (DIVERGED_NAME, PAPER_PROTOCOL, STRENGTH_OPTION,  # noqa: E402
                      SUMMARY_DIR_RUNS, SUMMARY_DIR_SEARCH, VARIANTS, protocol_tag, summarize_run,
                      train_command, write_summary)
 
@@ -48,7 +48,7 @@ SEARCH_SEED = 1000  # disjoint from the grid's seeds 0..4
 # A best value at the edge of the values tried is extended by a decade past it, at most this many
 # times per method, so the choice is an interior optimum (or says it is not).
 MAX_EXTENSIONS = 2
-RUN_STATUS = ("finished", "skipped", "resumed", "started", "failed")
+RUN_STATUS = ("finished", "skipped", "resumed", "started", "diverged", "failed")
 
 
 def variant_settings(variant: str) -> tuple[str, bool]:
@@ -97,10 +97,12 @@ def run_one(config, benchmark_of, run_dir: Path, *, role: str, device: str, log)
     r"""Finish the run of ``config`` in ``run_dir``: skip it if finished, resume it, or start it.
 
     ``benchmark_of()`` builds (or returns the cached) benchmark; it is only called when training
-    is needed. Returns ``(status, metrics or None)``; raises :class:`ConfigMismatch`.
+    is needed. Returns ``(status, metrics or None)``; raises :class:`ConfigMismatch`. A run that
+    diverged (non-finite loss or weights) is a result, not an accident: it is recorded in
+    ``diverged.json`` and not retried (the same settings diverge the same way).
     """
     from dhp_deploy.checkpoint import CheckpointError, atomic_write_json, load_checkpoint
-    from dhp_deploy.train import CONFIG_NAME, TrainingError, TrainingRun
+    from dhp_deploy.train import CONFIG_NAME, TrainingDiverged, TrainingError, TrainingRun
 
     run_dir = Path(run_dir)
     wanted = {**asdict(config), "hidden": list(config.hidden)}
@@ -113,6 +115,8 @@ def run_one(config, benchmark_of, run_dir: Path, *, role: str, device: str, log)
                                  f"move it away or use another --runs directory")
     if (run_dir / "metrics.json").exists():
         return "skipped", None
+    if (run_dir / DIVERGED_NAME).exists():
+        return "diverged", None
     argv = [sys.argv[0], *sys.argv[1:]]
     try:
         payload = load_checkpoint(run_dir)
@@ -133,6 +137,12 @@ def run_one(config, benchmark_of, run_dir: Path, *, role: str, device: str, log)
             run = TrainingRun.start(config, benchmark, run_dir, device)
             status = "started"
         return status, run.run()
+    except TrainingDiverged as err:
+        log(f"  DIVERGED {run_dir}: {err}")
+        atomic_write_json(run_dir / DIVERGED_NAME, {
+            "error": str(err), **git_commit(),
+            "at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+        return "diverged", None
     except TrainingError as err:
         log(f"  FAILED {run_dir}: {err}")
         return "failed", None
@@ -174,7 +184,7 @@ def execute(jobs, *, data_dir, device, summaries, log, stop_at=None) -> dict:
         if status != "failed" and summaries is not None and fresh:
             summary = summarize_run(run_dir, command=train_command(asdict(config)))
             write_summary(summary_path, summary)
-        if status in ("started", "resumed"):
+        if status in ("started", "resumed") and metrics is not None:
             counts["finished"] += 1
             # The search shows validation accuracy only: its choices must not see test data.
             split, key = ("val", "val_avg_acc") if role == "search" else ("test", "avg_acc")
@@ -222,10 +232,14 @@ def choose_strengths(jobs, benchmark: str, path: Path, log) -> dict:
     chosen = json.loads(path.read_text()) if path.exists() else {}
     by_method = {}
     for config, run_dir, _, _ in jobs:
+        option = STRENGTH_OPTION[config.method]
+        if (run_dir / DIVERGED_NAME).exists():  # a result: ranks below every finished value
+            by_method.setdefault(config.method, []).append(
+                {option: getattr(config, option), "val_acc": None, "diverged": True})
+            continue
         summary = summarize_run(run_dir) if (run_dir / "metrics.json").exists() else None
         if summary is None or summary["metrics"].get("val_avg_acc") is None:
             continue
-        option = STRENGTH_OPTION[config.method]
         by_method.setdefault(config.method, []).append(
             {option: getattr(config, option), "val_acc": summary["metrics"]["val_avg_acc"][-1]})
     entry = chosen.setdefault(benchmark, {})
@@ -237,7 +251,11 @@ def choose_strengths(jobs, benchmark: str, path: Path, log) -> dict:
             log(f"{method}: only {len(trials)} of {planned[method]} strengths finished; "
                 f"not choosing yet")
             continue
-        best = max(trials, key=lambda trial: trial["val_acc"])  # ties: the first (smallest)
+        finished = [trial for trial in trials if trial["val_acc"] is not None]
+        if not finished:
+            log(f"{method}: every strength diverged; nothing to choose")
+            continue
+        best = max(finished, key=lambda trial: trial["val_acc"])  # ties: the first (smallest)
         option = STRENGTH_OPTION[method]
         values = [trial[option] for trial in trials]
         at_edge = best[option] in (min(values), max(values))
@@ -377,7 +395,8 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"{args.step}: {counts['finished']} trained ({counts['resumed']} resumed), "
-          f"{counts['skipped']} already finished, {counts['failed']} failed, of {len(jobs)} runs "
+          f"{counts['skipped']} already finished, {counts['diverged']} diverged, "
+          f"{counts['failed']} failed, of {len(jobs)} runs "
           f"in {time.perf_counter() - started:.0f}s", flush=True)
     return 1 if counts["failed"] else 0
 
@@ -418,7 +437,8 @@ def search(args) -> int:
         if not extended:
             break
     print(f"search: {totals['finished']} trained ({totals['resumed']} resumed), "
-          f"{totals['skipped']} already finished, {totals['failed']} failed, in "
+          f"{totals['skipped']} already finished, {totals['diverged']} diverged, "
+          f"{totals['failed']} failed, in "
           f"{time.perf_counter() - started:.0f}s", flush=True)
     return 1 if totals["failed"] else 0
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 SUMMARY_KIND, SUMMARY_VERSION = "dhp-run-summary", 1
 SUMMARY_DIR_RUNS, SUMMARY_DIR_SEARCH = "runs", "search"
+DIVERGED_NAME = "diverged.json"  # beside a run that stopped on a non-finite loss (reproduce.py)
 REPO = Path(__file__).resolve().parents[1]
 
 # The paper's protocol (DESIGN.md §1); permuted-MNIST epochs are not stated: 10, as for split.
@@ -119,18 +120,31 @@ def machine() -> dict:
 
 
 def summarize_run(run_dir, command: str | None = None) -> dict:
-    r"""The JSON summary of a finished ``dhp-train`` run directory (config, seed, commit, metrics)."""
+    r"""The JSON summary of a finished ``dhp-train`` run directory (config, seed, commit, metrics).
+
+    A run that diverged (``diverged.json``, no ``metrics.json``) gets ``metrics: null`` and
+    ``diverged: {error, ...}``: a result the report counts, with no accuracy.
+    """
     run_dir = Path(run_dir)
     config = json.loads((run_dir / "config.json").read_text())
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    diverged = None
+    if (run_dir / "metrics.json").exists():
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+    else:
+        diverged = json.loads((run_dir / DIVERGED_NAME).read_text())
+        from dhp_deploy.checkpoint import load_checkpoint
+
+        progress = load_checkpoint(run_dir)["metrics"]
+        metrics = {"acc_matrix": progress["acc_matrix"], "timings": progress["timings"]}
     provenance_path = run_dir / "provenance.json"
     provenance = (json.loads(provenance_path.read_text()) if provenance_path.exists()
                   else {"role": "grid", "sessions": []})
     training = config["training"]
-    val_matrix = _val_matrix(run_dir) if training.get("val_fraction") else None
+    val_matrix = _val_matrix(run_dir) if training.get("val_fraction") and not diverged else None
     timings = metrics["timings"]
     first = provenance["sessions"][0] if provenance["sessions"] else {}
-    finished = datetime.fromtimestamp((run_dir / "metrics.json").stat().st_mtime, timezone.utc)
+    last_file = run_dir / ("metrics.json" if diverged is None else DIVERGED_NAME)
+    finished = datetime.fromtimestamp(last_file.stat().st_mtime, timezone.utc)
     return {
         "kind": SUMMARY_KIND,
         "version": SUMMARY_VERSION,
@@ -148,7 +162,8 @@ def summarize_run(run_dir, command: str | None = None) -> dict:
         "run_dir": _relative(run_dir),
         "command": command or train_command(training),
         "machine": machine(),
-        "metrics": {
+        "diverged": diverged,
+        "metrics": None if diverged else {
             "acc_matrix": metrics["acc_matrix"], "avg_acc": metrics["avg_acc"],
             "acc": metrics["acc"], "bwt": metrics["bwt"], "forgetting": metrics["forgetting"],
             "val_acc_matrix": val_matrix,
@@ -191,7 +206,7 @@ def load_records(roots) -> list[dict]:
     records, seen = [], set()
     for root in map(Path, roots):
         for path in sorted(root.rglob("*.json")):
-            if path.name == "metrics.json":
+            if path.name in ("metrics.json", DIVERGED_NAME):
                 if not (path.parent / "config.json").exists():
                     continue
                 record = summarize_run(path.parent)
@@ -232,13 +247,22 @@ def grouped(records) -> dict:
     r"""``{(benchmark, protocol): {variant: [records sorted by seed]}}`` of the grid's runs."""
     groups = defaultdict(lambda: defaultdict(list))
     for record in records:
-        if record["role"] == "grid":
+        if record["role"] == "grid" and record["metrics"] is not None:
             groups[(record["benchmark"], record["protocol"])][record["variant"]].append(record)
     for variants in groups.values():
         for runs in variants.values():
             runs.sort(key=lambda r: r["seed"])
     order = {name: i for i, name in enumerate(BENCHMARK_ORDER)}
     return dict(sorted(groups.items(), key=lambda item: (order.get(item[0][0], 99), item[0][1])))
+
+
+def diverged_seeds(records) -> dict:
+    r"""``{(benchmark, protocol, variant): [seeds]}`` of the grid's runs that diverged."""
+    seeds = defaultdict(list)
+    for r in records:
+        if r["role"] == "grid" and r["metrics"] is None:
+            seeds[(r["benchmark"], r["protocol"], r["variant"])].append(r["seed"])
+    return {key: sorted(value) for key, value in seeds.items()}
 
 
 def dhp_gain(base_runs, dhp_runs) -> tuple[list[float], list[int]]:
@@ -332,7 +356,7 @@ def _duration(seconds: float) -> str:
     return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
-def benchmark_section(key, variants: dict, plot_name: str) -> list[str]:
+def benchmark_section(key, variants: dict, plot_name: str, diverged: dict) -> list[str]:
     benchmark, protocol = key
     any_run = next(iter(variants.values()))[0]
     training = any_run["config"]["training"]
@@ -348,8 +372,11 @@ def benchmark_section(key, variants: dict, plot_name: str) -> list[str]:
               "|---|---|---|---|---|---|---|"]
     for variant in VARIANTS:
         runs = variants.get(variant)
+        lost = diverged.get((benchmark, protocol, variant), [])
+        note = f" (diverged: seed {', '.join(map(str, lost))})" if lost else ""
         if not runs:
-            lines.append(f"| {display_name(variant)} | — | not run yet | | | | |")
+            lines.append(f"| {display_name(variant)} | —{note} | "
+                         f"{'diverged' if lost else 'not run yet'} | | | | |")
             continue
         gain = ""
         if "dhp" in variant:
@@ -357,7 +384,7 @@ def benchmark_section(key, variants: dict, plot_name: str) -> list[str]:
             diffs, seeds = dhp_gain(variants.get(base, []), runs)
             gain = f"{pm(diffs)} (n={len(seeds)})" if seeds else "no base run"
         lines.append(
-            f"| {display_name(variant)} | {','.join(str(r['seed']) for r in runs)} "
+            f"| {display_name(variant)} | {','.join(str(r['seed']) for r in runs)}{note} "
             f"| {pm(r['metrics']['avg_acc'][-1] for r in runs)} "
             f"| {pm(r['metrics']['bwt'] for r in runs)} "
             f"| {pm(r['metrics']['forgetting'] for r in runs)} | {gain} "
@@ -422,7 +449,8 @@ def search_section(records, strengths: dict) -> list[str]:
         cells = []
         for r in sorted(runs, key=lambda r: r["config"]["training"][option]):
             value = r["config"]["training"][option]
-            cell = f"{value:g} → {_pct((r['metrics']['val_avg_acc'] or [None])[-1])}"
+            cell = (f"{value:g} → diverged" if r["metrics"] is None else
+                    f"{value:g} → {_pct((r['metrics']['val_avg_acc'] or [None])[-1])}")
             cells.append(f"**{cell}**" if value == chosen else cell)
         lines.append(f"| {benchmark} (`{protocol}`, seed {seed}) | {DISPLAY[method]} | "
                      f"`{option}` | {', '.join(cells)} |")
@@ -557,11 +585,14 @@ def render(records, strengths: dict, out: Path, sources) -> str:
                      f"{sum(1 for c in counts if c)} of {len(VARIANTS)} variants; seeds with all "
                      f"{len(VARIANTS)} variants: {_seed_list(complete)}; seeds started: "
                      f"{_seed_list(seeds)}.")
+    for (benchmark, protocol, variant), seeds in sorted(diverged_seeds(records).items()):
+        lines.append(f"- diverged (non-finite loss; no accuracy, not retried): {benchmark} "
+                     f"`{protocol}` {display_name(variant)}, seed {', '.join(map(str, seeds))}.")
     lines += ["", "## Final average accuracy", ""]
     for key, variants in groups.items():
         plot_name = f"results-{key[0]}-{key[1]}.png"
         plot_curves(variants, f"{key[0]} ({key[1]})", out.parent / plot_name)
-        lines += benchmark_section(key, variants, plot_name)
+        lines += benchmark_section(key, variants, plot_name, diverged_seeds(records))
     lines += gains_section(groups) if groups else []
     lines += search_section(records, strengths)
     lines += protocol_section(groups) if groups else []

@@ -164,3 +164,21 @@ def test_committed_report_regenerates_from_committed_summaries(tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)  # the report quotes its --from argument
     assert results.main(["--from", "docs/results", "--out", "docs/RESULTS.md"]) == 0
     assert (tmp_path / "docs" / "RESULTS.md").read_text() == committed
+
+
+def test_diverged_run_is_recorded_not_retried(tmp_path, data_dir, capsys):
+    os.environ["DHP_DATA_DIR"] = str(data_dir)
+    argv = ["grid", "--runs", str(tmp_path / "runs"), "--summaries", str(tmp_path / "sum"),
+            "--variants", "finetune", "--seeds", "0", *TINY, "--lr", "1e30"]
+    assert reproduce.main(argv) == 0
+    assert "1 diverged" in capsys.readouterr().out
+    (run_dir,) = (tmp_path / "runs").rglob("seed0")
+    assert (run_dir / "diverged.json").exists() and not (run_dir / "metrics.json").exists()
+    (summary_path,) = (tmp_path / "sum").rglob("seed0.json")
+    summary = json.loads(summary_path.read_text())
+    assert summary["metrics"] is None and "diverged" in summary["diverged"]["error"]
+    assert reproduce.main(argv) == 0  # not retried: the same settings diverge the same way
+    assert "1 diverged" in capsys.readouterr().out
+    out = tmp_path / "RESULTS.md"
+    assert results.main(["--from", str(tmp_path / "sum"), "--out", str(out)]) == 0
+    assert "- diverged (non-finite loss; no accuracy, not retried): split-mnist" in out.read_text()
