@@ -299,10 +299,11 @@ class SynapticIntelligence(QuadraticAnchors):
     @torch.no_grad()
     def after_step(self, model: nn.Module) -> None:
         task_gradient = _flat_grads(model)
-        if self.anchors is not None:
-            task_gradient -= 2 * self.si_c * self.importances[0] * (self.before_step - self.anchors[0])
+        if self.anchors is not None:  # g_task = g − 2·c·Ω·(θ_before − θ*)
+            task_gradient.addcmul_(self.importances[0], self.before_step - self.anchors[0],
+                                   value=-2 * self.si_c)
         now = flat_slow_weights(model)
-        self.path_integral -= task_gradient * (now - self.before_step)
+        self.path_integral.addcmul_(task_gradient, now - self.before_step, value=-1)
         self.before_step = now
 
     @torch.no_grad()

@@ -1,0 +1,143 @@
+r"""Training throughput on the full Split MNIST protocol, against this machine's fp32 matmul peak.
+
+    python benchmarks/bench_train.py                       # 5 tasks × 10 epochs, batch 64
+    python benchmarks/bench_train.py --tasks 2 --epochs 1  # a quick look
+    python benchmarks/bench_train.py --threads 1 --threads 2
+
+Variants: finetune (plain head), finetune + DHP, and each regulariser with DHP. For each: wall time
+(training, consolidation and evaluation), training samples/s, achieved GFLOP/s and its share of the
+peak, the regulariser's training-time overhead over finetune + DHP, and the final accuracies.
+
+FLOP convention (stated in the output): a matmul of (m×k)·(k×n) is 2·m·n·k in the forward pass and
+twice that in the backward pass (input gradient + weight gradient), so an MLP 784-256-256-10 costs
+3 × 2 × (784·256 + 256·256 + 256·10) = 1.61 MFLOP per training sample ("nominal"). The first layer's
+input gradient is never computed (the pixels need none), so "executed" leaves it out (1.21 MFLOP).
+Elementwise work (ReLU, the Hebbian update, the optimiser, penalties) is not counted.
+
+Peak: the better of a 2048³ fp32 ``torch.mm`` (MKL) and a oneDNN linear on mkldnn tensors, timed
+here with the same thread count as the training it is compared with.
+"""
+
+import argparse
+import json
+import tempfile
+import time
+
+import torch
+from torch import nn
+
+from dhp_deploy.benchmarks import build_benchmark
+from dhp_deploy.train import TrainConfig, TrainingRun
+
+VARIANTS = [("finetune", False), ("finetune", True), ("ewc", True), ("online-ewc", True),
+            ("si", True), ("mas", True)]
+HIDDEN = (256, 256)
+PEAK_SIZE = 2048
+
+
+def best_seconds(function, repeats: int) -> float:
+    function()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        function()
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def matmul_peak_gflops(repeats: int = 5) -> dict:
+    r"""GFLOP/s of a large fp32 matmul with MKL (torch.mm) and with oneDNN (mkldnn linear)."""
+    n = PEAK_SIZE
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    flops = 2 * n ** 3
+    result = {"torch.mm": flops / best_seconds(lambda: torch.mm(a, b), repeats) / 1e9}
+    try:
+        from torch.utils import mkldnn as mkldnn_utils
+
+        layer = mkldnn_utils.to_mkldnn(nn.Linear(n, n, bias=False))
+        x = a.to_mkldnn()
+        with torch.no_grad():
+            result["onednn linear"] = flops / best_seconds(lambda: layer(x), repeats) / 1e9
+    except (RuntimeError, AttributeError) as err:  # a torch built without oneDNN
+        result["onednn linear"] = f"unavailable ({err})"
+    result["peak"] = max(v for v in result.values() if isinstance(v, float))
+    return result
+
+
+def flops_per_sample(in_features: int, hidden, num_classes: int) -> dict:
+    widths = [in_features, *hidden, num_classes]
+    forward = sum(2 * a * b for a, b in zip(widths, widths[1:]))
+    nominal = 3 * forward
+    return {"forward": forward, "nominal": nominal,
+            "executed": nominal - 2 * widths[0] * widths[1]}
+
+
+def run_variant(method: str, dhp: bool, args, data_dir) -> dict:
+    config = TrainConfig(benchmark="split-mnist", method=method, dhp=dhp, epochs=args.epochs,
+                         num_tasks=args.tasks, batch_size=args.batch_size, hidden=HIDDEN)
+    benchmark = build_benchmark(**config.data_arguments(), data_dir=data_dir)
+    with tempfile.TemporaryDirectory() as run_dir:
+        started = time.perf_counter()
+        metrics = TrainingRun.start(config, benchmark, run_dir).run()
+        wall = time.perf_counter() - started
+    timings = metrics["timings"]
+    return {"method": method, "dhp": dhp, "wall_s": wall, "train_s": timings["train_s"],
+            "consolidate_s": timings["consolidate_s"], "evaluate_s": timings["evaluate_s"],
+            "samples": timings["samples"], "samples_per_s": timings["samples_per_s"],
+            "avg_acc": metrics["avg_acc"][-1], "acc": metrics["acc"],
+            "forgetting": metrics["forgetting"]}
+
+
+def report(threads: int, peak: dict, rows: list, flops: dict) -> None:
+    print(f"\n== {threads} thread(s): peak {peak['peak']:.0f} GFLOP/s (torch.mm "
+          f"{peak['torch.mm']:.0f}, oneDNN {peak['onednn linear'] if isinstance(peak['onednn linear'], str) else round(peak['onednn linear'])})")
+    print(f"{'variant':<18}{'wall s':>8}{'train s':>9}{'samples/s':>11}{'GFLOP/s':>9}{'% peak':>8}"
+          f"{'exec GF/s':>10}{'overhead':>9}{'avg acc':>9}")
+    base = next((r for r in rows if r["method"] == "finetune" and r["dhp"]), None)
+    for row in rows:
+        nominal = row["samples_per_s"] * flops["nominal"] / 1e9
+        executed = row["samples_per_s"] * flops["executed"] / 1e9
+        row.update(gflops=nominal, executed_gflops=executed, percent_of_peak=100 * nominal / peak["peak"])
+        overhead = ""
+        if base is not None and row["dhp"] and row["method"] != "finetune":
+            row["overhead"] = row["train_s"] / base["train_s"] - 1
+            overhead = f"{100 * row['overhead']:+.0f}%"
+        name = row["method"] + (" + DHP" if row["dhp"] else "")
+        print(f"{name:<18}{row['wall_s']:8.1f}{row['train_s']:9.1f}{row['samples_per_s']:11.0f}"
+              f"{nominal:9.1f}{row['percent_of_peak']:7.1f}%{executed:10.1f}{overhead:>9}"
+              f"{100 * row['avg_acc']:8.2f}%")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", type=int, default=5, help="Split MNIST tasks (max 5)")
+    parser.add_argument("--epochs", type=int, default=10, help="epochs per task")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--threads", type=int, action="append",
+                        help="torch threads (repeatable; default: torch's current count)")
+    parser.add_argument("--methods", nargs="*", help="subset of: " + ", ".join(
+        f"{m}{'+dhp' if d else ''}" for m, d in VARIANTS))
+    parser.add_argument("--data-dir", default=None, help="default: $DHP_DATA_DIR, else ./data")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    flops = flops_per_sample(784, HIDDEN, 10)
+    print(f"FLOPs per training sample: nominal {flops['nominal'] / 1e6:.3f} M (forward 2mnk + "
+          f"backward 2×2mnk per matmul), executed {flops['executed'] / 1e6:.3f} M (no input "
+          f"gradient for the first layer); elementwise work not counted")
+    wanted = [(m, d) for m, d in VARIANTS
+              if not args.methods or f"{m}{'+dhp' if d else ''}" in args.methods]
+    results = []
+    for threads in args.threads or [torch.get_num_threads()]:
+        torch.set_num_threads(threads)
+        peak = matmul_peak_gflops()
+        rows = [run_variant(method, dhp, args, args.data_dir) for method, dhp in wanted]
+        report(threads, peak, rows, flops)
+        results.append({"threads": threads, "peak": peak, "rows": rows})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"flops_per_sample": flops, "tasks": args.tasks, "epochs": args.epochs,
+                       "batch_size": args.batch_size, "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
