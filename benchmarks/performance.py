@@ -33,7 +33,7 @@ SCRIPTS = (
      {"--iters": "10", "--rounds": "5"}),
     ("bench_data.py", "benchmark build time from the MNIST files", {"--only": "split-mnist"}),
     ("bench_train.py", "training protocol wall time and throughput",
-     {"--quick": None, "--epochs": "1", "--num-tasks": "2"}),
+     {"--tasks": "2", "--epochs": "1"}),
     ("bench_serve.py", "export/serving: folded vs plain, runtimes vs peak",
      {"--iters": "50", "--repeats": "3", "--rounds": "2", "--peak-size": "1024"}),
 )
@@ -126,6 +126,20 @@ def run_script(script: Path, flags: list[str], timeout: float) -> dict:
             "command": " ".join(["python", str(script.relative_to(REPO)), *flags])}
 
 
+def key_lines(output: str) -> list[str]:
+    r"""Lines carrying a ratio or rate; a table (header names "% peak" or ends in ":") whole."""
+    keys, in_table = [], False
+    for line in output.splitlines():
+        if in_table and line.strip() and not line.lstrip().startswith("["):
+            keys.append(line.rstrip())
+            continue
+        in_table = False
+        if KEY_LINE.search(line):
+            keys.append(line.rstrip())
+            in_table = bool(re.search(r"% ?peak", line)) or line.rstrip().endswith(":")
+    return keys
+
+
 def serve_ratios(output: str) -> list[str]:
     r"""From bench_serve's runtime table: each runtime's latency and throughput against eager."""
     rows = {}
@@ -184,13 +198,15 @@ def render(header: dict, peaks: dict, results: list, quick: bool) -> str:
              + f" → **peak {numeric[peak_name]:.0f} GFLOP/s** ({peak_name})", "",
              "## Key figures", ""]
     for result in results:
-        if result["status"] != 0:
+        if result["status"] == "missing" or not result["output"]:
             continue
-        keys = [line.strip() for line in result["output"].splitlines() if KEY_LINE.search(line)]
+        keys = key_lines(result["output"])
         if result["script"] == "bench_serve.py":
             keys += serve_ratios(result["output"])
         if keys:
-            lines += [f"**{result['script']}** ({result['what']}):", "", "```", *keys, "```", ""]
+            failed = "" if result["status"] == 0 else f"; exit status {result['status']}"
+            lines += [f"**{result['script']}** ({result['what']}{failed}):", "", "```", *keys,
+                      "```", ""]
     throughput = reproduce_throughput(numeric[peak_name], peak_one) if peak_one else []
     if throughput:
         lines += ["**Reproduce runs** (training samples/s from docs/results timings; "
