@@ -302,6 +302,9 @@ def plot_curves(variants: dict, title: str, path: Path) -> None:
             stds = [100 * statistics.stdev(c[i] for c in curves) for i in range(length)]
             axes.fill_between(tasks, [m - s for m, s in zip(means, stds)],
                               [m + s for m, s in zip(means, stds)], color=colors[base], alpha=0.12)
+    longest = max((len(r["metrics"]["avg_acc"]) for runs in variants.values() for r in runs),
+                  default=1)
+    axes.set_xticks(range(1, longest + 1))
     axes.set(xlabel="tasks learned", ylabel="average test accuracy over tasks seen (%)",
              title=title)
     axes.grid(True, alpha=0.3)
@@ -403,6 +406,31 @@ def _protocol_line(training: dict) -> str:
         if training.get(name) is not None:
             parts.append(f"{training[name]} {label}")
     return ", ".join(parts)
+
+
+def headline(key, variants: dict) -> str:
+    r"""One line per benchmark: the best row, and each DHP gain with a noise verdict."""
+    benchmark, protocol = key
+    means = {v: statistics.fmean(r["metrics"]["avg_acc"][-1] for r in runs)
+             for v, runs in variants.items()}
+    best = max(means, key=means.get)
+    parts = []
+    for method in BASE_METHODS:
+        diffs, seeds = dhp_gain(variants.get(method, []), variants.get(variant_name(method, True), []))
+        if not seeds:
+            continue
+        mean, std = mean_std(diffs)
+        if std is None:
+            verdict = "one seed"
+        elif abs(mean) > 2 * std / len(diffs) ** 0.5:
+            verdict = "beyond 2 standard errors"
+        else:
+            verdict = "within seed noise"
+        parts.append(f"{DISPLAY[method]} {100 * mean:+.2f} pp ({verdict}, n={len(seeds)})")
+    seeds = sorted({r["seed"] for runs in variants.values() for r in runs})
+    return (f"- **{benchmark}** (`{protocol}`, seeds {_seed_list(seeds)}): best "
+            f"{display_name(best)} {pm(r['metrics']['avg_acc'][-1] for r in variants[best])}%. "
+            f"DHP head vs plain head: " + ("; ".join(parts) or "no pairs yet") + ".")
 
 
 def gains_section(groups: dict) -> list[str]:
@@ -588,6 +616,11 @@ def render(records, strengths: dict, out: Path, sources) -> str:
     for (benchmark, protocol, variant), seeds in sorted(diverged_seeds(records).items()):
         lines.append(f"- diverged (non-finite loss; no accuracy, not retried): {benchmark} "
                      f"`{protocol}` {display_name(variant)}, seed {', '.join(map(str, seeds))}.")
+    if groups:
+        lines += ["", "## Headline", "",
+                  "Final average accuracy (mean ± std over seeds). A DHP gain is called beyond "
+                  "noise when its paired mean exceeds two standard errors (2·std/√n).", ""]
+        lines += [headline(key, variants) for key, variants in groups.items()]
     lines += ["", "## Final average accuracy", ""]
     for key, variants in groups.items():
         plot_name = f"results-{key[0]}-{key[1]}.png"
