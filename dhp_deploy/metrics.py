@@ -120,10 +120,13 @@ def accuracy_plot_png(acc_matrix: Matrix, title: str = "") -> bytes:
 
 
 def write_run_metrics(run_dir, acc_matrix: Matrix, config: dict, timings: dict,
-                      title: str = "") -> dict:
-    r"""Write ``metrics.json``, ``metrics.csv`` and ``accuracy.png`` atomically; return the JSON."""
+                      title: str = "", extra: Optional[dict] = None) -> dict:
+    r"""Write ``metrics.json``, ``metrics.csv`` and ``accuracy.png`` atomically; return the JSON.
+
+    ``extra`` adds keys to ``metrics.json`` (e.g. validation accuracies).
+    """
     run_dir = Path(run_dir)
-    metrics = {**summarize(acc_matrix), "config": config, "timings": timings}
+    metrics = {**summarize(acc_matrix), **(extra or {}), "config": config, "timings": timings}
     atomic_write_json(run_dir / METRICS_JSON, metrics)
     atomic_write_text(run_dir / METRICS_CSV, metrics_csv(acc_matrix))
     atomic_write_bytes(run_dir / ACCURACY_PLOT, accuracy_plot_png(acc_matrix, title))

@@ -307,11 +307,12 @@ class TrainingRun:
         timings["samples_per_s"] = timings["samples"] / max(timings["train_s"], 1e-9)
         title = (f"{self.config.benchmark} · {self.config.method}"
                  f"{' + DHP' if self.config.dhp else ''}")
-        metrics = write_run_metrics(self.run_dir, self.progress.acc_matrix, self.config_json,
-                                    timings, title)
-        if self.progress.val_acc_matrix:  # kept out of write_run_metrics: test rows are the report
-            metrics["val_avg_acc"] = average_accuracies(self.progress.val_acc_matrix)
-        return metrics
+        extra = {}
+        if self.progress.val_acc_matrix:  # for tuning strengths (never tune on test)
+            extra = {"val_acc_matrix": self.progress.val_acc_matrix,
+                     "val_avg_acc": average_accuracies(self.progress.val_acc_matrix)}
+        return write_run_metrics(self.run_dir, self.progress.acc_matrix, self.config_json,
+                                 timings, title, extra)
 
     # ------------------------------------------------------------------ checks and reports
 

@@ -157,8 +157,10 @@ def test_resume_mid_task_is_bit_identical(tmp_path, data_dir):
 
 
 def test_checkpoint_layout_feeds_load_model_and_rebuilds_the_test_sets(tmp_path, data_dir):
-    config = TrainConfig(method="ewc", **TINY)
+    config = TrainConfig(method="ewc", val_fraction=0.25, **TINY)
     run, _ = train(config, tmp_path, data_dir)
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert len(written["val_acc_matrix"]) == 2 and len(written["val_avg_acc"]) == 2
     model, payload = load_model(tmp_path)
     for name, tensor in run.model.state_dict().items():
         assert torch.equal(tensor, model.state_dict()[name]), name

@@ -15,7 +15,7 @@ from dhp_deploy.checkpoint import load_checkpoint
 # 256 examples in batches of 32: 8 steps per epoch; 2 tasks × 3 epochs = 48 steps.
 QUICK = ["--benchmark", "split-mnist", "--num-tasks", "2", "--epochs", "3", "--hidden", "32",
          "--train-limit", "256", "--test-limit", "100", "--batch-size", "32", "--lr", "0.1",
-         "--fisher-samples", "64", "--device", "cpu"]
+         "--fisher-samples", "64", "--device", "cpu", "--threads", "1"]
 
 
 def dhp_train(*args, data_dir=None, extra_env=None, timeout=300):
