@@ -4,6 +4,8 @@ from pathlib import Path
 
 import pytest
 
+from cli_helpers import run_cli
+
 _MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                 "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
@@ -18,3 +20,19 @@ def data_dir() -> Path:
     if missing:
         pytest.skip(f"MNIST files not found under {raw} (set DHP_DATA_DIR): missing {missing}")
     return root
+
+
+# Small but real: 1 epoch per task on 2000 training images, the full MNIST test set (10000).
+SERVED_TRAINING = ["--benchmark", "split-mnist", "--method", "finetune", "--dhp", "--epochs", "1",
+                   "--train-limit", "2000", "--hidden", "64,64", "--lr", "0.05", "--seed", "0"]
+
+
+@pytest.fixture(scope="session")
+def served(tmp_path_factory, data_dir) -> tuple[Path, Path]:
+    r"""(run_dir, bundle_dir) of one real ``dhp-train`` run exported by ``dhp-export``."""
+    root = tmp_path_factory.mktemp("served")
+    for command, args in (("train", [*SERVED_TRAINING, "--out", root / "run"]),
+                          ("export", [root / "run", "--format", "all", "--out", root / "bundle"])):
+        result = run_cli(command, *args, "--data-dir", data_dir)
+        assert result.returncode == 0, f"dhp-{command} failed:\n{result.stderr}"
+    return root / "run", root / "bundle"

@@ -12,11 +12,12 @@ import torch
 
 from dhp_deploy.checkpoint import load_model
 from dhp_deploy.export import ATOL, benchmark_of_run
-from test_export import REPO, mnist_dir, served  # noqa: F401
 
 TOOLS = {"cmake": shutil.which("cmake"), "c++": shutil.which("c++") or shutil.which("g++")}
 pytestmark = pytest.mark.skipif(not all(TOOLS.values()), reason="needs cmake and a C++ compiler: "
                                 f"missing {[k for k, v in TOOLS.items() if not v]}")
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -41,7 +42,7 @@ def fields(stdout):
     return dict(re.findall(r"(\w+)=(\S+)", stdout))
 
 
-def test_cpp_matches_eager_on_the_goldens(dhp_check, served):  # noqa: F811
+def test_cpp_matches_eager_on_the_goldens(dhp_check, served):
     result = run(dhp_check, served[1])
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.startswith(f"libtorch {torch.__version__.split('+')[0]}/cpu:")
@@ -50,10 +51,10 @@ def test_cpp_matches_eager_on_the_goldens(dhp_check, served):  # noqa: F811
     assert result.stdout.rstrip().endswith("OK")
 
 
-def test_cpp_matches_eager_on_the_full_test_set(dhp_check, served, tmp_path):  # noqa: F811
+def test_cpp_matches_eager_on_the_full_test_set(dhp_check, served, tmp_path, data_dir):
     run_dir, bundle = served
     model, payload = load_model(run_dir)
-    x = torch.cat([t.x_test for t in benchmark_of_run(payload, mnist_dir()).tasks])
+    x = torch.cat([t.x_test for t in benchmark_of_run(payload, data_dir).tasks])
     with torch.no_grad():
         eager = model(x)  # the unfolded eager model, as the goldens
     np.save(tmp_path / "x.npy", x.numpy())
@@ -65,7 +66,7 @@ def test_cpp_matches_eager_on_the_full_test_set(dhp_check, served, tmp_path):  #
     assert values["batches"] == f"[{len(x)},"
 
 
-def test_cpp_fails_on_a_parity_error(dhp_check, served, tmp_path):  # noqa: F811
+def test_cpp_fails_on_a_parity_error(dhp_check, served, tmp_path):
     bundle = shutil.copytree(served[1], tmp_path / "bundle")
     logits = np.load(bundle / "golden_logits.npy")
     logits[10, 4] += 1e-3
@@ -75,7 +76,7 @@ def test_cpp_fails_on_a_parity_error(dhp_check, served, tmp_path):  # noqa: F811
     assert float(fields(result.stdout)["max_abs_error"]) > 5e-4
 
 
-def test_cpp_errors_are_one_line_with_exit_2(dhp_check, served, tmp_path):  # noqa: F811
+def test_cpp_errors_are_one_line_with_exit_2(dhp_check, served, tmp_path):
     usage = run(dhp_check)
     assert usage.returncode == 2 and usage.stderr.startswith("usage: dhp_check BUNDLE_DIR")
     missing = run(dhp_check, tmp_path / "nowhere")

@@ -1,15 +1,12 @@
 """dhp-export: the bundle of a real trained run is complete, folded, atomic and equal to the eager model.
 
-The session's one trained run and one bundle are made here (``served``) by real subprocesses
-(``dhp-train`` then ``dhp-export``) and reused by test_runtime / test_serve_cli / test_cpp.
+The session's one trained run and bundle (``served``, in conftest.py) come from real ``dhp-train``
+and ``dhp-export`` subprocesses.
 """
 
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,58 +18,16 @@ from dhp_deploy.export import (ATOL, RTOL, ExportError, benchmark_of_run, evalua
                                export_run, fold_model, sha256_file, write_onnx)
 from dhp_deploy.network import DHPNet, task_logits
 
+from cli_helpers import assert_one_line_error, run_cli
+
 REPO = Path(__file__).resolve().parents[1]
-# Small but real: 1 epoch per task on 2000 training images, the full MNIST test set (10000).
-TRAIN_ARGS = ["--benchmark", "split-mnist", "--method", "finetune", "--dhp", "--epochs", "1",
-              "--train-limit", "2000", "--hidden", "64,64", "--lr", "0.05", "--seed", "0"]
-_SESSION = {}
-
-
-def cli(name: str) -> list:
-    r"""The console script ``name`` of this interpreter's environment (or ``python -m``)."""
-    script = Path(sys.executable).parent / name
-    if script.exists():
-        return [str(script)]
-    return [sys.executable, "-m", f"dhp_deploy.cli.{name.split('-')[1]}"]
-
-
-def run_cli(name: str, *args, check: bool = False) -> subprocess.CompletedProcess:
-    result = subprocess.run(cli(name) + [str(a) for a in args], capture_output=True, text=True,
-                            timeout=600)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{name} {args} failed ({result.returncode}):\n{result.stderr}")
-    return result
-
-
-def mnist_dir() -> Path:
-    root = Path(os.environ.get("DHP_DATA_DIR") or REPO.parent / "shared" / "data")
-    if not (root / "MNIST" / "raw").is_dir():
-        pytest.skip(f"MNIST not found under {root} (set DHP_DATA_DIR)")
-    return root
-
-
-def run_and_bundle(tmp_path_factory) -> tuple[Path, Path]:
-    r"""(run_dir, bundle_dir), made once per session by dhp-train and dhp-export."""
-    if "bundle" not in _SESSION:
-        data = mnist_dir()
-        root = tmp_path_factory.mktemp("served")
-        run_cli("dhp-train", *TRAIN_ARGS, "--data-dir", data, "--out", root / "run", check=True)
-        run_cli("dhp-export", root / "run", "--format", "all", "--out", root / "bundle",
-                "--data-dir", data, check=True)
-        _SESSION.update(run=root / "run", bundle=root / "bundle")
-    return _SESSION["run"], _SESSION["bundle"]
 
 
 @pytest.fixture(scope="session")
-def served(tmp_path_factory):
-    return run_and_bundle(tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def test_sets(served):
+def test_sets(served, data_dir):
     run, _ = served
     _, payload = load_model(run)
-    return benchmark_of_run(payload, mnist_dir())
+    return benchmark_of_run(payload, data_dir)
 
 
 def manifest_of(bundle: Path) -> dict:
@@ -307,7 +262,7 @@ def test_bundle_accuracy_equals_the_runs_reported_accuracy(served, test_sets):
 # ----------------------------------------------------------------------------- atomic writes
 
 
-def test_failure_before_commit_leaves_nothing(served, tmp_path):
+def test_failure_before_commit_leaves_nothing(served, tmp_path, data_dir):
     run, _ = served
 
     def explode(tmp):
@@ -316,12 +271,12 @@ def test_failure_before_commit_leaves_nothing(served, tmp_path):
 
     out = tmp_path / "bundles" / "b"
     with pytest.raises(RuntimeError, match="injected"):
-        export_run(run, out, ("torchscript",), data_dir=mnist_dir(), _before_commit=explode)
+        export_run(run, out, ("torchscript",), data_dir=data_dir, _before_commit=explode)
     assert not out.exists()
     assert list((tmp_path / "bundles").iterdir()) == [], "no temporary directory left behind"
 
 
-def test_failure_mid_export_leaves_nothing(served, tmp_path, monkeypatch):
+def test_failure_mid_export_leaves_nothing(served, tmp_path, monkeypatch, data_dir):
     import dhp_deploy.export as export
 
     run, _ = served
@@ -331,51 +286,41 @@ def test_failure_mid_export_leaves_nothing(served, tmp_path, monkeypatch):
 
     monkeypatch.setattr(export, "write_onnx", broken_onnx)
     with pytest.raises(ExportError, match="No space left"):
-        export_run(run, tmp_path / "b", ("torchscript", "onnx"), data_dir=mnist_dir())
+        export_run(run, tmp_path / "b", ("torchscript", "onnx"), data_dir=data_dir)
     assert list(tmp_path.iterdir()) == []
 
 
-def test_overwrite_replaces_a_bundle_only_when_asked(served, tmp_path):
+def test_overwrite_replaces_a_bundle_only_when_asked(served, tmp_path, data_dir):
     run, bundle = served
     out = tmp_path / "b"
     shutil.copytree(bundle, out)
     before = manifest_of(out)
     with pytest.raises(ExportError, match="already exists"):
-        export_run(run, out, ("torchscript",), data_dir=mnist_dir())
+        export_run(run, out, ("torchscript",), data_dir=data_dir)
     assert manifest_of(out) == before
-    export_run(run, out, ("torchscript",), data_dir=mnist_dir(), overwrite=True, golden_count=8)
+    export_run(run, out, ("torchscript",), data_dir=data_dir, overwrite=True, golden_count=8)
     assert set(manifest_of(out)["artifacts"]) == {"torchscript"}
     assert not (out / "model.onnx").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["b"]
 
 
-def _one_line_error(result, *phrases):
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr, result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("Error")]
-    assert len(errors) == 1, result.stderr
-    for phrase in phrases:
-        assert phrase in errors[0], result.stderr
-    return errors[0]
-
-
-def test_cli_bad_out_parent_leaves_nothing(served, tmp_path):
+def test_cli_bad_out_parent_leaves_nothing(served, tmp_path, data_dir):
     run, _ = served
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where the bundle's parent should be")
-    result = run_cli("dhp-export", run, "--out", blocker / "bundle", "--data-dir", mnist_dir())
-    _one_line_error(result, "cannot create the bundle")
+    result = run_cli("export", run, "--out", blocker / "bundle", "--data-dir", data_dir)
+    assert_one_line_error(result, "cannot create the bundle")
     assert blocker.read_text().startswith("a file") and sorted(tmp_path.iterdir()) == [blocker]
 
 
 def test_cli_refuses_existing_bundle_and_bad_runs(served, tmp_path):
     run, bundle = served
-    _one_line_error(run_cli("dhp-export", run, "--out", bundle), "already exists", "--overwrite")
+    assert_one_line_error(run_cli("export", run, "--out", bundle), "already exists", "--overwrite")
     empty = tmp_path / "empty-run"
     empty.mkdir()
-    _one_line_error(run_cli("dhp-export", empty, "--out", tmp_path / "b"), "no checkpoint")
-    _one_line_error(run_cli("dhp-export", tmp_path / "missing", "--out", tmp_path / "b"),
+    assert_one_line_error(run_cli("export", empty, "--out", tmp_path / "b"), "no checkpoint")
+    assert_one_line_error(run_cli("export", tmp_path / "missing", "--out", tmp_path / "b"),
                     "does not exist")
-    _one_line_error(run_cli("dhp-export", run, "--format", "tflite", "--out", tmp_path / "b"),
+    assert_one_line_error(run_cli("export", run, "--format", "tflite", "--out", tmp_path / "b"),
                     "tflite")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty-run"]
 
@@ -387,6 +332,6 @@ def test_cli_refuses_an_unfinished_run(served, tmp_path):
     payload = torch.load(unfinished / "checkpoint.pt", weights_only=True)
     payload["position"]["finished"] = False
     torch.save(payload, unfinished / "checkpoint.pt")
-    result = run_cli("dhp-export", unfinished, "--out", tmp_path / "b")
-    _one_line_error(result, "has not finished", "--allow-unfinished")
+    result = run_cli("export", unfinished, "--out", tmp_path / "b")
+    assert_one_line_error(result, "has not finished", "--allow-unfinished")
     assert not (tmp_path / "b").exists()

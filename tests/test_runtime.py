@@ -10,13 +10,12 @@ import torch
 from dhp_deploy.checkpoint import load_model
 from dhp_deploy.export import ATOL, RTOL, sha256_file
 from dhp_deploy.runtime import BundleError, InputError, open_bundle, read_manifest
-from test_export import served  # noqa: F401  (the session's run and bundle)
 
 BACKENDS = ("torchscript", "onnx")
 
 
 @pytest.fixture
-def copy(served, tmp_path):  # noqa: F811
+def copy(served, tmp_path):
     r"""A private copy of the bundle to damage."""
     return shutil.copytree(served[1], tmp_path / "bundle")
 
@@ -32,7 +31,7 @@ def rewrite_manifest(bundle, change):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_check_passes_on_the_goldens(served, backend):  # noqa: F811
+def test_check_passes_on_the_goldens(served, backend):
     report = open_bundle(served[1], backend=backend).check()
     assert report["ok"], report
     assert report["max_abs_error"] <= ATOL and report["argmax_agree"] == report["rows"] == 64
@@ -40,7 +39,7 @@ def test_check_passes_on_the_goldens(served, backend):  # noqa: F811
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_predict_with_and_without_a_task_head(served, backend):  # noqa: F811
+def test_predict_with_and_without_a_task_head(served, backend):
     bundle = served[1]
     runtime = open_bundle(bundle, backend=backend)
     g = golden(bundle)
@@ -59,7 +58,7 @@ def test_predict_with_and_without_a_task_head(served, backend):  # noqa: F811
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_inputs_are_checked_not_coerced(served, backend):  # noqa: F811
+def test_inputs_are_checked_not_coerced(served, backend):
     runtime = open_bundle(served[1], backend=backend)
     x = golden(served[1])["inputs"]
     cases = {
@@ -79,7 +78,7 @@ def test_inputs_are_checked_not_coerced(served, backend):  # noqa: F811
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_nonfinite_inputs_are_rejected_unless_allowed(served, backend):  # noqa: F811
+def test_nonfinite_inputs_are_rejected_unless_allowed(served, backend):
     runtime = open_bundle(served[1], backend=backend)
     x = golden(served[1])["inputs"].copy()
     x[3, 100] = np.nan
@@ -139,7 +138,7 @@ def test_a_missing_artifact_and_a_missing_bundle_are_refused(copy, tmp_path):
         open_bundle(tmp_path / "nowhere")
 
 
-def test_unknown_backend_and_device_are_refused(served):  # noqa: F811
+def test_unknown_backend_and_device_are_refused(served):
     with pytest.raises(BundleError, match="unknown backend 'tensorrt'"):
         open_bundle(served[1], backend="tensorrt")
     with pytest.raises(BundleError, match="unknown device 'tpu'"):
@@ -147,7 +146,7 @@ def test_unknown_backend_and_device_are_refused(served):  # noqa: F811
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
-def test_cuda_without_a_gpu_fails_clearly(served):  # noqa: F811
+def test_cuda_without_a_gpu_fails_clearly(served):
     with pytest.raises(BundleError, match="cuda requested but torch.cuda.is_available"):
         open_bundle(served[1], backend="torchscript", device="cuda")
     import onnxruntime as ort
@@ -157,7 +156,7 @@ def test_cuda_without_a_gpu_fails_clearly(served):  # noqa: F811
             open_bundle(served[1], backend="onnx", device="cuda")
 
 
-def test_onnxruntime_cpu_fallback_is_refused(served, monkeypatch):  # noqa: F811
+def test_onnxruntime_cpu_fallback_is_refused(served, monkeypatch):
     r"""onnxruntime-gpu whose CUDA cannot start quietly runs on CPU: we must refuse, not serve."""
     import onnxruntime as ort
 
@@ -187,7 +186,7 @@ def _eager_cpu(run, x):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_torchscript_on_cuda_matches_eager_cpu(served):  # noqa: F811
+def test_torchscript_on_cuda_matches_eager_cpu(served):
     run, bundle = served
     runtime = open_bundle(bundle, backend="torchscript", device="cuda")
     report = runtime.check()
@@ -197,7 +196,7 @@ def test_torchscript_on_cuda_matches_eager_cpu(served):  # noqa: F811
 
 
 @pytest.mark.gpu
-def test_onnxruntime_cuda_provider_matches_eager_cpu(served):  # noqa: F811
+def test_onnxruntime_cuda_provider_matches_eager_cpu(served):
     import onnxruntime as ort
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():

@@ -10,19 +10,19 @@ import torch
 
 from dhp_deploy.export import ATOL, sha256_file
 from dhp_deploy.runtime import open_bundle
-from test_export import _one_line_error, run_cli, served  # noqa: F401
+from cli_helpers import assert_one_line_error, run_cli
 
 
 @pytest.fixture
-def copy(served, tmp_path):  # noqa: F811
+def copy(served, tmp_path):
     return shutil.copytree(served[1], tmp_path / "bundle")
 
 
 def serve(*args):
-    return run_cli("dhp-serve", *args)
+    return run_cli("serve", *args)
 
 
-def test_check_reports_errors_and_agreement_per_backend(served):  # noqa: F811
+def test_check_reports_errors_and_agreement_per_backend(served):
     result = serve("check", served[1])
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
@@ -45,12 +45,12 @@ def test_check_fails_on_a_parity_error(copy):
     (copy / "manifest.json").write_text(json.dumps(manifest))
     result = serve("check", copy)
     assert result.returncode == 1 and result.stdout.count(" FAIL") == 2
-    _one_line_error(result, "parity check failed for torchscript, onnx")
+    assert_one_line_error(result, "parity check failed for torchscript, onnx")
     loose = serve("check", copy, "--atol", "0.02")  # the stated tolerance is what decides
     assert loose.returncode == 0, loose.stdout + loose.stderr
 
 
-def test_predict_writes_logits_classes_and_labels(served, tmp_path):  # noqa: F811
+def test_predict_writes_logits_classes_and_labels(served, tmp_path):
     bundle = served[1]
     x = np.load(bundle / "golden_inputs.npy")
     np.save(tmp_path / "x.npy", x)
@@ -74,7 +74,7 @@ def test_predict_writes_logits_classes_and_labels(served, tmp_path):  # noqa: F8
     assert names == ["logits.npy", "out.npz", "x.npy"], "no temporary files left"
 
 
-def test_bench_prints_latency_and_throughput(served):  # noqa: F811
+def test_bench_prints_latency_and_throughput(served):
     result = serve("bench", served[1], "--iters", 20, "--batch-size", 512, "--repeats", 2)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
@@ -90,7 +90,7 @@ def _bad_input(tmp_path, name, array):
     return path
 
 
-def test_predict_rejects_bad_inputs_with_one_line(served, tmp_path):  # noqa: F811
+def test_predict_rejects_bad_inputs_with_one_line(served, tmp_path):
     bundle = served[1]
     x = np.load(bundle / "golden_inputs.npy")
     nan = x.copy()
@@ -106,7 +106,7 @@ def test_predict_rejects_bad_inputs_with_one_line(served, tmp_path):  # noqa: F8
     garbage.write_bytes(b"not an npy file")
     cases.append((garbage, [], "not a readable .npy"))
     for path, extra, phrase in cases:
-        _one_line_error(serve("predict", bundle, "--input", path, "--output", out, *extra), phrase)
+        assert_one_line_error(serve("predict", bundle, "--input", path, "--output", out, *extra), phrase)
     assert not out.exists()
     allowed = serve("predict", bundle, "--input", tmp_path / "nan.npy", "--output", out,
                     "--allow-nonfinite")
@@ -116,22 +116,22 @@ def test_predict_rejects_bad_inputs_with_one_line(served, tmp_path):  # noqa: F8
 def test_damaged_bundles_fail_with_one_line(copy, tmp_path):
     ts = copy / "model.ts"
     ts.write_bytes(ts.read_bytes()[:1000])
-    _one_line_error(serve("check", copy), "model.ts fails its sha256 check")
+    assert_one_line_error(serve("check", copy), "model.ts fails its sha256 check")
     ts.unlink()
-    _one_line_error(serve("check", copy), "model.ts is missing")
+    assert_one_line_error(serve("check", copy), "model.ts is missing")
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["format_version"] = 99
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    _one_line_error(serve("check", copy), "format version 99")
-    _one_line_error(serve("check", tmp_path / "nowhere"), "does not exist")
+    assert_one_line_error(serve("check", copy), "format version 99")
+    assert_one_line_error(serve("check", tmp_path / "nowhere"), "does not exist")
 
 
-def test_unknown_backend_or_device_and_cuda_without_gpu(served):  # noqa: F811
+def test_unknown_backend_or_device_and_cuda_without_gpu(served):
     bundle = served[1]
-    _one_line_error(serve("check", bundle, "--backend", "tensorrt"), "tensorrt")
-    _one_line_error(serve("check", bundle, "--device", "tpu"), "tpu")
+    assert_one_line_error(serve("check", bundle, "--backend", "tensorrt"), "tensorrt")
+    assert_one_line_error(serve("check", bundle, "--device", "tpu"), "tpu")
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    _one_line_error(serve("check", bundle, "--device", "cuda"), "cuda requested")
-    _one_line_error(serve("check", bundle, "--backend", "onnx", "--device", "cuda"),
+    assert_one_line_error(serve("check", bundle, "--device", "cuda"), "cuda requested")
+    assert_one_line_error(serve("check", bundle, "--backend", "onnx", "--device", "cuda"),
                     "cuda requested")

@@ -2,15 +2,14 @@
 must end in a one-line error with a non-zero exit status, never a traceback."""
 
 import json
-import os
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from dhp_deploy.checkpoint import load_checkpoint
+
+from cli_helpers import assert_one_line_error, run_cli
 
 # 256 examples in batches of 32: 8 steps per epoch; 2 tasks × 3 epochs = 48 steps.
 QUICK = ["--benchmark", "split-mnist", "--num-tasks", "2", "--epochs", "3", "--hidden", "32",
@@ -18,23 +17,11 @@ QUICK = ["--benchmark", "split-mnist", "--num-tasks", "2", "--epochs", "3", "--h
          "--fisher-samples", "64", "--device", "cpu", "--threads", "1"]
 
 
-def dhp_train(*args, data_dir=None, extra_env=None, timeout=300):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread: this machine is shared
-    env.pop("DHP_TRAIN_FAULT", None)
+def dhp_train(*args, data_dir=None, extra_env=None):
+    env = dict(extra_env or {})
     if data_dir is not None:
         env["DHP_DATA_DIR"] = str(data_dir)
-    env.update(extra_env or {})
-    return subprocess.run([sys.executable, "-m", "dhp_deploy.cli.train", *map(str, args)],
-                          capture_output=True, text=True, env=env, timeout=timeout)
-
-
-def assert_one_line_error(result, exit_code=1, contains=""):
-    assert result.returncode == exit_code, result.stderr
-    assert "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("Error")]
-    assert len(errors) == 1, result.stderr
-    assert contains in errors[0], result.stderr
-    return errors[0]
+    return run_cli("train", *args, env=env, timeout=300)
 
 
 def assert_same_run(left, right):
@@ -108,14 +95,14 @@ def test_unknown_benchmark_or_method_is_a_usage_error(option, value, tmp_path):
 def test_missing_data_is_a_one_line_error(tmp_path):
     result = dhp_train("--benchmark", "split-mnist", "--out", tmp_path / "r",
                        "--data-dir", tmp_path / "no-data")
-    assert_one_line_error(result, 1, "missing")
+    assert_one_line_error(result, "missing", exit_code=1)
 
 
 def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir):
     run_dir = tmp_path / "r"
     args = [arg if arg != "0.1" else "1e6" for arg in QUICK]  # the learning rate
     result = dhp_train(*args, "--out", run_dir, data_dir=data_dir)
-    assert_one_line_error(result, 1, "diverged")
+    assert_one_line_error(result, "diverged", exit_code=1)
     payload = load_checkpoint(run_dir)  # loadable, and every weight finite
     assert all(torch.isfinite(t).all() for t in payload["model"].values() if t.is_floating_point())
     assert not (run_dir / "metrics.json").exists()
@@ -125,7 +112,7 @@ def test_an_unwritable_output_directory_fails_before_training(tmp_path, data_dir
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     result = dhp_train(*QUICK, "--out", blocker / "run", data_dir=data_dir)
-    assert_one_line_error(result, 1, "cannot write to the output directory")
+    assert_one_line_error(result, "cannot write to the output directory", exit_code=1)
     assert "task 1/" not in result.stderr and "training " not in result.stderr
 
 
@@ -134,9 +121,11 @@ def test_a_corrupt_checkpoint_is_refused_on_resume(finished_run, tmp_path, data_
     run_dir.mkdir()
     good = (finished_run[0] / "checkpoint.pt").read_bytes()
     (run_dir / "checkpoint.pt").write_bytes(good[: len(good) // 2])
-    assert_one_line_error(dhp_train("--resume", run_dir, data_dir=data_dir), 1, "cannot resume")
+    assert_one_line_error(dhp_train("--resume", run_dir, data_dir=data_dir), "cannot resume",
+                          exit_code=1)
     (run_dir / "checkpoint.pt").write_bytes(b"junk" * 100)
-    assert_one_line_error(dhp_train("--resume", run_dir, data_dir=data_dir), 1, "cannot resume")
+    assert_one_line_error(dhp_train("--resume", run_dir, data_dir=data_dir), "cannot resume",
+                          exit_code=1)
 
 
 def test_a_finished_run_is_not_overwritten_without_overwrite(finished_run, tmp_path, data_dir):
