@@ -57,38 +57,6 @@ def dhp_logits(h: Tensor, w: Tensor, alpha: Tensor, hebb: Tensor) -> Tensor:
     return h.matmul(torch.addcmul(w, alpha, hebb))
 
 
-class _DHPTrainingStep(torch.autograd.Function):
-    r"""Trace update + logits as one autograd node with a hand-written backward.
-
-    Same forward arithmetic as ``hebbian_update`` then ``dhp_logits`` (so values are identical), but
-    about half the small kernels: generic autograd records ~10 nodes for this tiny layer, and on a
-    CPU their per-op overhead costs more than the matmuls. Used in eager training only (TorchScript
-    takes the generic path); it supports neither double backward nor torch.func transforms, which
-    should run the layer in eval mode or call ``hebbian_update`` directly.
-    """
-
-    @staticmethod
-    def forward(ctx, h, y, w, alpha, eta, hebb):
-        means, counts = class_means(h, y, hebb.shape[1])
-        rate = eta * (counts > 0)
-        new_hebb = torch.lerp(hebb, means.t(), rate)
-        effective = torch.addcmul(w, alpha, new_hebb)
-        ctx.save_for_backward(h, y, alpha, effective, new_hebb, means.t() - hebb, rate, counts)
-        return h.matmul(effective), new_hebb
-
-    @staticmethod
-    def backward(ctx, grad_logits, _grad_hebb):
-        h, y, alpha, effective, new_hebb, delta, rate, counts = ctx.saved_tensors
-        grad_effective = h.t().matmul(grad_logits)           # dL/d(θ + α⊙H'), (m, C)
-        grad_trace = grad_effective * alpha                  # dL/dH'
-        # H' = H + rate·(M − H): the rate is η on present classes, so dL/dη sums their columns.
-        grad_eta = ((grad_trace * delta).sum(0) * (counts > 0)).sum().reshape(1)
-        # dL/dh: through the matmul, and through each class mean (1/count to every member row).
-        grad_means = (grad_trace * (rate / counts.clamp_min(1.0))).t().contiguous()  # fast gather
-        grad_h = grad_logits.matmul(effective.t()) + grad_means.index_select(0, y)
-        return grad_h, None, grad_effective, grad_effective * new_hebb, grad_eta, None
-
-
 class DHPSoftmax(nn.Module):
     r"""Output layer with slow weights plus a Hebbian fast-weight trace (DHP-Softmax).
 
@@ -168,14 +136,11 @@ class DHPSoftmax(nn.Module):
         self._check_inputs(h, y)
         if not self.training or y is None:
             return dhp_logits(h, self.w, self.alpha, self.hebb)
-        if torch.jit.is_scripting():
-            hebb = hebbian_update(self.hebb, h, y, self.eta)
-            logits = dhp_logits(h, self.w, self.alpha, hebb)
-        else:
-            logits, hebb = _DHPTrainingStep.apply(h, y, self.w, self.alpha, self.eta, self.hebb)
-        # Store detached: the trace carries values, never a graph, into the next step.
+        hebb = hebbian_update(self.hebb, h, y, self.eta)
+        # Store detached: the trace carries values, never a graph, into the next step. A fresh
+        # tensor, not an in-place write: autograd still needs the old trace for dL/dη.
         self.hebb = hebb.detach()
-        return logits
+        return dhp_logits(h, self.w, self.alpha, hebb)
 
     def _check_inputs(self, h: Tensor, y: Optional[Tensor]) -> None:
         if h.dim() != 2 or h.shape[1] != self.in_features:
