@@ -270,15 +270,23 @@ def choose_strengths(jobs, benchmark: str, path: Path, log) -> dict:
     return chosen
 
 
+# Where a benchmark without a search of its own borrows strengths: the closest searched one.
+# (Split MNIST's do not transfer to the permuted ones: its EWC λ diverges on Permuted MNIST.)
+STRENGTH_FALLBACK = {"imbalanced-permuted-mnist": ("permuted-mnist", "split-mnist"),
+                     "permuted-mnist": ("imbalanced-permuted-mnist", "split-mnist"),
+                     "split-fashion-mnist": ("split-mnist",)}
+
+
 def chosen_strengths(path: Path, benchmark: str, log) -> dict:
-    r"""``{method: {option: value}}`` for ``benchmark``: its own search, else split-mnist's."""
+    r"""``{method: {option: value}}`` for ``benchmark``: its own search, else the closest one's."""
     chosen = json.loads(path.read_text()) if path.exists() else {}
-    source = benchmark if benchmark in chosen else "split-mnist" if "split-mnist" in chosen else None
+    candidates = (benchmark, *STRENGTH_FALLBACK.get(benchmark, ("split-mnist",)))
+    source = next((name for name in candidates if name in chosen), None)
     if source is None:
         log(f"no strengths chosen in {path}: {benchmark} uses the library defaults")
         return {}
     if source != benchmark:
-        log(f"{benchmark}: no search of its own in {path}; using split-mnist's strengths")
+        log(f"{benchmark}: no search of its own in {path}; using {source}'s strengths")
     return {method: {STRENGTH_OPTION[method]: entry[STRENGTH_OPTION[method]]}
             for method, entry in chosen[source].items()}
 
