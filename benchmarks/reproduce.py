@@ -6,11 +6,15 @@ Two steps, both resumable (run them again after an interruption; nothing finishe
     python benchmarks/reproduce.py grid     # the table's runs with the chosen strengths
     python benchmarks/results.py --from docs/results --out docs/RESULTS.md
 
-``search`` trains each regulariser (plain head) with a few strengths on one benchmark with
-``val_fraction`` of every task's training set held out, ranks them by the final average accuracy
-on those *validation* sets (test data is never looked at), and writes the winners to
+``search`` trains each regulariser (plain head) with a few strengths on one benchmark
+(``--benchmark``, default split-mnist) with ``val_fraction`` of every task's training set held
+out, ranks them by the final average accuracy on those *validation* sets (test data is never
+looked at; a best value at the edge is extended a decade past it), and writes the winners to
 ``docs/results/strengths.json``. ``grid`` trains every (benchmark, variant, seed) on the full
-training sets with those strengths, the same strength for X and DHP+X, so DHP's gain is the head's.
+training sets with those strengths, the same strength for X and DHP+X, so DHP's gain is the
+head's; a benchmark without a search of its own borrows the closest searched one's strengths.
+A run whose loss or weights stop being finite is a result too: ``diverged.json`` records it, the
+search ranks that strength last, and it is not retried.
 
 Trainings run in this process through the training API (``dhp_deploy.train.TrainingRun``, the
 code behind ``dhp-train``), the benchmark's data built once per (benchmark, seed). Every run has
@@ -20,7 +24,10 @@ its own ``dhp-train`` run directory (``config.json``, ``checkpoint.pt`` after ev
 task). A run directory with ``metrics.json`` is finished and skipped; one with only a checkpoint
 is resumed from its last epoch, bit for bit (the same as ``dhp-train --resume DIR``). Each
 finished run leaves a small JSON summary (config, seed, commit, metrics, timings) under
-``SUMMARIES/`` — the record every number of docs/RESULTS.md comes from.
+``SUMMARIES/`` — the record every number of docs/RESULTS.md comes from. Protocol options
+(``--epochs``, ``--train-limit``, ...) make a reduced grid, kept apart by its ``<protocol>`` name.
+Training uses one CPU thread by default (``--threads``): batch-64 steps gain little from more, and
+on a shared machine oversubscribed threads were 10-100× slower here.
 """
 
 import argparse

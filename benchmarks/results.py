@@ -397,7 +397,8 @@ def benchmark_section(key, variants: dict, plot_name: str, diverged: dict) -> li
 
 
 def _protocol_line(training: dict) -> str:
-    parts = [f"{training['epochs']} epochs/task", f"batch {training['batch_size']}",
+    epochs = training["epochs"]
+    parts = [f"{epochs} epoch{'s' if epochs != 1 else ''}/task", f"batch {training['batch_size']}",
              f"SGD lr {training['lr']:g}" + (f" momentum {training['momentum']:g}"
                                               if training.get("momentum") else ""),
              f"hidden {'-'.join(map(str, training['hidden']))}"]
