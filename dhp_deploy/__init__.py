@@ -1,8 +1,29 @@
-r"""dhp-deploy: Differentiable Hebbian Plasticity for continual learning, trained, exported, served."""
+r"""dhp-deploy: Differentiable Hebbian Plasticity for continual learning, trained, exported, served.
 
-from dhp_deploy.layer import DHPSoftmax, dhp_logits, hebbian_update
-from dhp_deploy.network import DHPNet, task_logits
+The names below load on first use, so that importing a submodule (a command-line tool) does not
+load torch before the tool has set its threading environment (see ``dhp_deploy.cli``).
+"""
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = ["DHPSoftmax", "DHPNet", "dhp_logits", "hebbian_update", "task_logits", "__version__"]
+_EXPORTS = {
+    "DHPSoftmax": "dhp_deploy.layer",
+    "dhp_logits": "dhp_deploy.layer",
+    "hebbian_update": "dhp_deploy.layer",
+    "DHPNet": "dhp_deploy.network",
+    "task_logits": "dhp_deploy.network",
+}
+
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'dhp_deploy' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(__all__)
