@@ -28,6 +28,7 @@ import torch
 from dhp_deploy.checkpoint import load_model
 from dhp_deploy.export import fold_model, write_onnx, write_torchscript
 from dhp_deploy.network import DHPNet
+from dhp_deploy.runtime import time_calls
 
 
 def session(path):
@@ -61,17 +62,6 @@ def runners(model: DHPNet, directory: Path, name: str) -> dict:
     return {"eager": eager, "torchscript": script, "onnx": onnx}
 
 
-def timed(fn, x, iters, warmup=3) -> np.ndarray:
-    for _ in range(warmup):
-        fn(x)
-    times = np.empty(iters)
-    for i in range(iters):
-        start = time.perf_counter()
-        fn(x)
-        times[i] = time.perf_counter() - start
-    return times
-
-
 def matmul_peak(size: int, repeats: int) -> dict:
     r"""Best-of-``repeats`` fp32 GFLOP/s of a size³ matmul with torch.mm and onnxruntime MatMul."""
     import onnx
@@ -80,7 +70,7 @@ def matmul_peak(size: int, repeats: int) -> dict:
     a = torch.rand(size, size)
     b = torch.rand(size, size)
     flops = 2 * size ** 3
-    torch_best = min(timed(lambda _: torch.mm(a, b), None, repeats, warmup=2))
+    torch_best = min(time_calls(lambda _: torch.mm(a, b), None, repeats, warmup=2))
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["A", "B"], ["C"])], "peak",
         [helper.make_tensor_value_info("A", TensorProto.FLOAT, [size, size]),
@@ -92,7 +82,7 @@ def matmul_peak(size: int, repeats: int) -> dict:
         onnx.save(model, f"{tmp}/matmul.onnx")
         ort_session = session(f"{tmp}/matmul.onnx")
     feeds = {"A": a.numpy(), "B": b.numpy()}
-    ort_best = min(timed(lambda _: ort_session.run(None, feeds), None, repeats, warmup=2))
+    ort_best = min(time_calls(lambda _: ort_session.run(None, feeds), None, repeats, warmup=2))
     return {"torch.mm": flops / torch_best / 1e9, "onnxruntime MatMul": flops / ort_best / 1e9}
 
 
@@ -101,8 +91,8 @@ def latency_throughput(fn, one, big, iters, repeats) -> tuple[float, float, floa
 
     Best-of, like the matmul peak, so the two compare like with like on a shared machine.
     """
-    latency = timed(fn, one, iters, warmup=20) * 1e3
-    seconds = float(np.min(timed(fn, big, repeats)))
+    latency = time_calls(fn, one, iters, warmup=20) * 1e3
+    seconds = float(np.min(time_calls(fn, big, repeats)))
     return np.percentile(latency, 50), np.percentile(latency, 99), len(big) / seconds
 
 
