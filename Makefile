@@ -32,7 +32,7 @@ demo: $(STAMP)
 	serve/cpp/build/dhp_check $(DEMO_BUNDLE)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -rs
 
 # Every benchmark script of benchmarks/ into docs/PERFORMANCE.md (BENCH_ARGS=--quick: a fast check).
 BENCH_ARGS ?=
