@@ -216,8 +216,8 @@ def download_file(
             # URLError is an OSError; ValueError is a malformed mirror URL. Try the next mirror.
             failures.append(f"{url}: {type(err).__name__}: {err}")
     raise DataError(
-        f"could not download {filename} into {dest_dir} with MD5 {md5}; tried:\n  "
-        + "\n  ".join(failures or ["(no mirrors given)"])
+        f"could not download {filename} into {dest_dir} with MD5 {md5}; tried: "
+        + "; ".join(failures or ["(no mirrors given)"])
     )
 
 
@@ -268,7 +268,7 @@ def ensure_files(
                                  _mirrors_for(dataset, mirrors))
         if not path.exists():
             raise DataError(
-                f"missing {gz} (or its extracted {plain.name}): pass --download to fetch it, "
+                f"missing {gz} (or its extracted {plain.name}): fetch it with dhp-train --download, "
                 f"or point --data-dir / DHP_DATA_DIR at a root holding {dataset}/raw/"
             )
         _verify_md5(path, MD5[dataset][path.name])
