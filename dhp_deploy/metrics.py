@@ -103,13 +103,16 @@ def accuracy_plot_png(acc_matrix: Matrix, title: str = "") -> bytes:
         for j, value in enumerate(row):
             heat_axes.text(j, i, f"{100 * value:.0f}", ha="center", va="center", fontsize=7,
                            color="white" if value < 0.6 else "black")
+    # Tasks are numbered from 1 in the plot, as in the paper and the curve beside it.
+    numbers = range(len(acc_matrix))
     heat_axes.set(xlabel="evaluated task j", ylabel="after training task i",
-                  title="test accuracy R[i][j]")
+                  title="test accuracy R[i][j]", xticks=list(numbers), yticks=list(numbers),
+                  xticklabels=[n + 1 for n in numbers], yticklabels=[n + 1 for n in numbers])
     figure.colorbar(image, ax=heat_axes, fraction=0.046)
     averages = average_accuracies(acc_matrix)
     curve_axes.plot(range(1, len(averages) + 1), [100 * a for a in averages], marker="o")
     curve_axes.set(xlabel="tasks learned", ylabel="average accuracy (%)",
-                   title="average accuracy over tasks seen")
+                   title="average accuracy over tasks seen", xticks=range(1, len(averages) + 1))
     curve_axes.grid(True, alpha=0.3)
     if title:
         figure.suptitle(title)
