@@ -488,9 +488,25 @@ def search_section(records, strengths: dict) -> list[str]:
         if benchmark not in strengths:
             continue
         chosen = ", ".join(f"{DISPLAY[m]} `{STRENGTH_OPTION[m]}` = {e[STRENGTH_OPTION[m]]:g}"
+                           + (" (at the edge of the range tried)" if e.get("at_edge") else "")
                            for m, e in strengths[benchmark].items())
-        lines.append(f"Chosen on {benchmark}: {chosen}.")
+        lines.append(f"- Chosen on {benchmark}: {chosen}.")
     lines.append("")
+    used = {}
+    for r in records:
+        if r["role"] == "grid":
+            used.setdefault(r["benchmark"], r["config"]["training"])
+    for benchmark, training in used.items():
+        if benchmark not in strengths:
+            values = ", ".join(f"{DISPLAY[m]} `{o}` = {training[o]:g}"
+                               for m, o in STRENGTH_OPTION.items())
+            lines.append(f"- {benchmark} has no search of its own: its runs use {values} "
+                         f"(borrowed from the closest searched benchmark).")
+    if any(e.get("at_edge") for entry in strengths.values() for e in entry.values()):
+        lines.append("- A value marked at the edge stayed best after the range was extended "
+                     "twice: the optimum may lie further out.")
+    lines += ["- Diverged: the loss or weights stopped being finite with plain SGD at lr 0.01 — "
+              "the upper end of each range is bounded by stability, not by accuracy.", ""]
     return lines
 
 
