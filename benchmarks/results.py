@@ -338,8 +338,10 @@ CHOICES = """\
   task (1000 unless the protocol table says otherwise), from per-sample gradients.
 - **Validation.** The search holds out 10% of every task's training set and ranks strengths by
   the final average accuracy on those held-out sets; test data is never used to choose. The grid
-  then trains on the full training sets (no hold-out). Benchmarks without a search of their own
-  use Split MNIST's strengths (said in the search table).
+  then trains on the full training sets (no hold-out). A search runs under the protocol of the
+  grid it serves (Permuted MNIST's at 1 epoch/task when the grid is `e1`). A benchmark without a
+  search of its own borrows the closest searched one's strengths (Imbalanced Permuted ← Permuted;
+  Split MNIST's do not transfer: its EWC λ = 10⁴ diverges on Permuted MNIST).
 - **Seeds.** The search uses seed 1000, the grid seeds 0, 1, ...; "±" is the sample standard
   deviation over seeds; DHP gains are paired by seed.
 """
