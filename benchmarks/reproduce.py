@@ -43,8 +43,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results import (DIVERGED_NAME, PAPER_PROTOCOL, STRENGTH_OPTION,  # noqa: E402
-                     SUMMARY_DIR_RUNS, SUMMARY_DIR_SEARCH, VARIANTS, protocol_tag, summarize_run,
-                     train_command, write_summary)
+                     SUMMARY_DIR_RUNS, SUMMARY_DIR_SEARCH, VARIANTS, grid_protocol, protocol_tag,
+                     strengths_key, summarize_run, train_command, write_summary)
 
 PAPER_BENCHMARKS = ("permuted-mnist", "imbalanced-permuted-mnist", "split-mnist")
 # The values the search tries for each regulariser's strength option (STRENGTH_OPTION): around
@@ -233,7 +233,11 @@ def search_jobs(args, values: dict) -> list:
 
 
 def choose_strengths(jobs, benchmark: str, path: Path, log) -> dict:
-    r"""Per method, the strength with the best final validation average accuracy → ``path``."""
+    r"""Per method, the strength with the best final validation average accuracy → ``path``.
+
+    Stored under ``strengths_key(benchmark, grid protocol)``, e.g. ``permuted-mnist@e1``: the
+    choice serves grids of that protocol. Returns that entry.
+    """
     from dhp_deploy.checkpoint import atomic_write_json
 
     chosen = json.loads(path.read_text()) if path.exists() else {}
@@ -249,7 +253,8 @@ def choose_strengths(jobs, benchmark: str, path: Path, log) -> dict:
             continue
         by_method.setdefault(config.method, []).append(
             {option: getattr(config, option), "val_acc": summary["metrics"]["val_avg_acc"][-1]})
-    entry = chosen.setdefault(benchmark, {})
+    key = strengths_key(benchmark, grid_protocol(asdict(jobs[0][0])))
+    entry = chosen.setdefault(key, {})
     planned = {}
     for config, _, _, _ in jobs:
         planned[config.method] = planned.get(config.method, 0) + 1
@@ -274,7 +279,7 @@ def choose_strengths(jobs, benchmark: str, path: Path, log) -> dict:
             f"{100 * best['val_acc']:.2f}%)")
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, chosen)
-    return chosen
+    return entry
 
 
 # Where a benchmark without a search of its own borrows strengths: the closest searched one.
@@ -284,16 +289,24 @@ STRENGTH_FALLBACK = {"imbalanced-permuted-mnist": ("permuted-mnist", "split-mnis
                      "split-fashion-mnist": ("split-mnist",)}
 
 
-def chosen_strengths(path: Path, benchmark: str, log) -> dict:
-    r"""``{method: {option: value}}`` for ``benchmark``: its own search, else the closest one's."""
+def chosen_strengths(path: Path, benchmark: str, protocol: str, log) -> dict:
+    r"""``{method: {option: value}}`` for grids of ``benchmark`` under ``protocol``.
+
+    Its own search under that protocol, else under another protocol, else the closest
+    benchmark's (said in the log).
+    """
     chosen = json.loads(path.read_text()) if path.exists() else {}
-    candidates = (benchmark, *STRENGTH_FALLBACK.get(benchmark, ("split-mnist",)))
-    source = next((name for name in candidates if name in chosen), None)
+    candidates = []
+    for name in (benchmark, *STRENGTH_FALLBACK.get(benchmark, ("split-mnist",))):
+        candidates.append(strengths_key(name, protocol))
+        candidates += [key for key in sorted(chosen) if key.partition("@")[0] == name]
+    own = strengths_key(benchmark, protocol)
+    source = next((key for key in candidates if key in chosen), None)
     if source is None:
-        log(f"no strengths chosen in {path}: {benchmark} uses the library defaults")
+        log(f"no strengths chosen in {path}: {own} uses the library defaults")
         return {}
-    if source != benchmark:
-        log(f"{benchmark}: no search of its own in {path}; using {source}'s strengths")
+    if source != own:
+        log(f"{own}: no search of its own in {path}; using {source}'s strengths")
     return {method: {STRENGTH_OPTION[method]: entry[STRENGTH_OPTION[method]]}
             for method, entry in chosen[source].items()}
 
@@ -301,7 +314,9 @@ def chosen_strengths(path: Path, benchmark: str, log) -> dict:
 def grid_jobs(args) -> list:
     jobs = []
     for benchmark in args.benchmarks:
-        strengths = chosen_strengths(args.strengths, benchmark, args.log)
+        plain = base_config(args, benchmark, seed=0, val_fraction=args.val_fraction)
+        strengths = chosen_strengths(args.strengths, benchmark, protocol_tag(asdict(plain)),
+                                     args.log)
         for seed in args.seeds:  # seed-major: every variant of seed 0 first, then seed 1, ...
             for variant in args.variants:
                 method, dhp = variant_settings(variant)
@@ -434,7 +449,7 @@ def search(args) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 2
         totals = {status: totals[status] + counts[status] for status in totals}
-        chosen = choose_strengths(jobs, args.benchmark, args.strengths, args.log)[args.benchmark]
+        chosen = choose_strengths(jobs, args.benchmark, args.strengths, args.log)
         extended = False
         for method, method_values in values.items():
             entry = chosen.get(method)

@@ -73,6 +73,16 @@ def protocol_tag(training: dict) -> str:
     return "-".join(parts) or "paper"
 
 
+def grid_protocol(training: dict) -> str:
+    r"""The protocol name of the grid a run's settings serve (a search's, without its hold-out)."""
+    return protocol_tag({**training, "val_fraction": 0.0})
+
+
+def strengths_key(benchmark: str, protocol: str) -> str:
+    r"""The key of strengths.json for grids of ``benchmark`` under ``protocol``."""
+    return benchmark if protocol == "paper" else f"{benchmark}@{protocol}"
+
+
 def train_command(training: dict) -> str:
     r"""The ``dhp-train`` line that trains the run of ``training`` (a TrainConfig dict) alone."""
     from dhp_deploy.train import TrainConfig
@@ -476,7 +486,8 @@ def search_section(records, strengths: dict) -> list[str]:
 
     for (benchmark, protocol, seed, method), runs in sorted(by_key.items(), key=order):
         option = STRENGTH_OPTION[method]
-        chosen = strengths.get(benchmark, {}).get(method, {}).get(option)
+        key = strengths_key(benchmark, grid_protocol(runs[0]["config"]["training"]))
+        chosen = strengths.get(key, {}).get(method, {}).get(option)
         cells = []
         for r in sorted(runs, key=lambda r: r["config"]["training"][option]):
             value = r["config"]["training"][option]
@@ -486,24 +497,24 @@ def search_section(records, strengths: dict) -> list[str]:
         lines.append(f"| {benchmark} (`{protocol}`, seed {seed}) | {DISPLAY[method]} | "
                      f"`{option}` | {', '.join(cells)} |")
     lines.append("")
-    for benchmark in BENCHMARK_ORDER:
-        if benchmark not in strengths:
-            continue
+    for key in sorted(strengths):
+        benchmark, _, protocol = key.partition("@")
         chosen = ", ".join(f"{DISPLAY[m]} `{STRENGTH_OPTION[m]}` = {e[STRENGTH_OPTION[m]]:g}"
                            + (" (at the edge of the range tried)" if e.get("at_edge") else "")
-                           for m, e in strengths[benchmark].items())
-        lines.append(f"- Chosen on {benchmark}: {chosen}.")
+                           for m, e in strengths[key].items())
+        lines.append(f"- Chosen for {benchmark} grids under protocol `{protocol or 'paper'}`: "
+                     f"{chosen}.")
     lines.append("")
     used = {}
     for r in records:
         if r["role"] == "grid":
-            used.setdefault(r["benchmark"], r["config"]["training"])
-    for benchmark, training in used.items():
-        if benchmark not in strengths:
+            used.setdefault((r["benchmark"], r["protocol"]), r["config"]["training"])
+    for (benchmark, protocol), training in sorted(used.items()):
+        if strengths_key(benchmark, protocol) not in strengths:
             values = ", ".join(f"{DISPLAY[m]} `{o}` = {training[o]:g}"
                                for m, o in STRENGTH_OPTION.items())
-            lines.append(f"- {benchmark} has no search of its own: its runs use {values} "
-                         f"(borrowed from the closest searched benchmark).")
+            lines.append(f"- {benchmark} (`{protocol}`) has no search of its own: its runs use "
+                         f"{values} (borrowed from the closest searched benchmark).")
     if any(e.get("at_edge") for entry in strengths.values() for e in entry.values()):
         lines.append("- A value marked at the edge stayed best after the range was extended "
                      "twice: the optimum may lie further out.")

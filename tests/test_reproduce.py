@@ -106,7 +106,8 @@ def test_search_chooses_by_validation_accuracy(tmp_path, data_dir, capsys):
     argv = ["search", "--runs", str(tmp_path / "runs"), "--summaries", str(tmp_path / "sum"),
             "--methods", "si", *TINY[2:]]
     assert reproduce.main(argv) == 0
-    chosen = json.loads((tmp_path / "sum" / "strengths.json").read_text())["split-mnist"]["si"]
+    key = f"split-mnist@{TAG}"  # the choice serves grids of the search's protocol
+    chosen = json.loads((tmp_path / "sum" / "strengths.json").read_text())[key]["si"]
     trials = chosen["trials"]
     tried = [t["si_c"] for t in trials]
     assert set(reproduce.SEARCH_VALUES["si"]) <= set(tried) and len(tried) <= 3 + 2
