@@ -147,6 +147,15 @@ def test_ewc_keeps_one_anchor_per_task_and_online_ewc_one_decayed_fisher(split_t
     expected = sum(5.0 * (f * (theta - a).square()).sum() for f, a in zip(ewc.importances,
                                                                            ewc.anchors))
     torch.testing.assert_close(ewc.penalty(model).detach(), expected)
+    # ... and so is its gradient (the penalty is computed from one merged row).
+    slow = list(slow_parameters(model).values())
+    merged_grads = torch.autograd.grad(ewc.penalty(model), slow)
+    per_task = sum(5.0 * (f * (flat_slow_weights(model) - a).square()).sum()
+                   for f, a in zip(ewc.importances, ewc.anchors))
+    per_task_grads = torch.autograd.grad(per_task, slow)
+    scale = max(g.abs().max().item() for g in per_task_grads)
+    for got, want in zip(merged_grads, per_task_grads):  # float32 rounding, relative to the scale
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * scale)
 
 
 def test_si_path_integral_uses_the_task_gradient_not_the_penalty(split_tasks):
