@@ -120,7 +120,8 @@ def run_script(script: Path, flags: list[str], timeout: float) -> dict:
         output, status = done.stdout + (f"\n[stderr]\n{done.stderr}" if done.stderr.strip()
                                         else ""), done.returncode
     except subprocess.TimeoutExpired as err:
-        output = (err.stdout or b"").decode() if isinstance(err.stdout, bytes) else (err.stdout or "")
+        output = err.stdout or ""
+        output = output.decode() if isinstance(output, bytes) else output
         status = f"timed out after {timeout:.0f}s"
     return {"output": output.rstrip(), "status": status, "seconds": time.perf_counter() - start,
             "command": " ".join(["python", str(script.relative_to(REPO)), *flags])}
@@ -173,7 +174,8 @@ def reproduce_throughput(peak: float, peak_one: float) -> list[str]:
     for (benchmark, protocol, head, method), rates in sorted(groups.items()):
         rate = statistics.median(rates)
         gflops = rate * 3 * 2 * MLP_MACS / 1e9
-        lines.append(f"reproduce {benchmark} ({protocol}) {method} {head}: {rate:,.0f} samples/s ≈ "
+        lines.append(f"reproduce {benchmark} ({protocol}) {method} {head}: {rate:,.0f} samples/s "
+                     f"≈ "
                      f"{gflops:.1f} GFLOP/s = {100 * gflops / peak_one:.1f}% of the 1-thread "
                      f"peak, {100 * gflops / peak:.1f}% of the machine's (median of {len(rates)})")
     return lines
@@ -232,8 +234,8 @@ def main(argv=None) -> int:
     parser.add_argument("--only", nargs="+", help="these scripts only (e.g. bench_layer.py)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per script")
     args = parser.parse_args(argv)
-    commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True,
-                    text=True).stdout.strip() or "unknown"
+    commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO,
+                            capture_output=True, text=True).stdout.strip() or "unknown"
     size, repeats = (1024, 5) if args.quick else (2048, 7)
     header = {**machine(), "commit": commit, "peak_size": size, "peak_repeats": repeats,
               "at": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}

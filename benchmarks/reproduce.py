@@ -59,7 +59,8 @@ RUN_STATUS = ("finished", "skipped", "resumed", "started", "diverged", "failed")
 
 
 def variant_settings(variant: str) -> tuple[str, bool]:
-    r"""``"dhp+ewc"`` → ``("ewc", True)``, ``"dhp"`` → ``("finetune", True)``, ``"si"`` → ``("si", False)``."""
+    r"""``"dhp+ewc"`` → ``("ewc", True)``, ``"dhp"`` → ``("finetune", True)``, ``"si"`` →
+    ``("si", False)``."""
     if variant == "dhp":
         return "finetune", True
     if variant.startswith("dhp+"):
@@ -118,8 +119,9 @@ def run_one(config, benchmark_of, run_dir: Path, *, role: str, device: str, log)
         have = json.loads(saved.read_text())["training"]
         differ = sorted(k for k in set(wanted) | set(have) if wanted.get(k) != have.get(k))
         if differ:
-            raise ConfigMismatch(f"{run_dir} holds a run with other settings ({', '.join(differ)}); "
-                                 f"move it away or use another --runs directory")
+            raise ConfigMismatch(f"{run_dir} holds a run with other settings "
+                                 f"({', '.join(differ)}); move it away or use another --runs "
+                                 f"directory")
     if (run_dir / "metrics.json").exists():
         return "skipped", None
     if (run_dir / DIVERGED_NAME).exists():
@@ -178,7 +180,8 @@ def execute(jobs, *, data_dir, device, summaries, log, stop_at=None) -> dict:
     cache = BenchmarkCache(data_dir, device)
     counts = {status: 0 for status in RUN_STATUS}
     for number, (config, run_dir, role, summary_path) in enumerate(jobs, 1):
-        if stop_at is not None and time.time() >= stop_at and not (run_dir / "metrics.json").exists():
+        finished = (run_dir / "metrics.json").exists()
+        if stop_at is not None and time.time() >= stop_at and not finished:
             log(f"[{number}/{len(jobs)}] time is up (--stop-after): {len(jobs) - number + 1} runs "
                 f"left for a later sitting")
             break
@@ -355,7 +358,8 @@ def parse_arguments(argv=None):
     from dhp_deploy.benchmarks import BENCHMARKS
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("step", choices=("search", "grid"), help="search strengths, or run the grid")
+    parser.add_argument("step", choices=("search", "grid"),
+                        help="search strengths, or run the grid")
     parser.add_argument("--runs", type=Path, default=REPO / "runs" / "reproduce",
                         help="root of the run directories (default runs/reproduce)")
     parser.add_argument("--summaries", type=Path, default=REPO / "docs" / "results",

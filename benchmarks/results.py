@@ -31,7 +31,8 @@ PAPER_PROTOCOL = {"epochs": 10, "batch_size": 64, "lr": 0.01, "hidden": (256, 25
 PROTOCOL_TAGS = {"epochs": "e", "batch_size": "b", "lr": "lr", "hidden": "h", "num_tasks": "t",
                  "train_limit": "n", "test_limit": "m", "fisher_samples": "f", "val_fraction": "v"}
 BASE_METHODS = ("finetune", "ewc", "online-ewc", "si", "mas")
-VARIANTS = tuple(name for m in BASE_METHODS for name in (m, "dhp" if m == "finetune" else f"dhp+{m}"))
+VARIANTS = tuple(name for m in BASE_METHODS
+                 for name in (m, "dhp" if m == "finetune" else f"dhp+{m}"))
 DISPLAY = {"finetune": "Finetune", "ewc": "EWC", "online-ewc": "Online EWC", "si": "SI",
            "mas": "MAS"}
 STRENGTH_OPTION = {"ewc": "ewc_lambda", "online-ewc": "ewc_lambda", "si": "si_c",
@@ -44,7 +45,7 @@ BENCHMARK_ORDER = ("permuted-mnist", "imbalanced-permuted-mnist", "split-mnist",
 
 
 def variant_name(method: str, dhp: bool) -> str:
-    r"""``("ewc", True)`` → ``"dhp+ewc"``; ``("finetune", True)`` → ``"dhp"`` (the paper's rows)."""
+    r"""``("ewc", True)`` → ``"dhp+ewc"``; ``("finetune", True)`` → ``"dhp"`` (the paper's)."""
     if dhp:
         return "dhp" if method == "finetune" else f"dhp+{method}"
     return method
@@ -59,7 +60,7 @@ def display_name(variant: str) -> str:
 
 
 def protocol_tag(training: dict) -> str:
-    r"""``"paper"`` when the settings are the paper's protocol, else what differs (``"e2-n500"``)."""
+    r"""``"paper"`` for the paper's protocol, else what differs (``"e2-n500"``)."""
     parts = []
     for name, short in PROTOCOL_TAGS.items():
         value = training.get(name)
@@ -429,7 +430,8 @@ def headline(key, variants: dict) -> str:
     best = max(means, key=means.get)
     parts = []
     for method in BASE_METHODS:
-        diffs, seeds = dhp_gain(variants.get(method, []), variants.get(variant_name(method, True), []))
+        diffs, seeds = dhp_gain(variants.get(method, []),
+                                variants.get(variant_name(method, True), []))
         if not seeds:
             continue
         mean, std = mean_std(diffs)
@@ -589,9 +591,11 @@ def commands_section(records, sources) -> list[str]:
     argvs = sorted({" ".join(["python", _relative(Path(s["argv"][0])), *s["argv"][1:]])
                     for r in records for s in r["sessions"] if s.get("argv")})
     lines = ["## Commands", "", "Everything above, from a fresh clone (each step resumable; "
-             "`make reproduce` runs the three):", "", "```",
-             "python benchmarks/reproduce.py search      # strengths on Split MNIST's validation split",
-             "python benchmarks/reproduce.py grid        # the full paper grid, seeds 0-4",
+             "`make reproduce` runs these, `REPRODUCE_ARGS=\"--epochs 1\"` for the reduced "
+             "permuted protocol):", "", "```",
+             "python benchmarks/reproduce.py search     # strengths on Split MNIST's val split",
+             "python benchmarks/reproduce.py search --benchmark permuted-mnist  # --epochs 1: e1",
+             "python benchmarks/reproduce.py grid       # the paper grid, seeds 0-4",
              f"python benchmarks/results.py --from {' '.join(sources)} --out docs/RESULTS.md",
              "```", "", "The invocations that produced the recorded runs:", "", "```"]
     lines += argvs or ["(none recorded)"]
@@ -619,7 +623,8 @@ def provenance_section(records) -> list[str]:
              + ", ".join(f"`{c}` ({n})" for c, n in sorted(commits.items())) + "."]
     if dirty:
         lines.append(f"Some runs started with uncommitted changes to: "
-                     f"{', '.join(f'`{d}`' for d in sorted(dirty))} (listed per run under `dirty`).")
+                     f"{', '.join(f'`{d}`' for d in sorted(dirty))} (listed per run under "
+                     f"`dirty`).")
     return lines + [""]
 
 
