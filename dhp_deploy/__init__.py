@@ -1,7 +1,7 @@
 r"""dhp-deploy: Differentiable Hebbian Plasticity for continual learning, trained, exported, served.
 
-The names below load on first use, so that importing a submodule (a command-line tool) does not
-load torch before the tool has set its threading environment (see ``dhp_deploy.cli``).
+The names below load on first use: importing a submodule (a command-line tool, say) loads only
+what that submodule needs.
 """
 
 import importlib
