@@ -42,9 +42,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results import (DIVERGED_NAME, PAPER_PROTOCOL, STRENGTH_OPTION,  # noqa: E402
-                     SUMMARY_DIR_RUNS, SUMMARY_DIR_SEARCH, VARIANTS, grid_protocol, protocol_tag,
-                     strengths_key, summarize_run, train_command, write_summary)
+from results import (ABLATION_VARIANTS, DIVERGED_NAME, PAPER_PROTOCOL,  # noqa: E402
+                     STRENGTH_OPTION, SUMMARY_DIR_RUNS, SUMMARY_DIR_SEARCH, SUMMARY_KIND,
+                     VARIANTS, grid_protocol, protocol_tag, strengths_key, summarize_run,
+                     train_command, write_summary)
 
 PAPER_BENCHMARKS = ("permuted-mnist", "imbalanced-permuted-mnist", "split-mnist")
 # The values the search tries for each regulariser's strength option (STRENGTH_OPTION): around
@@ -55,17 +56,46 @@ SEARCH_SEED = 1000  # disjoint from the grid's seeds 0..4
 # A best value at the edge of the values tried is extended by a decade past it, at most this many
 # times per method, so the choice is an interior optimum (or says it is not).
 MAX_EXTENSIONS = 2
-RUN_STATUS = ("finished", "skipped", "resumed", "started", "diverged", "failed")
+RUN_STATUS = ("finished", "skipped", "resumed", "started", "diverged", "failed", "postponed")
+# Named groups of variants for --variants: the paper's table, the init ablation, both.
+VARIANT_GROUPS = {"paper": VARIANTS, "ablation": ABLATION_VARIANTS,
+                  "all": VARIANTS + ABLATION_VARIANTS}
 
 
-def variant_settings(variant: str) -> tuple[str, bool]:
-    r"""``"dhp+ewc"`` → ``("ewc", True)``, ``"dhp"`` → ``("finetune", True)``, ``"si"`` →
-    ``("si", False)``."""
-    if variant == "dhp":
-        return "finetune", True
-    if variant.startswith("dhp+"):
-        return variant[4:], True
-    return variant, False
+def variant_settings(variant: str) -> dict:
+    r"""The TrainConfig settings of a variant: ``"dhp+ewc"`` → method ewc, DHP head;
+    ``"dhp"`` → finetune, DHP head; ``"si@authors"`` → si, plain head, the authors' θ init."""
+    name, _, head_init = variant.partition("@")
+    if name == "dhp":
+        settings = {"method": "finetune", "dhp": True}
+    elif name.startswith("dhp+"):
+        settings = {"method": name[4:], "dhp": True}
+    else:
+        settings = {"method": name, "dhp": False}
+    return {**settings, "head_init": head_init or None}
+
+
+def same_training(config, training: dict) -> list[str]:
+    r"""The settings in which a saved ``training`` dict differs from ``config`` (old configs are
+    read as :meth:`TrainConfig.from_json` reads them)."""
+    from dhp_deploy.train import TrainConfig
+
+    wanted = {**asdict(config), "hidden": list(config.hidden)}
+    have = asdict(TrainConfig.from_json({"training": training}))
+    have["hidden"] = list(have["hidden"])
+    return sorted(k for k in set(wanted) | set(have) if wanted.get(k) != have.get(k))
+
+
+def recorded_result(config, summary_path: Path) -> str | None:
+    r"""``"skipped"``/``"diverged"`` when ``summary_path`` already records this exact run (its
+    run directory may live on another machine), else None."""
+    try:
+        summary = json.loads(Path(summary_path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if summary.get("kind") != SUMMARY_KIND or same_training(config, summary["config"]["training"]):
+        return None
+    return "diverged" if summary.get("diverged") else "skipped"
 
 
 # --------------------------------------------------------------------------- provenance
@@ -113,11 +143,9 @@ def run_one(config, benchmark_of, run_dir: Path, *, role: str, device: str, log)
     from dhp_deploy.train import CONFIG_NAME, TrainingDiverged, TrainingError, TrainingRun
 
     run_dir = Path(run_dir)
-    wanted = {**asdict(config), "hidden": list(config.hidden)}
     saved = run_dir / CONFIG_NAME
     if saved.exists():
-        have = json.loads(saved.read_text())["training"]
-        differ = sorted(k for k in set(wanted) | set(have) if wanted.get(k) != have.get(k))
+        differ = same_training(config, json.loads(saved.read_text())["training"])
         if differ:
             raise ConfigMismatch(f"{run_dir} holds a run with other settings "
                                  f"({', '.join(differ)}); move it away or use another --runs "
@@ -175,34 +203,100 @@ class BenchmarkCache:
         return self.benchmark
 
 
-def execute(jobs, *, data_dir, device, summaries, log, stop_at=None) -> dict:
-    r"""Run ``jobs`` (``(config, run_dir, role, summary_path)``) in order; return status counts."""
-    cache = BenchmarkCache(data_dir, device)
+def _run_job(job, *, cache, device, summaries, log, stop_at) -> tuple[str, dict | None]:
+    r"""One job ``(config, run_dir, role, summary_path)``: run (or skip) it, keep its summary."""
+    config, run_dir, role, summary_path = job
+    finished = (run_dir / "metrics.json").exists()
+    if stop_at is not None and time.time() >= stop_at and not finished:
+        return "postponed", None
+    recorded = None if finished else recorded_result(config, summary_path)
+    if recorded is not None:
+        return recorded, None
+    status, metrics = run_one(config, lambda: cache.get(config), run_dir, role=role,
+                              device=device, log=log)
+    # A skipped run keeps its summary (written when it finished); rewrite only a missing one.
+    fresh = status in ("started", "resumed") or not Path(summary_path).exists()
+    if status != "failed" and summaries is not None and fresh:
+        write_summary(summary_path, summarize_run(run_dir, command=train_command(asdict(config))))
+    return status, metrics
+
+
+# One process's state in a --jobs pool: its benchmark cache and settings (set by _init_worker).
+_WORKER: dict = {}
+
+
+def _init_worker(data_dir, device, summaries, stop_at) -> None:
+    import torch
+
+    torch.set_num_threads(1)  # N one-thread processes: no oversubscription of N cores
+    _WORKER.update(cache=BenchmarkCache(data_dir, device), device=device, summaries=summaries,
+                   stop_at=stop_at, log=lambda line: print(line, flush=True))
+
+
+def _pool_job(numbered):
+    number, job = numbered
+    started = time.perf_counter()
+    try:
+        status, metrics = _run_job(job, **_WORKER)
+    except ConfigMismatch as err:
+        return number, "mismatch", str(err), 0.0
+    return number, status, metrics, time.perf_counter() - started
+
+
+def execute(jobs, *, data_dir, device, summaries, log, stop_at=None, processes=1) -> dict:
+    r"""Run ``jobs`` (``(config, run_dir, role, summary_path)``), ``processes`` at a time (one
+    torch thread each when more than one); return status counts. One progress line per job with
+    the grid's state: jobs done / total and the ETA at the rate of the runs trained so far."""
     counts = {status: 0 for status in RUN_STATUS}
-    for number, (config, run_dir, role, summary_path) in enumerate(jobs, 1):
-        finished = (run_dir / "metrics.json").exists()
-        if stop_at is not None and time.time() >= stop_at and not finished:
-            log(f"[{number}/{len(jobs)}] time is up (--stop-after): {len(jobs) - number + 1} runs "
-                f"left for a later sitting")
-            break
-        started = time.perf_counter()
-        status, metrics = run_one(config, lambda: cache.get(config), run_dir, role=role,
-                                  device=device, log=log)
-        counts[status] += 1
-        # A skipped run keeps its summary (written when it finished); rewrite only a missing one.
-        fresh = status in ("started", "resumed") or not Path(summary_path).exists()
-        if status != "failed" and summaries is not None and fresh:
-            summary = summarize_run(run_dir, command=train_command(asdict(config)))
-            write_summary(summary_path, summary)
-        if status in ("started", "resumed") and metrics is not None:
-            counts["finished"] += 1
-            # The search shows validation accuracy only: its choices must not see test data.
-            split, key = ("val", "val_avg_acc") if role == "search" else ("test", "avg_acc")
-            log(f"[{number}/{len(jobs)}] {run_dir}: final {split} avg acc "
-                f"{100 * metrics[key][-1]:.2f}% in {time.perf_counter() - started:.0f}s")
-        else:
-            log(f"[{number}/{len(jobs)}] {run_dir}: {status}")
+    trained_seconds, trained, done = 0.0, 0, 0
+    if processes > 1:
+        import multiprocessing
+
+        pool = multiprocessing.get_context("spawn").Pool(
+            processes, _init_worker, (data_dir, device, summaries, stop_at))
+        results = pool.imap_unordered(_pool_job, enumerate(jobs, 1))
+    else:
+        pool, cache = None, BenchmarkCache(data_dir, device)
+
+        def one(numbered):
+            number, job = numbered
+            started = time.perf_counter()
+            status, metrics = _run_job(job, cache=cache, device=device, summaries=summaries,
+                                       log=log, stop_at=stop_at)
+            return number, status, metrics, time.perf_counter() - started
+
+        results = map(one, enumerate(jobs, 1))
+    try:
+        for number, status, metrics, seconds in results:
+            if status == "mismatch":
+                raise ConfigMismatch(metrics)
+            config, run_dir, role, _ = jobs[number - 1]
+            counts[status] += 1
+            done += 1
+            if status in ("started", "resumed") and metrics is not None:
+                counts["finished"] += 1
+                trained, trained_seconds = trained + 1, trained_seconds + seconds
+                # The search shows validation accuracy only: its choices must not see test data.
+                split, key = ("val", "val_avg_acc") if role == "search" else ("test", "avg_acc")
+                what = f"final {split} avg acc {100 * metrics[key][-1]:.2f}% in {seconds:.0f}s"
+            else:
+                what = status
+            left = len(jobs) - done
+            eta = (f"ETA {_duration(trained_seconds / trained * left / processes)}"
+                   if trained else "ETA n/a")
+            log(f"[{done}/{len(jobs)} done, {eta}] {run_dir}: {what}")
+    finally:
+        if pool is not None:
+            pool.terminate()
+    if counts["postponed"]:
+        log(f"time is up (--stop-after): {counts['postponed']} runs left for a later sitting")
     return counts
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
+        f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 # --------------------------------------------------------------------------- the two steps
@@ -322,9 +416,10 @@ def grid_jobs(args) -> list:
                                      args.log)
         for seed in args.seeds:  # seed-major: every variant of seed 0 first, then seed 1, ...
             for variant in args.variants:
-                method, dhp = variant_settings(variant)
-                config = base_config(args, benchmark, method=method, dhp=dhp, seed=seed,
-                                     val_fraction=args.val_fraction, **strengths.get(method, {}))
+                settings = variant_settings(variant)
+                config = base_config(args, benchmark, **settings, seed=seed,
+                                     val_fraction=args.val_fraction,
+                                     **strengths.get(settings["method"], {}))
                 tag = protocol_tag(asdict(config))
                 jobs.append((config, args.runs / benchmark / tag / variant / f"seed{seed}", "grid",
                              args.summaries / SUMMARY_DIR_RUNS / benchmark / tag / variant /
@@ -354,6 +449,20 @@ def _names(choices):
     return parse
 
 
+def _variants(text: str) -> list[str]:
+    names = []
+    for name in (part.strip() for part in text.split(",") if part.strip()):
+        if name in VARIANT_GROUPS:
+            names += VARIANT_GROUPS[name]
+        elif name in VARIANT_GROUPS["all"]:
+            names.append(name)
+        else:
+            raise argparse.ArgumentTypeError(
+                f"unknown variant {name}; expected a group ({', '.join(VARIANT_GROUPS)}) or "
+                f"some of {', '.join(VARIANT_GROUPS['all'])}")
+    return list(dict.fromkeys(names))
+
+
 def parse_arguments(argv=None):
     from dhp_deploy.benchmarks import BENCHMARKS
 
@@ -370,9 +479,10 @@ def parse_arguments(argv=None):
                         help="grid: comma-separated benchmarks (default the paper's three)")
     parser.add_argument("--benchmark", choices=BENCHMARKS, default="split-mnist",
                         help="search: the benchmark to tune on (default split-mnist)")
-    parser.add_argument("--variants", type=_names(VARIANTS), default=list(VARIANTS),
-                        help="grid: comma-separated variants (default all ten: "
-                             f"{','.join(VARIANTS)})")
+    parser.add_argument("--variants", type=_variants, default=list(VARIANT_GROUPS["all"]),
+                        help="grid: comma-separated variants or groups: paper (the ten of the "
+                             "paper's table), ablation (each with the other head's θ init, e.g. "
+                             "dhp@linear, finetune@authors), all (default)")
     parser.add_argument("--methods", type=_names(tuple(SEARCH_VALUES)),
                         help="search: regularisers to tune (default all four)")
     parser.add_argument("--seeds", type=_seeds, default=_seeds("0-4"),
@@ -393,6 +503,8 @@ def parse_arguments(argv=None):
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: batch-64 steps gain little from more, "
                              "and on a busy machine extra threads stall each other)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs trained at once, each a one-thread process (default 1)")
     parser.add_argument("--stop-after", type=float, metavar="MINUTES",
                         help="start no new run after this many minutes (resume later)")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and their state")
@@ -415,8 +527,9 @@ def main(argv=None) -> int:
         return search(args)
     jobs = grid_jobs(args)
     if args.dry_run:
-        for config, run_dir, _, _ in jobs:
+        for config, run_dir, _, summary_path in jobs:
             state = ("finished" if (run_dir / "metrics.json").exists() else
+                     "recorded" if recorded_result(config, summary_path) else
                      "to resume" if (run_dir / "checkpoint.pt").exists() else "to run")
             print(f"{state:>10}  {run_dir}  ({train_command(asdict(config))})")
         return 0
@@ -424,7 +537,8 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     try:
         counts = execute(jobs, data_dir=args.data_dir, device=args.device,
-                         summaries=args.summaries, log=args.log, stop_at=stop_at)
+                         summaries=args.summaries, log=args.log, stop_at=stop_at,
+                         processes=args.jobs)
     except ConfigMismatch as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -448,7 +562,7 @@ def search(args) -> int:
             return 0
         try:
             counts = execute(jobs, data_dir=args.data_dir, device=args.device,
-                             summaries=args.summaries, log=args.log)
+                             summaries=args.summaries, log=args.log, processes=args.jobs)
         except ConfigMismatch as err:
             print(f"error: {err}", file=sys.stderr)
             return 2

@@ -33,6 +33,11 @@ PROTOCOL_TAGS = {"epochs": "e", "batch_size": "b", "lr": "lr", "hidden": "h", "n
 BASE_METHODS = ("finetune", "ewc", "online-ewc", "si", "mas")
 VARIANTS = tuple(name for m in BASE_METHODS
                  for name in (m, "dhp" if m == "finetune" else f"dhp+{m}"))
+# The ablation that separates the two things "DHP" changes at once: each paper variant with the
+# other head's θ init (``@authors`` on a plain head, ``@linear`` on a DHP head).
+ABLATION_VARIANTS = tuple(f"{v}@{'linear' if v.startswith('dhp') else 'authors'}"
+                          for v in VARIANTS)
+INIT_DISPLAY = {"authors": "authors' init", "linear": "nn.Linear init"}
 DISPLAY = {"finetune": "Finetune", "ewc": "EWC", "online-ewc": "Online EWC", "si": "SI",
            "mas": "MAS"}
 STRENGTH_OPTION = {"ewc": "ewc_lambda", "online-ewc": "ewc_lambda", "si": "si_c",
@@ -44,19 +49,30 @@ BENCHMARK_ORDER = ("permuted-mnist", "imbalanced-permuted-mnist", "split-mnist",
 # --------------------------------------------------------------------------- naming
 
 
-def variant_name(method: str, dhp: bool) -> str:
-    r"""``("ewc", True)`` → ``"dhp+ewc"``; ``("finetune", True)`` → ``"dhp"`` (the paper's)."""
-    if dhp:
-        return "dhp" if method == "finetune" else f"dhp+{method}"
-    return method
+def variant_name(method: str, dhp: bool, head_init: str | None = None) -> str:
+    r"""``("ewc", True)`` → ``"dhp+ewc"``; ``("finetune", True)`` → ``"dhp"`` (the paper's);
+    a head init other than the paper's for that head is a suffix: ``"dhp@linear"``."""
+    from dhp_deploy.network import default_head_init
+
+    name = (("dhp" if method == "finetune" else f"dhp+{method}") if dhp else method)
+    if head_init is not None and head_init != default_head_init(dhp):
+        name += f"@{head_init}"
+    return name
+
+
+def training_variant(training: dict) -> str:
+    r"""The variant of a run's ``training`` config (runs from before ``head_init``: linear)."""
+    return variant_name(training["method"], training["dhp"], training.get("head_init", "linear"))
 
 
 def display_name(variant: str) -> str:
+    variant, _, init = variant.partition("@")
+    suffix = f" ({INIT_DISPLAY[init]})" if init else ""
     if variant == "dhp":
-        return "DHP"
+        return "DHP" + suffix
     if variant.startswith("dhp+"):
-        return "DHP+" + DISPLAY[variant[4:]]
-    return DISPLAY[variant]
+        return "DHP+" + DISPLAY[variant[4:]] + suffix
+    return DISPLAY[variant] + suffix
 
 
 def protocol_tag(training: dict) -> str:
@@ -88,7 +104,10 @@ def train_command(training: dict) -> str:
     r"""The ``dhp-train`` line that trains the run of ``training`` (a TrainConfig dict) alone."""
     from dhp_deploy.train import TrainConfig
 
-    default = TrainConfig()
+    # The defaults dhp-train would apply to this benchmark, method and head.
+    default = TrainConfig(benchmark=training["benchmark"], method=training["method"],
+                          dhp=training["dhp"])
+    training = {"head_init": "linear", **training}  # runs from before the option: linear
     words = ["dhp-train", "--benchmark", training["benchmark"], "--method", training["method"],
              "--dhp" if training["dhp"] else "--no-dhp"]
     for name, value in training.items():
@@ -161,7 +180,7 @@ def summarize_run(run_dir, command: str | None = None) -> dict:
         "version": SUMMARY_VERSION,
         "role": provenance["role"],
         "benchmark": training["benchmark"],
-        "variant": variant_name(training["method"], training["dhp"]),
+        "variant": training_variant(training),
         "method": training["method"],
         "dhp": training["dhp"],
         "seed": training["seed"],
@@ -230,6 +249,7 @@ def load_records(roots) -> list[dict]:
                     continue
                 if not isinstance(record, dict) or record.get("kind") != SUMMARY_KIND:
                     continue
+                record["variant"] = training_variant(record["config"]["training"])
             key = (record["role"], record["benchmark"], record["protocol"], record["variant"],
                    record["seed"], json.dumps(record["config"]["regularizer"], sort_keys=True))
             if key not in seen:

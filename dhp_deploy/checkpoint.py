@@ -95,7 +95,9 @@ def build_model(model_config: dict) -> DHPNet:
     r"""A fresh network from the ``config["model"]`` dict of a checkpoint."""
     return DHPNet(in_features=model_config["in_features"], num_classes=model_config["num_classes"],
                   hidden=tuple(model_config["hidden"]), dhp=model_config["dhp"],
-                  eta_init=model_config.get("eta_init", 0.01))
+                  eta_init=model_config.get("eta_init", 0.01),
+                  # Configs written before the option existed were all trained with "linear".
+                  head_init=model_config.get("head_init", "linear"))
 
 
 def load_model(run_dir) -> tuple[DHPNet, dict]:

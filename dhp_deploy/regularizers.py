@@ -1,6 +1,7 @@
 r"""Consolidation regularisers: one small class per method, acting on slow weights only.
 
-Every regulariser has the same five hooks, called by the training loop (``dhp_deploy.train``):
+Every regulariser subclasses :class:`Regularizer` and overrides the hooks it needs, called by the
+training loop (``dhp_deploy.train``):
 
 - ``before_task(model)``: a task is about to start (SI records where the weights start).
 - ``penalty(model)``: the consolidation term added to the task loss, ``loss = ce + penalty``, so its
@@ -12,8 +13,7 @@ Every regulariser has the same five hooks, called by the training loop (``dhp_de
 - ``state_dict()`` / ``load_state_dict(state)``: tensors, lists and numbers only, so checkpoints load
   with ``weights_only=True`` and a resumed run continues bit for bit.
 
-"Slow weights" are every parameter except the DHP head's plasticity ``alpha`` and ``eta``
-(DESIGN.md §1). The parameters are handled as one flat vector (their ``named_parameters`` order), so
+"Slow weights" are every parameter except the DHP layers' plasticity ``alpha`` and ``eta``. The parameters are handled as one flat vector (their ``named_parameters`` order), so
 a penalty is a handful of autograd ops however many layers or tasks there are.
 
 Defaults are tuned for the 784-256-256 MLPs of the MNIST benchmarks trained with SGD lr 0.01; tune
@@ -26,20 +26,35 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from dhp_deploy.network import PLASTIC_PARAMETERS, task_logits
+from dhp_deploy.network import plastic_parameters, task_logits
 
-__all__ = ["METHODS", "build_regularizer", "slow_parameters", "flat_slow_weights", "Finetune",
+__all__ = ["METHODS", "STRENGTH_OPTION", "SEARCHED_STRENGTHS", "build_regularizer",
+           "slow_parameters", "flat_slow_weights", "Regularizer", "Finetune",
            "ElasticWeightConsolidation", "SynapticIntelligence", "MemoryAwareSynapses"]
 
 METHODS = ("finetune", "ewc", "online-ewc", "si", "mas")
+# The option (TrainConfig field, ``--ewc-lambda`` ...) that sets each method's penalty strength.
+STRENGTH_OPTION = {"ewc": "ewc_lambda", "online-ewc": "ewc_lambda", "si": "si_c",
+                   "mas": "mas_lambda"}
+# The strengths dhp-train uses when none is given: the winners of the validation search of
+# benchmarks/reproduce.py (docs/results/strengths.json; a test keeps the two equal). Permuted
+# MNIST's were searched at 1 epoch per task; Imbalanced Permuted MNIST borrows them.
+_PERMUTED = {"ewc": 10.0, "online-ewc": 100.0, "si": 0.1, "mas": 0.1}
+SEARCHED_STRENGTHS = {
+    "split-mnist": {"ewc": 10000.0, "online-ewc": 1000.0, "si": 1.0, "mas": 1.0},
+    "split-fashion-mnist": {"ewc": 10000.0, "online-ewc": 1000.0, "si": 1.0, "mas": 1.0},
+    "permuted-mnist": _PERMUTED,
+    "imbalanced-permuted-mnist": _PERMUTED,
+}
 
 # Per-sample gradients are computed this many samples at a time (memory ~ chunk × #slow weights).
 PER_SAMPLE_CHUNK = 64
 
 
 def slow_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    r"""The parameters consolidation acts on: all but ``head.alpha`` and ``head.eta``."""
-    return {name: p for name, p in model.named_parameters() if name not in PLASTIC_PARAMETERS}
+    r"""The parameters consolidation acts on: all but the DHP layers' α and η."""
+    plastic = {id(p) for p in plastic_parameters(model)}
+    return {name: p for name, p in model.named_parameters() if id(p) not in plastic}
 
 
 def flat_slow_weights(model: nn.Module) -> Tensor:
@@ -105,8 +120,16 @@ def mean_per_sample_gradient(model: nn.Module, inputs: Tensor, classes: Optional
         model.train(was_training)
 
 
-class Finetune:
-    r"""No consolidation: plain sequential fine-tuning (the lower baseline)."""
+class Regularizer:
+    r"""The interface the training loop calls; every hook is a no-op here (no consolidation).
+
+    ``max_curvature()`` is the largest diagonal entry of the penalty's Hessian (0 while there is no
+    penalty). Plain SGD with learning rate ``lr`` and momentum ``μ`` is unstable on the penalty
+    once ``lr · max_curvature > 2(1 + μ)``; the cross-entropy only adds curvature, so the training
+    loop checks this bound before a task starts instead of discovering NaNs later.
+    """
+
+    strength_option: Optional[str] = None  # the option of STRENGTH_OPTION that sets the strength
 
     def before_task(self, model: nn.Module) -> None:
         pass
@@ -120,6 +143,13 @@ class Finetune:
     def after_task(self, model, inputs, classes, generator) -> None:
         pass
 
+    def max_curvature(self) -> float:
+        return 0.0
+
+    @property
+    def strength(self) -> float:
+        return getattr(self, self.strength_option) if self.strength_option else 0.0
+
     def state_dict(self) -> dict:
         return {}
 
@@ -127,20 +157,41 @@ class Finetune:
         pass
 
 
-class QuadraticAnchors:
+class Finetune(Regularizer):
+    r"""No consolidation: plain sequential fine-tuning (the lower baseline)."""
+
+
+class QuadraticAnchors(Regularizer):
     r"""Shared state of the quadratic penalties ``Σ_t Σ_i importance_t,i · (θ_i − anchor_t,i)²``.
 
     ``importances`` and ``anchors`` are ``(num_anchors, num_slow_weights)`` tensors, one row per
     consolidated task (or a single running row). The penalty is computed from one merged row,
     ``Σ_t F_t (θ − a_t)² = F (θ − ā)² + Σ_t F_t (a_t − ā)²`` with ``F = Σ_t F_t`` and
     ``ā = Σ_t F_t a_t / F`` (the cross terms cancel), so a training step costs the same for any
-    number of tasks: with 4 anchors the per-row form took 4.7x longer. ``strength`` multiplies the sum.
+    number of tasks: with 4 anchors the per-row form took 4.7x longer. The penalty is
+    ``penalty_scale · strength · Σ``.
     """
+
+    penalty_scale = 1.0  # EWC's ½
 
     def __init__(self) -> None:
         self.importances: Optional[Tensor] = None
         self.anchors: Optional[Tensor] = None
         self._merged: Optional[tuple[Tensor, Tensor, float]] = None
+
+    def penalty(self, model: nn.Module):
+        return self.quadratic_penalty(model, self.penalty_scale * self.strength)
+
+    def max_curvature(self) -> float:
+        if self._merged is None:
+            return 0.0
+        return 2 * self.penalty_scale * self.strength * self._merged[0].max().item()
+
+    def state_dict(self) -> dict:
+        return self.anchor_state()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.load_anchor_state(state)
 
     def quadratic_penalty(self, model: nn.Module, strength: float):
         if self._merged is None:
@@ -212,21 +263,14 @@ class ElasticWeightConsolidation(QuadraticAnchors):
         fisher_samples: training samples per Fisher estimate (bounded so it stays fast on CPU).
     """
 
+    strength_option, penalty_scale = "ewc_lambda", 0.5
+
     def __init__(self, ewc_lambda: float = 1000.0, online_gamma: Optional[float] = None,
                  fisher_samples: int = 1000) -> None:
         super().__init__()
         self.ewc_lambda = ewc_lambda
         self.online_gamma = online_gamma
         self.fisher_samples = fisher_samples
-
-    def before_task(self, model: nn.Module) -> None:
-        pass
-
-    def penalty(self, model: nn.Module):
-        return self.quadratic_penalty(model, self.ewc_lambda / 2)
-
-    def after_step(self, model: nn.Module) -> None:
-        pass
 
     def after_task(self, model, inputs, classes, generator) -> None:
         samples = sample_subset(inputs, self.fisher_samples, generator)
@@ -236,12 +280,6 @@ class ElasticWeightConsolidation(QuadraticAnchors):
         if online and self.importances is not None:
             fisher = self.online_gamma * self.importances[0] + fisher
         self.add_anchor(fisher, _detached_flat(model), keep_previous=not online)
-
-    def state_dict(self) -> dict:
-        return self.anchor_state()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.load_anchor_state(state)
 
 
 def _squared_output_norm(logits: Tensor) -> Tensor:
@@ -263,19 +301,12 @@ class MemoryAwareSynapses(QuadraticAnchors):
         fisher_samples: training samples per importance estimate.
     """
 
+    strength_option = "mas_lambda"
+
     def __init__(self, mas_lambda: float = 1.0, fisher_samples: int = 1000) -> None:
         super().__init__()
         self.mas_lambda = mas_lambda
         self.fisher_samples = fisher_samples
-
-    def before_task(self, model: nn.Module) -> None:
-        pass
-
-    def penalty(self, model: nn.Module):
-        return self.quadratic_penalty(model, self.mas_lambda)
-
-    def after_step(self, model: nn.Module) -> None:
-        pass
 
     def after_task(self, model, inputs, classes, generator) -> None:
         samples = sample_subset(inputs, self.fisher_samples, generator)
@@ -284,12 +315,6 @@ class MemoryAwareSynapses(QuadraticAnchors):
         if self.importances is not None:
             importance = self.importances[0] + importance
         self.add_anchor(importance, _detached_flat(model), keep_previous=False)
-
-    def state_dict(self) -> dict:
-        return self.anchor_state()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.load_anchor_state(state)
 
 
 class SynapticIntelligence(QuadraticAnchors):
@@ -310,6 +335,8 @@ class SynapticIntelligence(QuadraticAnchors):
         si_epsilon: damping ξ for parameters that barely moved. Default 1e-3, Zenke et al.'s ξ.
     """
 
+    strength_option = "si_c"
+
     def __init__(self, si_c: float = 1.0, si_epsilon: float = 1e-3) -> None:
         super().__init__()
         self.si_c = si_c
@@ -322,9 +349,6 @@ class SynapticIntelligence(QuadraticAnchors):
         self.task_start = _detached_flat(model)
         self.before_step = self.task_start.clone()
         self.path_integral = torch.zeros_like(self.task_start)
-
-    def penalty(self, model: nn.Module):
-        return self.quadratic_penalty(model, self.si_c)
 
     @torch.no_grad()
     def after_step(self, model: nn.Module) -> None:

@@ -29,11 +29,12 @@ import dhp_deploy
 from dhp_deploy.benchmarks import Benchmark, batches
 from dhp_deploy.checkpoint import CHECKPOINT_NAME, atomic_write_json, build_model, save_checkpoint
 from dhp_deploy.metrics import average_accuracies, write_run_metrics
-from dhp_deploy.network import task_logits
-from dhp_deploy.regularizers import build_regularizer
+from dhp_deploy.layer import WEIGHT_INITS, DHPSoftmax
+from dhp_deploy.network import default_head_init, task_logits
+from dhp_deploy.regularizers import SEARCHED_STRENGTHS, STRENGTH_OPTION, build_regularizer
 
-__all__ = ["TrainConfig", "TrainingError", "TrainingDiverged", "TrainingRun", "derived_generator",
-           "evaluate", "CONFIG_NAME"]
+__all__ = ["TrainConfig", "TrainingError", "TrainingDiverged", "UnstableStrength", "TrainingRun",
+           "derived_generator", "evaluate", "CONFIG_NAME"]
 
 CONFIG_NAME = "config.json"
 EVAL_BATCH = 1000  # test examples per forward pass during evaluation
@@ -45,6 +46,10 @@ class TrainingError(Exception):
 
 class TrainingDiverged(TrainingError):
     r"""The loss or the weights stopped being finite (e.g. a learning rate far too high)."""
+
+
+class UnstableStrength(TrainingDiverged):
+    r"""The consolidation penalty is too stiff for SGD at this learning rate: it would diverge."""
 
 
 @dataclass
@@ -61,11 +66,16 @@ class TrainConfig:
     seed: int = 0  # seeds initial weights, batch order, Fisher subsets and the benchmark
     hidden: tuple = (256, 256)  # hidden layer widths (paper: 784-256-256)
     eta_init: float = 0.01  # initial DHP plasticity rate η
-    ewc_lambda: float = 1000.0  # EWC / Online EWC strength
+    # θ's init, "authors" or "linear" (dhp_deploy.layer.WEIGHT_INITS); None: the paper's setup,
+    # "authors" for the DHP head and "linear" for the plain head (network.default_head_init).
+    head_init: Optional[str] = None
+    # Strengths; None: the searched value for the benchmark and method (SEARCHED_STRENGTHS), else
+    # ewc_lambda 1000, si_c 1, mas_lambda 1.
+    ewc_lambda: Optional[float] = None  # EWC / Online EWC strength
     online_ewc_gamma: float = 1.0  # Online EWC decay of the running Fisher
-    si_c: float = 1.0  # SI strength c
+    si_c: Optional[float] = None  # SI strength c
     si_epsilon: float = 1e-3  # SI damping ξ
-    mas_lambda: float = 1.0  # MAS strength
+    mas_lambda: Optional[float] = None  # MAS strength
     fisher_samples: int = 1000  # training samples per Fisher / MAS importance estimate
     val_fraction: float = 0.0  # share of each task's training set held out (val accuracies)
     class_incremental: bool = False  # split benchmarks: one head over all classes
@@ -76,6 +86,16 @@ class TrainConfig:
 
     def __post_init__(self):
         self.hidden = tuple(int(width) for width in self.hidden)
+        # Resolved here, so config.json records the values a run used, never "default".
+        self.head_init = self.head_init or default_head_init(self.dhp)
+        if self.head_init not in WEIGHT_INITS:
+            raise ValueError(f"unknown head_init {self.head_init!r}, expected one of "
+                             f"{', '.join(WEIGHT_INITS)}")
+        searched = SEARCHED_STRENGTHS.get(self.benchmark, {})
+        for option, generic in _GENERIC_STRENGTHS.items():
+            if getattr(self, option) is None:
+                own = STRENGTH_OPTION.get(self.method) == option
+                setattr(self, option, float(searched.get(self.method, generic) if own else generic))
 
     def data_arguments(self) -> dict:
         r"""The ``build_benchmark`` keyword arguments (all but ``data_dir`` and ``device``)."""
@@ -96,7 +116,8 @@ class TrainConfig:
             "benchmark": self.benchmark,
             "seed": self.seed,
             "model": {"in_features": benchmark.input_size, "num_classes": benchmark.num_classes,
-                      "hidden": list(self.hidden), "dhp": self.dhp, "eta_init": self.eta_init},
+                      "hidden": list(self.hidden), "dhp": self.dhp, "eta_init": self.eta_init,
+                      "head_init": self.head_init},
             "data": self.data_arguments(),
             "regularizer": {"method": self.method, **self.regularizer_arguments()},
             "optimizer": {"name": "sgd", "lr": self.lr, "momentum": self.momentum,
@@ -108,7 +129,12 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, config: dict) -> "TrainConfig":
-        return cls(**config["training"])
+        # Runs saved before head_init existed were all trained with nn.Linear's init.
+        return cls(**{"head_init": "linear", **config["training"]})
+
+
+# The strength of a method without a searched value for the benchmark.
+_GENERIC_STRENGTHS = {"ewc_lambda": 1000.0, "si_c": 1.0, "mas_lambda": 1.0}
 
 
 def derived_generator(seed: int, purpose: str, *keys: int) -> torch.Generator:
@@ -217,6 +243,7 @@ class TrainingRun:
             task_id, epoch = self._next_position()
             if epoch == 0:
                 self.regularizer.before_task(self.model)
+                self._check_stable(task_id)
             loss, accuracy, seconds = self.train_epoch(task_id, epoch)
             if epoch == self.config.epochs - 1:
                 self.end_task(task_id)
@@ -308,6 +335,9 @@ class TrainingRun:
         title = (f"{self.config.benchmark} · {self.config.method}"
                  f"{' + DHP' if self.config.dhp else ''}")
         extra = {}
+        heads = [m for m in self.model.modules() if isinstance(m, DHPSoftmax)]
+        if heads:  # how much plasticity the trained model uses
+            extra["plasticity"] = heads[0].plasticity_summary()
         if self.progress.val_acc_matrix:  # for tuning strengths (never tune on test)
             extra = {"val_acc_matrix": self.progress.val_acc_matrix,
                      "val_avg_acc": average_accuracies(self.progress.val_acc_matrix)}
@@ -326,6 +356,23 @@ class TrainingRun:
             f"weights {'finite' if weights_finite else 'not finite'}); stopped without saving it. "
             f"The last good checkpoint {self.run_dir / CHECKPOINT_NAME} ({_describe(self.position)})"
             f" is intact; try a lower --lr")
+
+    def _check_stable(self, task_id: int) -> None:
+        r"""Refuse to start a task whose penalty alone makes SGD diverge (lr · curvature > 2(1+μ))."""
+        curvature = self.regularizer.max_curvature()
+        limit = 2 * (1 + self.config.momentum)
+        if self.config.lr * curvature <= limit:
+            return
+        option = self.regularizer.strength_option
+        strength = self.regularizer.strength
+        stable = strength * limit / (self.config.lr * curvature)
+        raise UnstableStrength(
+            f"--{option.replace('_', '-')} {strength:g} is too strong for SGD at --lr "
+            f"{self.config.lr:g} from task {task_id + 1} on: the penalty's curvature "
+            f"{curvature:.4g} gives lr·curvature {self.config.lr * curvature:.3g} > {limit:g}, so "
+            f"training would diverge. The largest stable --{option.replace('_', '-')} is "
+            f"{stable:.3g}; stopped before the task's first step. The checkpoint "
+            f"{self.run_dir / CHECKPOINT_NAME} ({_describe(self.position)}) is intact")
 
     def _log_epoch(self, loss, accuracy, started, epochs_done, epochs_left) -> None:
         task_id, epoch = self.position["task"], self.position["epoch"]

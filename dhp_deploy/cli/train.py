@@ -17,14 +17,16 @@ from pathlib import Path
 import click
 
 from dhp_deploy.benchmarks import BENCHMARKS
+from dhp_deploy.layer import WEIGHT_INITS
 from dhp_deploy.regularizers import METHODS
 
 # Options that decide the result: with --resume they come from the checkpoint, never the command.
 TRAINING_OPTIONS = ("benchmark", "method", "dhp", "epochs", "batch_size", "lr", "momentum", "seed",
-                    "hidden", "ewc_lambda", "online_ewc_gamma", "si_c", "si_epsilon", "mas_lambda",
+                    "hidden", "head_init", "ewc_lambda", "online_ewc_gamma", "si_c", "si_epsilon", "mas_lambda",
                     "fisher_samples", "val_fraction", "class_incremental", "num_tasks",
                     "train_limit", "test_limit")
 RUN_FILES = ("checkpoint.pt", "config.json", "metrics.json", "metrics.csv", "accuracy.png")
+SEARCHED = "the value searched for the benchmark (README)"
 # Test hook: "sigkill-after-steps=N" makes the process SIGKILL itself after N optimiser steps.
 FAULT_ENV = "DHP_TRAIN_FAULT"
 
@@ -71,15 +73,19 @@ class HiddenSizes(click.ParamType):
               help="Seeds weights, batch order, Fisher subsets and the benchmark.")
 @click.option("--hidden", type=HiddenSizes(), default="256,256", show_default=True,
               help="Hidden layer widths.")
-@click.option("--ewc-lambda", type=click.FloatRange(min=0), default=1000.0, show_default=True,
+@click.option("--head-init", type=click.Choice(WEIGHT_INITS), show_default="authors with --dhp, "
+              "linear with --no-dhp (the paper's setup)",
+              help="Output layer θ init: the DHP authors' code (bound 1/√classes) or nn.Linear's "
+                   "(bound 1/√inputs).")
+@click.option("--ewc-lambda", type=click.FloatRange(min=0), show_default=SEARCHED,
               help="EWC / Online EWC strength.")
 @click.option("--online-ewc-gamma", type=click.FloatRange(0, 1), default=1.0, show_default=True,
               help="Online EWC decay of the running Fisher.")
-@click.option("--si-c", type=click.FloatRange(min=0), default=1.0, show_default=True,
+@click.option("--si-c", type=click.FloatRange(min=0), show_default=SEARCHED,
               help="SI strength c.")
 @click.option("--si-epsilon", type=click.FloatRange(min=0, min_open=True), default=1e-3,
               show_default=True, help="SI damping ξ.")
-@click.option("--mas-lambda", type=click.FloatRange(min=0), default=1.0, show_default=True,
+@click.option("--mas-lambda", type=click.FloatRange(min=0), show_default=SEARCHED,
               help="MAS strength.")
 @click.option("--fisher-samples", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Training samples per Fisher / MAS importance estimate.")
