@@ -81,8 +81,10 @@ class PlainHead(nn.Module):
     def __init__(self, in_features: int, out_features: int, weight_init: str = "linear",
                  device=None, dtype=None) -> None:
         super().__init__()
+        rng = torch.get_rng_state()
         self.linear = nn.Linear(in_features, out_features, bias=False, device=device, dtype=dtype)
         if weight_init != "linear":
+            torch.set_rng_state(rng)  # draw θ from where the DHP head would: same seed, same θ
             with torch.no_grad():
                 theta = torch.empty(in_features, out_features, device=device, dtype=dtype)
                 self.linear.weight.copy_(init_slow_weights_(theta, weight_init).t())

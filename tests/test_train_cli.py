@@ -158,3 +158,23 @@ def test_resume_takes_no_training_options_and_needs_a_run_dir(finished_run, data
     assert dhp_train("--benchmark", "split-mnist").returncode == 2  # neither --out nor --resume
     again = dhp_train("--resume", run_dir, data_dir=data_dir)  # finished: metrics rewritten
     assert again.returncode == 0 and "already finished" in again.stderr
+
+
+def test_a_strength_beyond_sgd_stability_stops_before_the_task(tmp_path, data_dir):
+    stiff = tmp_path / "stiff"
+    result = dhp_train(*QUICK, "--epochs", "1", "--method", "ewc", "--ewc-lambda", "1e9",
+                       "--out", stiff, data_dir=data_dir)
+    error = assert_one_line_error(result, "--ewc-lambda 1e+09 is too strong", "from task 2",
+                                  "largest stable --ewc-lambda is", "is intact")
+    payload = load_checkpoint(stiff)  # the finished task 1, not a step of task 2
+    assert payload["position"] == {"task": 0, "epoch": 0, "finished": False}
+    assert len(payload["metrics"]["acc_matrix"]) == 1
+    largest = float(error.split("largest stable --ewc-lambda is ")[1].split(";")[0])
+    # Task 1 trains without the penalty, so task 2 starts from the same curvature: just below
+    # the bound the run finishes, finite.
+    below = tmp_path / "below"
+    result = dhp_train(*QUICK, "--epochs", "1", "--method", "ewc", "--ewc-lambda",
+                       f"{0.9 * largest:g}", "--out", below, data_dir=data_dir)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((below / "metrics.json").read_text())
+    assert all(0 <= v <= 1 for row in metrics["acc_matrix"] for v in row)
