@@ -33,6 +33,7 @@ on a shared machine oversubscribed threads were 10-100× slower here.
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -226,11 +227,25 @@ _WORKER: dict = {}
 
 
 def _init_worker(data_dir, device, summaries, stop_at) -> None:
+    import signal
+
     import torch
 
+    _die_with_parent(signal.SIGTERM)
     torch.set_num_threads(1)  # N one-thread processes: no oversubscription of N cores
     _WORKER.update(cache=BenchmarkCache(data_dir, device), device=device, summaries=summaries,
                    stop_at=stop_at, log=lambda line: print(line, flush=True))
+
+
+def _die_with_parent(sig) -> None:
+    # A killed grid must not leave workers training on (they would race a restarted grid for the
+    # same run directories): Linux delivers ``sig`` to this process when its parent dies.
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(sig))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _pool_job(numbered):
@@ -519,6 +534,8 @@ def parse_arguments(argv=None):
 
 def main(argv=None) -> int:
     args = parse_arguments(argv)
+    # SIGTERM unwinds like Ctrl-C, so a --jobs pool is terminated with its parent.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     if args.threads:
         import torch
 
