@@ -143,6 +143,11 @@ class Regularizer:
     def after_task(self, model, inputs, classes, generator) -> None:
         pass
 
+    def penalty_gradients(self, model: nn.Module) -> dict:
+        r"""The penalty's gradient in closed form, ``{id(parameter): tensor}`` (empty: none);
+        for the lean step, which computes gradients without autograd."""
+        return {}
+
     def max_curvature(self) -> float:
         return 0.0
 
@@ -181,6 +186,16 @@ class QuadraticAnchors(Regularizer):
 
     def penalty(self, model: nn.Module):
         return self.quadratic_penalty(model, self.penalty_scale * self.strength)
+
+    def penalty_gradients(self, model: nn.Module) -> dict:
+        if self._merged is None:
+            return {}
+        importance, anchor, _ = self._merged
+        scale = 2 * self.penalty_scale * self.strength
+        params = list(slow_parameters(model).values())
+        return {id(param): (param.detach() - center).mul_(weight).mul_(scale)
+                for param, weight, center in zip(params, _as_parameters(importance, params),
+                                                 _as_parameters(anchor, params))}
 
     def max_curvature(self) -> float:
         if self._merged is None:

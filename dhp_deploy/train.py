@@ -30,6 +30,7 @@ from dhp_deploy.benchmarks import Benchmark, batches
 from dhp_deploy.checkpoint import CHECKPOINT_NAME, atomic_write_json, build_model, save_checkpoint
 from dhp_deploy.metrics import average_accuracies, write_run_metrics
 from dhp_deploy.layer import WEIGHT_INITS, DHPSoftmax
+from dhp_deploy.lean_step import lean_gradients, supports_lean_step
 from dhp_deploy.network import default_head_init, task_logits
 from dhp_deploy.regularizers import SEARCHED_STRENGTHS, STRENGTH_OPTION, build_regularizer
 
@@ -198,7 +199,7 @@ class TrainingRun:
 
     def __init__(self, config: TrainConfig, benchmark: Benchmark, run_dir, device,
                  log: Optional[Callable[[str], None]] = None,
-                 on_step: Optional[Callable[[int], None]] = None) -> None:
+                 on_step: Optional[Callable[[int], None]] = None, lean: bool = True) -> None:
         self.config, self.benchmark, self.run_dir = config, benchmark, Path(run_dir)
         self.device = torch.device(device)
         self.log, self.on_step = log or (lambda line: None), on_step
@@ -208,6 +209,10 @@ class TrainingRun:
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr,
                                          momentum=config.momentum, foreach=True)
         self.regularizer = build_regularizer(config.method, **config.regularizer_arguments())
+        self.parameters = list(self.model.parameters())
+        # The lean step computes the same gradients with far less overhead; autograd serves any
+        # other model (lean=False forces it, e.g. to compare the two).
+        self.lean = lean and supports_lean_step(self.model)
         self.heads = _task_heads(benchmark, self.device)
         self.position = {"task": 0, "epoch": -1, "finished": False}
         self.progress = Progress()
@@ -289,7 +294,30 @@ class TrainingRun:
 
     def train_step(self, xb: Tensor, yb: Tensor, head: Optional[Tensor],
                    targets_of: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-        r"""One SGD step on ``loss = ce + penalty``; returns the detached ce and the hit count."""
+        r"""One SGD step on ``loss = ce + penalty``; returns the detached ce and the hit count.
+
+        The lean step (:mod:`dhp_deploy.lean_step`) where the model allows it, else autograd.
+        """
+        if not self.lean:
+            return self.autograd_step(xb, yb, head, targets_of)
+        targets = yb if head is None else targets_of[yb]
+        grads, task_loss, _, hits = lean_gradients(self.model, xb, yb, head, targets)
+        for key, gradient in self.regularizer.penalty_gradients(self.model).items():
+            grads[key].add_(gradient)
+        ordered = [grads[id(param)] for param in self.parameters]
+        for param, gradient in zip(self.parameters, ordered):  # as backward() leaves them
+            param.grad = gradient
+        if self.config.momentum == 0:  # SGD's own foreach update without its per-call overhead
+            with torch.no_grad():
+                torch._foreach_add_(self.parameters, ordered, alpha=-self.config.lr)
+        else:
+            self.optimizer.step()
+        self.regularizer.after_step(self.model)
+        return task_loss, hits
+
+    def autograd_step(self, xb: Tensor, yb: Tensor, head: Optional[Tensor],
+                      targets_of: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        r"""The generic step: the model's forward, ``loss.backward()``, the optimiser."""
         logits = self.model(xb, yb)  # the DHP head sees the labels: its trace updates
         if head is not None:
             logits, targets = task_logits(logits, head), targets_of[yb]

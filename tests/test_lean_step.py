@@ -1,0 +1,124 @@
+"""The lean training step against autograd: same loss, gradients, trace and training, no MNIST."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dhp_deploy.benchmarks import Benchmark, Task
+from dhp_deploy.lean_step import lean_gradients, supports_lean_step
+from dhp_deploy.network import DHPNet, task_logits
+from dhp_deploy.regularizers import build_regularizer, flat_slow_weights
+from dhp_deploy.train import TrainConfig, TrainingRun
+
+IN, CLASSES = 20, 6
+LABELS = {"repeated labels": [0, 3, 3, 1, 0, 3, 5, 5], "classes absent": [2, 2, 4],
+          "batch of one": [1], "every class": [0, 1, 2, 3, 4, 5, 0, 1]}
+
+
+def make_net(dhp: bool, seed: int = 0) -> DHPNet:
+    torch.manual_seed(seed)
+    net = DHPNet(IN, CLASSES, hidden=(16, 12), dhp=dhp, dtype=torch.float64).train()
+    if dhp:  # a non-trivial point: large α and η, a trace from "earlier tasks"
+        with torch.no_grad():
+            net.head.alpha.uniform_(-1, 1)
+            net.head.eta.fill_(0.3)
+            net.head.hebb.uniform_(0, 1)
+    return net
+
+
+def autograd_reference(net, x, y, head, targets, penalty=None):
+    logits = net(x, y)
+    logits = logits if head is None else task_logits(logits, head)
+    loss = F.cross_entropy(logits, targets)
+    total = loss + (penalty(net) if penalty is not None else 0.0)
+    grads = torch.autograd.grad(total, list(net.parameters()))
+    return loss.detach(), logits.detach(), grads
+
+
+@pytest.mark.parametrize("dhp", [True, False])
+@pytest.mark.parametrize("multi_head", [True, False])
+@pytest.mark.parametrize("case", list(LABELS))
+def test_lean_gradients_equal_autograd(dhp, multi_head, case):
+    y = torch.tensor(LABELS[case])
+    x = torch.randn(len(y), IN, dtype=torch.float64)
+    reference, lean = make_net(dhp), make_net(dhp)
+    if multi_head:  # the loss covers a task's classes; targets are positions within them
+        head = torch.unique(torch.cat([y, torch.tensor([5])]))
+        targets = torch.searchsorted(head, y)
+    else:
+        head, targets = None, y
+    loss, logits, grads = autograd_reference(reference, x, y, head, targets)
+    lean_grads, lean_loss, lean_logits, hits = lean_gradients(lean, x, y, head, targets)
+    torch.testing.assert_close(lean_loss, loss, rtol=0, atol=1e-12)
+    torch.testing.assert_close(lean_logits, logits, rtol=0, atol=1e-12)
+    assert hits.item() == (logits.argmax(1) == targets).sum().item()
+    for (name, param), expected in zip(lean.named_parameters(), grads):
+        torch.testing.assert_close(lean_grads[id(param)], expected, rtol=0, atol=1e-12,
+                                   msg=name)
+    if dhp:  # the trace moved exactly as the layer's own training forward moves it
+        assert torch.equal(lean.head.hebb, reference.head.hebb)
+
+
+@pytest.mark.parametrize("method", ["ewc", "mas", "si"])
+def test_closed_form_penalty_gradients_equal_autograd(method):
+    net = make_net(True)
+    regularizer = build_regularizer(method, fisher_samples=16)
+    regularizer.before_task(net)
+    with torch.no_grad():  # an anchor with made-up importances, then move away from it
+        anchor = flat_slow_weights(net).clone()
+        regularizer.add_anchor(torch.rand(anchor.numel(), dtype=torch.float64), anchor)
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    expected = torch.autograd.grad(regularizer.penalty(net), list(net.parameters()),
+                                   allow_unused=True)
+    closed = regularizer.penalty_gradients(net)
+    for (name, param), grad in zip(net.named_parameters(), expected):
+        if name in ("head.alpha", "head.eta"):
+            assert id(param) not in closed and (grad is None or not grad.any())
+        else:
+            torch.testing.assert_close(closed[id(param)], grad, rtol=1e-12, atol=1e-12,
+                                       msg=name)
+
+
+def synthetic_benchmark(seed=0) -> Benchmark:
+    generator = torch.Generator().manual_seed(seed)
+    tasks = []
+    for task_id, classes in enumerate(((0, 1), (2, 3))):
+        def split(n):
+            y = torch.tensor(classes)[torch.randint(0, 2, (n,), generator=generator)]
+            x = torch.rand(n, IN, generator=generator) + 0.3 * y[:, None].float()
+            return x, y
+        (x_train, y_train), (x_test, y_test) = split(256), split(64)
+        tasks.append(Task(task_id, classes, x_train, y_train, torch.empty(0, IN),
+                          torch.empty(0, dtype=torch.int64), x_test, y_test))
+    return Benchmark("synthetic", tasks, "task", seed, num_classes=4, input_size=IN)
+
+
+@pytest.mark.parametrize("method", ["finetune", "ewc", "si"])
+@pytest.mark.parametrize("dhp", [True, False])
+def test_training_with_the_lean_step_matches_autograd(tmp_path, method, dhp):
+    config = TrainConfig(benchmark="split-mnist", method=method, dhp=dhp, epochs=2,
+                         batch_size=16, lr=0.05, hidden=(16,), fisher_samples=32, ewc_lambda=100.0,
+                         si_c=1.0)
+    runs = {}
+    for lean in (True, False):
+        run = TrainingRun.start(config, synthetic_benchmark(), tmp_path / str(lean), lean=lean)
+        assert run.lean == lean
+        runs[lean] = (run, run.run())
+    (lean_run, lean_metrics), (autograd_run, autograd_metrics) = runs[True], runs[False]
+    for (name, a), b in zip(lean_run.model.state_dict().items(),
+                            autograd_run.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    flat = [v for row in lean_metrics["acc_matrix"] for v in row]
+    assert flat == pytest.approx([v for row in autograd_metrics["acc_matrix"] for v in row],
+                                 abs=0.02)
+
+
+def test_other_models_fall_back_to_autograd():
+    assert supports_lean_step(make_net(True)) and supports_lean_step(make_net(False))
+    net = make_net(True)
+    net.trunk.append(torch.nn.Tanh())
+    assert not supports_lean_step(net)
+    assert not supports_lean_step(torch.nn.Linear(3, 2))
