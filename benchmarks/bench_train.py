@@ -4,9 +4,12 @@ r"""Training throughput on the full Split MNIST protocol, against this machine's
     python benchmarks/bench_train.py --tasks 2 --epochs 1  # a quick look
     python benchmarks/bench_train.py --threads 1 --threads 2
 
-Variants: finetune (plain head), finetune + DHP, and each regulariser with DHP. For each: wall time
-(training, consolidation and evaluation), training samples/s, achieved GFLOP/s and its share of the
-peak, the regulariser's training-time overhead over finetune + DHP, and the final accuracies.
+Variants: finetune (plain head), finetune + DHP, and each regulariser with DHP, each trained with
+the lean step (``dhp_deploy.lean_step``, what dhp-train uses) and with the generic autograd step,
+side by side (``--steps``). For each: wall time (training, consolidation and evaluation), training
+samples/s, achieved GFLOP/s and its share of the peak, the regulariser's training-time overhead
+over finetune + DHP with the same step, and the final accuracies; then the ratios DHP / plain and
+autograd / lean.
 
 FLOP convention (stated in the output): a matmul of (m×k)·(k×n) is 2·m·n·k in the forward pass and
 twice that in the backward pass (input gradient + weight gradient), so an MLP 784-256-256-10 costs
@@ -72,16 +75,16 @@ def flops_per_sample(in_features: int, hidden, num_classes: int) -> dict:
             "executed": nominal - 2 * widths[0] * widths[1]}
 
 
-def run_variant(method: str, dhp: bool, args, data_dir) -> dict:
+def run_variant(method: str, dhp: bool, args, data_dir, step: str) -> dict:
     config = TrainConfig(benchmark="split-mnist", method=method, dhp=dhp, epochs=args.epochs,
                          num_tasks=args.tasks, batch_size=args.batch_size, hidden=HIDDEN)
     benchmark = build_benchmark(**config.data_arguments(), data_dir=data_dir)
     with tempfile.TemporaryDirectory() as run_dir:
         started = time.perf_counter()
-        metrics = TrainingRun.start(config, benchmark, run_dir).run()
+        metrics = TrainingRun.start(config, benchmark, run_dir, lean=step == "lean").run()
         wall = time.perf_counter() - started
     timings = metrics["timings"]
-    return {"method": method, "dhp": dhp, "wall_s": wall, "train_s": timings["train_s"],
+    return {"method": method, "dhp": dhp, "step": step, "wall_s": wall, "train_s": timings["train_s"],
             "consolidate_s": timings["consolidate_s"], "evaluate_s": timings["evaluate_s"],
             "samples": timings["samples"], "samples_per_s": timings["samples_per_s"],
             "avg_acc": metrics["avg_acc"][-1], "acc": metrics["acc"],
@@ -91,10 +94,11 @@ def run_variant(method: str, dhp: bool, args, data_dir) -> dict:
 def report(threads: int, peak: dict, rows: list, flops: dict) -> None:
     print(f"\n== {threads} thread(s): peak {peak['peak']:.0f} GFLOP/s (torch.mm "
           f"{peak['torch.mm']:.0f}, oneDNN {peak['onednn linear'] if isinstance(peak['onednn linear'], str) else round(peak['onednn linear'])})")
-    print(f"{'variant':<18}{'wall s':>8}{'train s':>9}{'samples/s':>11}{'GFLOP/s':>9}{'% peak':>8}"
+    print(f"{'variant':<28}{'wall s':>8}{'train s':>9}{'samples/s':>11}{'GFLOP/s':>9}{'% peak':>8}"
           f"{'exec GF/s':>10}{'overhead':>9}{'avg acc':>9}")
-    base = next((r for r in rows if r["method"] == "finetune" and r["dhp"]), None)
     for row in rows:
+        base = next((r for r in rows if r["method"] == "finetune" and r["dhp"]
+                     and r["step"] == row["step"]), None)
         nominal = row["samples_per_s"] * flops["nominal"] / 1e9
         executed = row["samples_per_s"] * flops["executed"] / 1e9
         row.update(gflops=nominal, executed_gflops=executed, percent_of_peak=100 * nominal / peak["peak"])
@@ -102,10 +106,24 @@ def report(threads: int, peak: dict, rows: list, flops: dict) -> None:
         if base is not None and row["dhp"] and row["method"] != "finetune":
             row["overhead"] = row["train_s"] / base["train_s"] - 1
             overhead = f"{100 * row['overhead']:+.0f}%"
-        name = row["method"] + (" + DHP" if row["dhp"] else "")
-        print(f"{name:<18}{row['wall_s']:8.1f}{row['train_s']:9.1f}{row['samples_per_s']:11.0f}"
+        name = row["method"] + (" + DHP" if row["dhp"] else "") + f" [{row['step']}]"
+        print(f"{name:<28}{row['wall_s']:8.1f}{row['train_s']:9.1f}{row['samples_per_s']:11.0f}"
               f"{nominal:9.1f}{row['percent_of_peak']:7.1f}%{executed:10.1f}{overhead:>9}"
               f"{100 * row['avg_acc']:8.2f}%")
+    print_ratios(rows)
+
+
+def print_ratios(rows: list) -> None:
+    r"""Training-time ratios measured in this run: DHP / plain per step, autograd / lean."""
+    by = {(r["method"], r["dhp"], r["step"]): r["train_s"] for r in rows}
+    for step in ("lean", "autograd"):
+        if ("finetune", True, step) in by and ("finetune", False, step) in by:
+            print(f"DHP / plain training time [{step}]: "
+                  f"{by[('finetune', True, step)] / by[('finetune', False, step)]:.2f}")
+    for method, dhp, step in by:
+        if step == "lean" and (method, dhp, "autograd") in by:
+            print(f"autograd / lean [{method}{' + DHP' if dhp else ''}]: "
+                  f"{by[(method, dhp, 'autograd')] / by[(method, dhp, 'lean')]:.2f}")
 
 
 def main() -> None:
@@ -117,6 +135,8 @@ def main() -> None:
                         help="torch threads (repeatable; default: torch's current count)")
     parser.add_argument("--methods", nargs="*", help="subset of: " + ", ".join(
         f"{m}{'+dhp' if d else ''}" for m, d in VARIANTS))
+    parser.add_argument("--steps", default="lean,autograd",
+                        help="training steps to compare: lean, autograd or both (default)")
     parser.add_argument("--data-dir", default=None, help="default: $DHP_DATA_DIR, else ./data")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
@@ -130,7 +150,8 @@ def main() -> None:
     for threads in args.threads or [torch.get_num_threads()]:
         torch.set_num_threads(threads)
         peak = matmul_peak_gflops()
-        rows = [run_variant(method, dhp, args, args.data_dir) for method, dhp in wanted]
+        rows = [run_variant(method, dhp, args, args.data_dir, step)
+                for step in args.steps.split(",") for method, dhp in wanted]
         report(threads, peak, rows, flops)
         results.append({"threads": threads, "peak": peak, "rows": rows})
     if args.json:

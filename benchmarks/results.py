@@ -310,6 +310,9 @@ def paired(base_runs, other_runs) -> tuple[list[float], list[int]]:
     return dhp_gain(base_runs, other_runs)
 
 
+MIN_SEEDS_FOR_VERDICT = 3  # below this a standard error says nothing
+
+
 def verdict(diffs) -> str:
     r"""``"+1.23 ± 0.45 pp, n=5, beyond 2 SE"``: mean ± std of paired differences and whether
     the mean exceeds two standard errors (2·std/√n)."""
@@ -318,13 +321,14 @@ def verdict(diffs) -> str:
     mean, std = mean_std(diffs)
     if std is None:
         return f"{100 * mean:+.2f} pp, n=1"
-    beyond = abs(mean) > 2 * std / len(diffs) ** 0.5
+    if len(diffs) < MIN_SEEDS_FOR_VERDICT:
+        return f"{100 * mean:+.2f} ± {100 * std:.2f} pp, n={len(diffs)}, too few seeds"
     return (f"{100 * mean:+.2f} ± {100 * std:.2f} pp, n={len(diffs)}, "
-            f"{'**beyond 2 SE**' if beyond else 'within noise'}")
+            f"{'**beyond 2 SE**' if is_beyond_noise(diffs) else 'within noise'}")
 
 
 def is_beyond_noise(diffs) -> bool:
-    if len(diffs) < 2:
+    if len(diffs) < MIN_SEEDS_FOR_VERDICT:
         return False
     mean, std = mean_std(diffs)
     return abs(mean) > 2 * std / len(diffs) ** 0.5
@@ -571,24 +575,37 @@ def _finding(benchmark, protocol, total, init, plastic, plastic_linear) -> str:
         if not diffs:
             return "not measured yet"
         mean = 100 * mean_std(diffs)[0]
-        return f"{mean:+.2f} pp ({'beyond' if is_beyond_noise(diffs) else 'within'} noise)"
+        if len(diffs) < MIN_SEEDS_FOR_VERDICT:
+            return f"{mean:+.2f} pp (n={len(diffs)}, too few seeds to judge)"
+        return f"{mean:+.2f} pp ({'beyond' if is_beyond_noise(diffs) else 'within'} seed noise)"
 
-    if total and init and plastic:
-        if is_beyond_noise(init) and not is_beyond_noise(plastic):
-            cause = ("the gain comes from the initialisation: a plain head with the same init "
-                     "does as well, and plasticity adds nothing measurable")
-        elif is_beyond_noise(plastic) and not is_beyond_noise(init):
-            cause = "the gain comes from plasticity, not from the initialisation"
-        elif is_beyond_noise(plastic) and is_beyond_noise(init):
-            cause = "both the initialisation and plasticity move the result (signs as shown)"
-        else:
-            cause = "neither part is distinguishable from seed noise at this number of seeds"
-    else:
-        cause = "the decomposition is incomplete: some runs are missing"
-    return (f"- **{benchmark}** (`{protocol}`): DHP vs Finetune as the paper compares them "
+    return (f"- **{benchmark}** (`{protocol}`): DHP vs Finetune as the paper compares them, "
             f"{say(total)} = (a) initialisation {say(init)} + (b) plasticity {say(plastic)}; "
             f"with `nn.Linear`'s init on both heads, plasticity gives {say(plastic_linear)}. "
-            f"In plain words: {cause}.")
+            f"In plain words: {_cause(total, init, plastic)}.")
+
+
+def _cause(total, init, plastic) -> str:
+    r"""Which part of the paper's comparison carries the gain, from the paired differences."""
+    if not (total and init and plastic):
+        return "not measured under this protocol (runs with the authors' init are missing)"
+    if min(len(total), len(init), len(plastic)) < MIN_SEEDS_FOR_VERDICT:
+        return "too few seeds for a verdict yet"
+    mean = {name: mean_std(d)[0] for name, d in (("total", total), ("init", init),
+                                                  ("plastic", plastic))}
+    real = {name: is_beyond_noise(d) for name, d in (("total", total), ("init", init),
+                                                     ("plastic", plastic))}
+    if not real["init"] and not real["plastic"]:
+        return "neither the initialisation nor plasticity moves the result beyond seed noise"
+    if real["init"] and abs(mean["plastic"]) < 0.2 * abs(mean["init"]):
+        share = 100 * mean["init"] / mean["total"] if mean["total"] else float("nan")
+        return (f"the initialisation carries the difference ({share:.0f}% of it): a plain head "
+                f"with the authors' init does as well as the DHP head, and plasticity's own part "
+                f"is {'small but consistent' if real['plastic'] else 'within seed noise'}")
+    if real["plastic"] and not real["init"]:
+        effect = "a gain" if mean["plastic"] > 0 else "a loss"
+        return f"plasticity carries the difference ({effect}), not the initialisation"
+    return "both parts matter, with the signs shown"
 
 
 def plasticity_table(variants: dict) -> list[str]:
@@ -652,14 +669,15 @@ def search_section(records, strengths: dict) -> list[str]:
         lines.append(f"- Chosen for {benchmark} grids under protocol `{protocol or 'paper'}`: "
                      f"{chosen}.")
     lines.append("")
-    used = {}
+    used = defaultdict(dict)  # (benchmark, protocol) → {method: the strength its runs used}
     for r in records:
-        if r["role"] == "grid":
-            used.setdefault((r["benchmark"], r["protocol"]), r["config"]["training"])
-    for (benchmark, protocol), training in sorted(used.items()):
+        if r["role"] == "grid" and r["method"] in STRENGTH_OPTION:
+            used[(r["benchmark"], r["protocol"])].setdefault(
+                r["method"], r["config"]["training"][STRENGTH_OPTION[r["method"]]])
+    for (benchmark, protocol), by_method in sorted(used.items()):
         if strengths_key(benchmark, protocol) not in strengths:
-            values = ", ".join(f"{DISPLAY[m]} `{o}` = {training[o]:g}"
-                               for m, o in STRENGTH_OPTION.items())
+            values = ", ".join(f"{DISPLAY[m]} `{STRENGTH_OPTION[m]}` = {v:g}"
+                               for m, v in by_method.items())
             lines.append(f"- {benchmark} (`{protocol}`) has no search of its own: its runs use "
                          f"{values} (borrowed from the closest searched benchmark).")
     if any(e.get("at_edge") for entry in strengths.values() for e in entry.values()):

@@ -128,7 +128,8 @@ def test_initialisation_follows_the_paper():
     torch.manual_seed(0)
     layer = DHPSoftmax(256, 10)
     assert layer.w.shape == layer.alpha.shape == layer.hebb.shape == (256, 10)
-    assert layer.w.abs().max() <= 1 / 16  # kaiming-uniform a=√5 over in_features: bound 1/√256
+    # The authors' code: kaiming-uniform a=√5 on the (in, out) tensor, fan-in = out: bound 1/√10.
+    assert 0.99 / 10 ** 0.5 < layer.w.abs().max() <= 1 / 10 ** 0.5
     assert 0 <= layer.alpha.min() and layer.alpha.max() < 0.01
     assert layer.eta.item() == pytest.approx(0.01)
     assert torch.count_nonzero(layer.hebb) == 0

@@ -8,6 +8,7 @@ the report's numbers are the runs' numbers. Plus: the committed docs/RESULTS.md 
 the committed summaries.
 """
 
+import argparse
 import json
 import os
 import statistics
@@ -37,6 +38,11 @@ def grid(tmp: Path, *extra: str) -> int:
 def tiny(tmp_path_factory, data_dir):
     tmp = tmp_path_factory.mktemp("reproduce")
     os.environ["DHP_DATA_DIR"] = str(data_dir)
+    # As a search would have chosen for this tiny protocol (Split MNIST's λ = 10⁴ is too stiff
+    # for these 16-unit nets at lr 0.01: the stability check refuses it).
+    (tmp / "sum").mkdir()
+    (tmp / "sum" / "strengths.json").write_text(json.dumps(
+        {f"split-mnist@{TAG}": {"ewc": {"ewc_lambda": 100.0}}}))
     assert grid(tmp) == 0
     return tmp
 
@@ -183,3 +189,45 @@ def test_diverged_run_is_recorded_not_retried(tmp_path, data_dir, capsys):
     out = tmp_path / "RESULTS.md"
     assert results.main(["--from", str(tmp_path / "sum"), "--out", str(out)]) == 0
     assert "- diverged (non-finite loss; no accuracy, not retried): split-mnist" in out.read_text()
+
+
+def test_parallel_grid_equals_sequential_and_reports_progress(tiny, tmp_path, capsys):
+    capsys.readouterr()
+    assert reproduce.main(["grid", "--runs", str(tmp_path / "runs"), "--summaries",
+                           str(tmp_path / "sum"), "--strengths", str(tiny / "sum" /
+                           "strengths.json"), "--variants", ",".join(VARIANTS), "--seeds", "0-1",
+                           "--jobs", "2", *TINY]) == 0
+    out = capsys.readouterr().out
+    progress = [line for line in out.splitlines() if line.startswith("[")]
+    assert len(progress) == 8 and progress[-1].startswith("[8/8 done, ETA")
+    for variant in VARIANTS:  # one-thread worker processes: the same bits as one process
+        for seed in (0, 1):
+            parallel, sequential = (json.loads((root / "runs" / "split-mnist" / TAG / variant /
+                                                f"seed{seed}" / "metrics.json").read_text())
+                                    for root in (tmp_path, tiny))
+            assert parallel["acc_matrix"] == sequential["acc_matrix"], (variant, seed)
+
+
+def test_runs_recorded_in_summaries_are_not_redone(tiny, tmp_path, capsys):
+    # Run directories elsewhere (another machine); the committed summaries are the record.
+    capsys.readouterr()
+    assert reproduce.main(["grid", "--runs", str(tmp_path / "elsewhere"), "--summaries",
+                           str(tiny / "sum"), "--variants", ",".join(VARIANTS), "--seeds", "0-1",
+                           *TINY]) == 0
+    assert "0 trained (0 resumed), 8 already finished" in capsys.readouterr().out
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_variant_groups_and_settings():
+    assert reproduce._variants("paper") == list(results.VARIANTS)
+    ablation = reproduce._variants("ablation")
+    assert "dhp@linear" in ablation and "finetune@authors" in ablation and len(ablation) == 10
+    assert reproduce.variant_settings("dhp+si@linear") == {"method": "si", "dhp": True,
+                                                           "head_init": "linear"}
+    assert reproduce.variant_settings("ewc") == {"method": "ewc", "dhp": False, "head_init": None}
+    assert results.variant_name("finetune", False, "authors") == "finetune@authors"
+    assert results.variant_name("finetune", True, "authors") == "dhp"
+    # Records from before head_init existed were trained with nn.Linear's init.
+    assert results.training_variant({"method": "si", "dhp": True}) == "dhp+si@linear"
+    with pytest.raises(argparse.ArgumentTypeError):
+        reproduce._variants("dhp,nonsense")

@@ -32,7 +32,9 @@ def train(config: TrainConfig, run_dir, data_dir, **hooks):
 
 # 256 examples in batches of 32: 8 steps per epoch.
 TINY = dict(benchmark="split-mnist", num_tasks=2, epochs=1, hidden=(32,), train_limit=256,
-            test_limit=100, batch_size=32, lr=0.1, fisher_samples=64)
+            test_limit=100, batch_size=32, lr=0.1, fisher_samples=64,
+            # lr 0.1 (fast tiny runs) needs gentler penalties than the searched lr-0.01 defaults
+            ewc_lambda=100.0, si_c=0.1, mas_lambda=0.1)
 
 
 # ---------------------------------------------------------------------- metrics by hand
@@ -167,7 +169,7 @@ def test_checkpoint_layout_feeds_load_model_and_rebuilds_the_test_sets(tmp_path,
     assert payload["position"]["finished"]
     assert payload["benchmark"]["tasks"][1]["classes"] == [2, 3]
     assert set(payload["config"]["model"]) == {"in_features", "num_classes", "hidden", "dhp",
-                                               "eta_init"}
+                                               "eta_init", "head_init"}
     rebuilt = build_benchmark(**payload["config"]["data"], data_dir=data_dir)
     for original, again in zip(run.benchmark.tasks, rebuilt.tasks):
         assert torch.equal(original.x_test, again.x_test)
