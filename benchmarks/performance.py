@@ -2,8 +2,9 @@ r"""docs/PERFORMANCE.md: every benchmark script's figures, with the machine and 
 
     python benchmarks/performance.py [--quick] [--out docs/PERFORMANCE.md]
 
-Runs ``bench_layer.py``, ``bench_data.py``, ``bench_train.py`` and ``bench_serve.py`` (those that
-exist) one after another as subprocesses, captures what they print, and writes one report: a
+Runs ``bench_layer.py``, ``bench_data.py``, ``bench_train.py``, ``bench_grid.py`` and
+``bench_serve.py`` (those that exist) one after another as subprocesses, captures what they
+print, and writes one report: a
 header (CPU, cores, torch, the fp32 matmul peak measured here), the key ratios pulled from the
 outputs (DHP/plain step, loop/vectorised layer, folded/plain inference, runtime latencies and
 throughputs side by side, training throughput as % of peak, from bench_train and from the
@@ -34,6 +35,8 @@ SCRIPTS = (
     ("bench_data.py", "benchmark build time from the MNIST files", {"--only": "split-mnist"}),
     ("bench_train.py", "training protocol wall time and throughput",
      {"--tasks": "2", "--epochs": "1"}),
+    ("bench_grid.py", "grid throughput: sequential vs --jobs 2",
+     {"--runs": "4", "--epochs": "1", "--tasks": "2"}),
     ("bench_serve.py", "export/serving: folded vs plain, runtimes vs peak",
      {"--iters": "50", "--repeats": "3", "--rounds": "2", "--peak-size": "1024"}),
 )

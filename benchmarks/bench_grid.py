@@ -1,0 +1,56 @@
+r"""Grid throughput: runs per hour of ``reproduce.py grid``, one run at a time vs ``--jobs N``.
+
+    python benchmarks/bench_grid.py                 # 8 short Split MNIST runs, --jobs 1 then 2
+    python benchmarks/bench_grid.py --runs 4 --epochs 1 --tasks 2   # a quick look
+
+The same runs (Finetune and DHP, seeds 0..) are trained twice into fresh temporary directories,
+first sequentially (one process, one thread) and then with ``--jobs N`` (N one-thread worker
+processes), and the wall time of each whole grid command is compared. On a 2-core machine the
+ratio says how much of the second core a grid uses; it needs an idle machine to mean anything.
+"""
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def grid_seconds(jobs: int, args, root: Path) -> float:
+    seeds = f"0-{args.runs // 2 - 1}"
+    command = [sys.executable, str(HERE / "reproduce.py"), "grid", "--runs", str(root / "runs"),
+               "--summaries", str(root / "summaries"), "--benchmarks", "split-mnist",
+               "--variants", "finetune,dhp", "--seeds", seeds, "--epochs", str(args.epochs),
+               "--num-tasks", str(args.tasks), "--jobs", str(jobs)]
+    if args.data_dir:
+        command += ["--data-dir", args.data_dir]
+    started = time.perf_counter()
+    subprocess.run(command, check=True, capture_output=True, text=True)
+    return time.perf_counter() - started
+
+
+def main() -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=8, help="runs per grid (even; default 8)")
+    parser.add_argument("--epochs", type=int, default=2, help="epochs per task (default 2)")
+    parser.add_argument("--tasks", type=int, default=5, help="Split MNIST tasks (default 5)")
+    parser.add_argument("--jobs", type=int, default=2, help="parallel runs to compare (default 2)")
+    parser.add_argument("--data-dir", help="default: $DHP_DATA_DIR, else ./data")
+    args = parser.parse_args()
+    results = {}
+    for jobs in (1, args.jobs):
+        with tempfile.TemporaryDirectory() as root:
+            seconds = grid_seconds(jobs, args, Path(root))
+        results[jobs] = {"seconds": seconds, "runs_per_hour": args.runs * 3600 / seconds}
+        print(f"--jobs {jobs}: {args.runs} runs (Split MNIST, {args.tasks} tasks × {args.epochs} "
+              f"epochs) in {seconds:.1f} s = {results[jobs]['runs_per_hour']:.0f} runs/hour")
+    ratio = results[args.jobs]["runs_per_hour"] / results[1]["runs_per_hour"]
+    print(f"--jobs {args.jobs} / sequential throughput: {ratio:.2f} (target ≥ 1.6 on 2 cores)")
+    return {"results": results, "ratio": ratio}
+
+
+if __name__ == "__main__":
+    main()
