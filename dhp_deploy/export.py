@@ -19,7 +19,6 @@ folds to itself. The full format is documented in ``export/README.md``.
 """
 
 import copy
-import hashlib
 import json
 import logging
 import os
@@ -29,12 +28,15 @@ import tempfile
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from dhp_deploy.bundle import (ARTIFACT_FILES, ATOL, BUNDLE_FORMAT, BUNDLE_VERSION, FORMATS,
+                               GOLDEN_FILES, INPUT_NAME, MANIFEST_NAME, OUTPUT_NAME, RTOL,
+                               sha256_file)
 from dhp_deploy.checkpoint import CheckpointError, load_model
 from dhp_deploy.layer import DHPSoftmax, dhp_logits
 from dhp_deploy.network import DHPNet, PlainHead
@@ -44,18 +46,6 @@ __all__ = ["ExportError", "FrozenMLP", "fold_model", "export_run", "write_torchs
            "BUNDLE_FORMAT", "BUNDLE_VERSION", "FORMATS", "ATOL", "RTOL", "INPUT_NAME",
            "OUTPUT_NAME", "MANIFEST_NAME", "GOLDEN_FILES", "ARTIFACT_FILES"]
 
-BUNDLE_FORMAT = "dhp-deploy-bundle"
-BUNDLE_VERSION = 1
-MANIFEST_NAME = "manifest.json"
-INPUT_NAME, OUTPUT_NAME = "input", "logits"
-FORMATS = ("torchscript", "onnx")
-ARTIFACT_FILES = {"torchscript": "model.ts", "onnx": "model.onnx"}
-GOLDEN_FILES = {"inputs": "golden_inputs.npy", "logits": "golden_logits.npy",
-                "tasks": "golden_tasks.npy", "labels": "golden_labels.npy"}
-# Parity tolerance for fp32 runtimes against the eager goldens, numpy.allclose semantics:
-# |runtime − golden| ≤ ATOL + RTOL·|golden| elementwise. Measured errors here are ~1e-6 or less
-# (a different GEMM summation order); these bounds leave headroom without hiding a wrong weight.
-ATOL, RTOL = 1e-5, 1e-4
 ONNX_OPSET = 20
 
 
@@ -193,14 +183,6 @@ def evaluate_accuracy(predict_logits, benchmark) -> list[tuple[int, int]]:
     return counts
 
 
-def sha256_file(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _golden_rows(benchmark, count: int):
     # Spread the goldens over the tasks: the first ⌈count/T⌉ test images of each task, in order.
     per_task = -(-count // len(benchmark.tasks))
@@ -293,7 +275,7 @@ def _manifest(model: DHPNet, frozen: FrozenMLP, payload: dict, metrics: dict, fo
 
 def export_run(run_dir, out_dir, formats: Sequence[str] = FORMATS, *, overwrite: bool = False,
                golden_count: int = 64, data_dir=None, allow_unfinished: bool = False,
-               verify: bool = True, _before_commit=None) -> Path:
+               verify: Optional[Callable] = None, _before_commit=None) -> Path:
     r"""Export the trained model of ``run_dir`` as a bundle at ``out_dir``; returns its path.
 
     Args:
@@ -303,8 +285,10 @@ def export_run(run_dir, out_dir, formats: Sequence[str] = FORMATS, *, overwrite:
         golden_count: how many real test images to store as golden vectors.
         data_dir: MNIST root to rebuild the test sets (None → ``$DHP_DATA_DIR`` → ``./data``).
         allow_unfinished: export a run whose training has not finished.
-        verify: before committing, load every artifact from the temporary bundle with the Python
-            runtime and check it against the goldens; a bundle that fails is never written.
+        verify: called as ``verify(bundle_dir, formats)`` on the complete temporary bundle
+            before it is committed; whatever it raises stops the export and nothing is written.
+            ``dhp-export`` passes :func:`dhp_deploy.runtime.verify_bundle` (every artifact loaded
+            and checked against the goldens); the exporter itself knows nothing of runtimes.
 
     Raises:
         ExportError: nothing was written at ``out_dir``.
@@ -354,8 +338,11 @@ def export_run(run_dir, out_dir, formats: Sequence[str] = FORMATS, *, overwrite:
                                             "bytes": path.stat().st_size}
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
         _fsync_tree(tmp)
-        if verify:
-            _verify(tmp, formats)
+        if verify is not None:
+            try:
+                verify(tmp, formats)
+            except Exception as err:  # whatever the checker raises: the bundle is not written
+                raise ExportError(f"the bundle failed verification: {err}") from None
         if _before_commit is not None:  # test hook: a failure at the last possible moment
             _before_commit(tmp)
         _commit(tmp, out_dir, overwrite)
@@ -397,19 +384,6 @@ def _fsync_tree(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _verify(tmp: Path, formats) -> None:
-    from dhp_deploy.runtime import BundleError, open_bundle
-
-    for fmt in formats:
-        try:
-            report = open_bundle(tmp, backend=fmt, device="cpu").check()
-        except BundleError as err:
-            raise ExportError(f"the {fmt} artifact failed verification: {err}") from None
-        if not report["ok"]:
-            raise ExportError(f"the {fmt} artifact does not match the eager goldens "
-                              f"(max abs error {report['max_abs_error']:.3g})")
 
 
 def _commit(tmp: Path, out_dir: Path, overwrite: bool) -> None:

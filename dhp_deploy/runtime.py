@@ -19,25 +19,20 @@ logits and an arbitrary argmax). Values outside [0, 1] are not rejected: they ar
 only out of the training distribution.
 """
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
-from dhp_deploy.export import (ARTIFACT_FILES, ATOL, BUNDLE_FORMAT, BUNDLE_VERSION, FORMATS,
-                               GOLDEN_FILES, MANIFEST_NAME, RTOL, sha256_file)
+from dhp_deploy.bundle import (ARTIFACT_FILES, ATOL, FORMATS, GOLDEN_FILES, RTOL, BundleError,
+                               read_manifest)
 
 __all__ = ["BundleError", "InputError", "Prediction", "Runtime", "open_bundle", "read_manifest",
-           "compare", "time_calls", "BACKENDS", "DEVICES"]
+           "verify_bundle", "compare", "time_calls", "BACKENDS", "DEVICES"]
 
 BACKENDS = FORMATS
 DEVICES = ("cpu", "cuda")
-
-
-class BundleError(Exception):
-    r"""A bundle that cannot be used as asked; the message says which file or setting and why."""
 
 
 class InputError(BundleError):
@@ -58,38 +53,6 @@ class Prediction:
     logits: np.ndarray
     classes: np.ndarray
     labels: np.ndarray
-
-
-def read_manifest(bundle_dir, verify: bool = True) -> dict:
-    r"""The manifest of a bundle, after checking its format version and (``verify``) checksums."""
-    bundle_dir = Path(bundle_dir)
-    if not bundle_dir.is_dir():
-        raise BundleError(f"no bundle directory at {bundle_dir}")
-    path = bundle_dir / MANIFEST_NAME
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise BundleError(f"{path} is missing: not a bundle") from None
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise BundleError(f"{path} is not readable JSON ({err})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
-        raise BundleError(f"{path} is not a {BUNDLE_FORMAT} manifest")
-    if manifest.get("format_version") != BUNDLE_VERSION:
-        raise BundleError(f"{path} has bundle format version {manifest.get('format_version')!r}; "
-                          f"this dhp-deploy reads version {BUNDLE_VERSION}")
-    files = manifest.get("files")
-    if not isinstance(files, dict) or not files:
-        raise BundleError(f"{path} lists no files")
-    if verify:
-        for name, entry in files.items():
-            file = bundle_dir / name
-            if Path(name).name != name:
-                raise BundleError(f"{path} lists a file outside the bundle: {name!r}")
-            if not file.is_file():
-                raise BundleError(f"{file} is missing (listed in the manifest)")
-            if sha256_file(file) != entry.get("sha256"):
-                raise BundleError(f"{file} fails its sha256 check: corrupted or modified")
-    return manifest
 
 
 def compare(outputs: np.ndarray, golden: np.ndarray, atol: float = ATOL,
@@ -231,6 +194,18 @@ def open_bundle(bundle_dir, backend: str = "torchscript", device: str = "cpu",
         raise BundleError(f"{bundle_dir} has no {backend} artifact (it has: {have}); "
                           f"re-export with --format {backend} or all")
     return Runtime(bundle_dir, manifest, backend, device)
+
+
+def verify_bundle(bundle_dir, formats) -> None:
+    r"""Open each of ``formats`` on CPU and check it against the goldens; BundleError if one fails."""
+    for fmt in formats:
+        try:
+            report = open_bundle(bundle_dir, backend=fmt, device="cpu").check()
+        except BundleError as err:
+            raise BundleError(f"the {fmt} artifact failed verification: {err}") from None
+        if not report["ok"]:
+            raise BundleError(f"the {fmt} artifact does not match the eager goldens "
+                              f"(max abs error {report['max_abs_error']:.3g})")
 
 
 def _torchscript(path: Path, device: str):

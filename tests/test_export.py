@@ -335,3 +335,18 @@ def test_cli_refuses_an_unfinished_run(served, tmp_path):
     result = run_cli("export", unfinished, "--out", tmp_path / "b")
     assert_one_line_error(result, "has not finished", "--allow-unfinished")
     assert not (tmp_path / "b").exists()
+
+
+def test_a_bundle_that_fails_verification_is_never_written(served, tmp_path, data_dir):
+    from dhp_deploy.runtime import verify_bundle
+
+    run, _ = served
+
+    def tamper_then_verify(bundle, formats):  # a file changed after the manifest was written
+        np.save(bundle / "golden_logits.npy", np.load(bundle / "golden_logits.npy") + 1.0)
+        verify_bundle(bundle, formats)
+
+    out = tmp_path / "bundles" / "b"
+    with pytest.raises(ExportError, match="failed verification"):
+        export_run(run, out, ("onnx",), data_dir=data_dir, verify=tamper_then_verify)
+    assert not out.exists() and list((tmp_path / "bundles").iterdir()) == []

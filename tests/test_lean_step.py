@@ -1,6 +1,5 @@
 """The lean training step against autograd: same loss, gradients, trace and training, no MNIST."""
 
-import copy
 
 import pytest
 import torch

@@ -37,13 +37,15 @@ def main(run_dir, fmt, out_dir, overwrite, golden_count, data_dir, allow_unfinis
     verified: a failed export leaves nothing at --out.
     """
     from dhp_deploy.export import FORMATS, ExportError, export_run
+    from dhp_deploy.runtime import verify_bundle
 
     formats = FORMATS if fmt == "all" else (fmt,)
     out_dir = out_dir or Path("export") / "bundles" / run_dir.resolve().name
     try:
         path = export_run(run_dir, out_dir, formats, overwrite=overwrite,
                           golden_count=golden_count, data_dir=data_dir,
-                          allow_unfinished=allow_unfinished, verify=not no_verify)
+                          allow_unfinished=allow_unfinished,
+                          verify=None if no_verify else verify_bundle)
     except ExportError as err:
         raise ExportFailed(str(err)) from None
     click.echo(f"wrote bundle {path} ({', '.join(formats)}; "
