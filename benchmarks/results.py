@@ -23,7 +23,7 @@ SUMMARY_DIR_RUNS, SUMMARY_DIR_SEARCH = "runs", "search"
 DIVERGED_NAME = "diverged.json"  # beside a run that stopped on a non-finite loss (reproduce.py)
 REPO = Path(__file__).resolve().parents[1]
 
-# The paper's protocol (DESIGN.md §1); permuted-MNIST epochs are not stated: 10, as for split.
+# The paper's protocol (docs/DESIGN.md §1); permuted-MNIST epochs are not stated: 10, as for split.
 PAPER_PROTOCOL = {"epochs": 10, "batch_size": 64, "lr": 0.01, "hidden": (256, 256),
                   "num_tasks": None, "train_limit": None, "test_limit": None,
                   "fisher_samples": 1000, "val_fraction": 0.0}

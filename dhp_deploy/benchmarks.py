@@ -1,6 +1,6 @@
 r"""Image tensors → continual-learning task sequences, and seeded batching.
 
-Benchmarks (DESIGN.md §1); task ids are 0-based list indices (the paper's "task 1" is ``0``):
+Benchmarks (docs/DESIGN.md §1); task ids are 0-based list indices (the paper's "task 1" is ``0``):
 
 - ``split-mnist``: 5 tasks with classes {0,1} {2,3} {4,5} {6,7} {8,9}. Scenario ``"task"``
   (multi-head, evaluated within the task's classes), or ``"class"`` with ``class_incremental``.

@@ -7,7 +7,7 @@ on-disk layout, so an existing torchvision data root works unchanged::
     ROOT/FashionMNIST/raw/t10k-labels-idx1-ubyte.gz
 
 torchvision itself is not imported: its wheel cannot load beside the CPU torch wheel
-(DESIGN.md §3). Every file is checked against torchvision's published MD5 of the ``.gz`` (or,
+(docs/DESIGN.md §2). Every file is checked against torchvision's published MD5 of the ``.gz`` (or,
 for an already-extracted file, the MD5 of its decompressed bytes) before it is decoded.
 
 The root is chosen by :func:`resolve_data_dir`: an explicit argument, else ``$DHP_DATA_DIR``,
