@@ -121,3 +121,25 @@ def test_other_models_fall_back_to_autograd():
     net.trunk.append(torch.nn.Tanh())
     assert not supports_lean_step(net)
     assert not supports_lean_step(torch.nn.Linear(3, 2))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dhp", [True, False])
+def test_lean_step_on_cuda_matches_cpu_without_host_syncs(dhp):
+    y = torch.tensor(LABELS["repeated labels"])
+    x = torch.randn(len(y), IN, dtype=torch.float64)
+    head = torch.tensor([0, 1, 3, 5])
+    targets = torch.searchsorted(head, y)
+    cpu, gpu = make_net(dhp), make_net(dhp).cuda()
+    expected, *_ = lean_gradients(cpu, x, y, head, targets)
+    inputs = [t.cuda() for t in (x, y, head, targets)]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any host sync in the step raises
+    try:
+        grads, *_ = lean_gradients(gpu, *inputs)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for cpu_param, gpu_param in zip(cpu.parameters(), gpu.parameters()):
+        torch.testing.assert_close(grads[id(gpu_param)].cpu(), expected[id(cpu_param)],
+                                   rtol=1e-10, atol=1e-10)
