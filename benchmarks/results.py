@@ -18,15 +18,19 @@ from collections import defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
 
+from dhp_deploy.regularizers import STRENGTH_OPTION
+from dhp_deploy.train import TrainConfig
+
 SUMMARY_KIND, SUMMARY_VERSION = "dhp-run-summary", 1
 SUMMARY_DIR_RUNS, SUMMARY_DIR_SEARCH = "runs", "search"
 DIVERGED_NAME = "diverged.json"  # beside a run that stopped on a non-finite loss (reproduce.py)
 REPO = Path(__file__).resolve().parents[1]
 
-# The paper's protocol (docs/DESIGN.md §1); permuted-MNIST epochs are not stated: 10, as for split.
-PAPER_PROTOCOL = {"epochs": 10, "batch_size": 64, "lr": 0.01, "hidden": (256, 256),
-                  "num_tasks": None, "train_limit": None, "test_limit": None,
-                  "fisher_samples": 1000, "val_fraction": 0.0}
+# The paper's protocol (docs/DESIGN.md §1) is TrainConfig's defaults; permuted-MNIST epochs are
+# not stated: 10, as for split.
+PAPER_PROTOCOL = {name: getattr(TrainConfig(), name)
+                  for name in ("epochs", "batch_size", "lr", "hidden", "num_tasks", "train_limit",
+                               "test_limit", "fisher_samples", "val_fraction")}
 # Short names of the protocol options in run-directory names (``e2`` = 2 epochs per task).
 PROTOCOL_TAGS = {"epochs": "e", "batch_size": "b", "lr": "lr", "hidden": "h", "num_tasks": "t",
                  "train_limit": "n", "test_limit": "m", "fisher_samples": "f", "val_fraction": "v"}
@@ -40,8 +44,6 @@ ABLATION_VARIANTS = tuple(f"{v}@{'linear' if v.startswith('dhp') else 'authors'}
 INIT_DISPLAY = {"authors": "authors' init", "linear": "nn.Linear init"}
 DISPLAY = {"finetune": "Finetune", "ewc": "EWC", "online-ewc": "Online EWC", "si": "SI",
            "mas": "MAS"}
-STRENGTH_OPTION = {"ewc": "ewc_lambda", "online-ewc": "ewc_lambda", "si": "si_c",
-                   "mas": "mas_lambda"}
 BENCHMARK_ORDER = ("permuted-mnist", "imbalanced-permuted-mnist", "split-mnist",
                    "split-fashion-mnist")
 
@@ -102,8 +104,6 @@ def strengths_key(benchmark: str, protocol: str) -> str:
 
 def train_command(training: dict) -> str:
     r"""The ``dhp-train`` line that trains the run of ``training`` (a TrainConfig dict) alone."""
-    from dhp_deploy.train import TrainConfig
-
     # The defaults dhp-train would apply to this benchmark, method and head.
     default = TrainConfig(benchmark=training["benchmark"], method=training["method"],
                           dhp=training["dhp"])

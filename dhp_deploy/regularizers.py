@@ -28,7 +28,7 @@ from torch.func import functional_call, grad, vmap
 
 from dhp_deploy.network import plastic_parameters, task_logits
 
-__all__ = ["METHODS", "STRENGTH_OPTION", "SEARCHED_STRENGTHS", "build_regularizer",
+__all__ = ["METHODS", "DEFAULTS", "STRENGTH_OPTION", "SEARCHED_STRENGTHS", "build_regularizer",
            "slow_parameters", "flat_slow_weights", "Regularizer", "Finetune",
            "ElasticWeightConsolidation", "SynapticIntelligence", "MemoryAwareSynapses"]
 
@@ -36,6 +36,10 @@ METHODS = ("finetune", "ewc", "online-ewc", "si", "mas")
 # The option (TrainConfig field, ``--ewc-lambda`` ...) that sets each method's penalty strength.
 STRENGTH_OPTION = {"ewc": "ewc_lambda", "online-ewc": "ewc_lambda", "si": "si_c",
                    "mas": "mas_lambda"}
+# Every regulariser option's default, here once: the classes, build_regularizer and TrainConfig
+# (hence dhp-train and the reproduction grid) take them from this table.
+DEFAULTS = {"ewc_lambda": 1000.0, "online_ewc_gamma": 1.0, "si_c": 1.0, "si_epsilon": 1e-3,
+            "mas_lambda": 1.0, "fisher_samples": 1000}
 # The strengths dhp-train uses when none is given: the winners of the validation search of
 # benchmarks/reproduce.py (docs/results/strengths.json; a test keeps the two equal). Permuted
 # MNIST's were searched at 1 epoch per task; Imbalanced Permuted MNIST borrows them.
@@ -274,8 +278,9 @@ class ElasticWeightConsolidation(QuadraticAnchors):
 
     strength_option, penalty_scale = "ewc_lambda", 0.5
 
-    def __init__(self, ewc_lambda: float = 1000.0, online_gamma: Optional[float] = None,
-                 fisher_samples: int = 1000) -> None:
+    def __init__(self, ewc_lambda: float = DEFAULTS["ewc_lambda"],
+                 online_gamma: Optional[float] = None,
+                 fisher_samples: int = DEFAULTS["fisher_samples"]) -> None:
         super().__init__()
         self.ewc_lambda = ewc_lambda
         self.online_gamma = online_gamma
@@ -312,7 +317,8 @@ class MemoryAwareSynapses(QuadraticAnchors):
 
     strength_option = "mas_lambda"
 
-    def __init__(self, mas_lambda: float = 1.0, fisher_samples: int = 1000) -> None:
+    def __init__(self, mas_lambda: float = DEFAULTS["mas_lambda"],
+                 fisher_samples: int = DEFAULTS["fisher_samples"]) -> None:
         super().__init__()
         self.mas_lambda = mas_lambda
         self.fisher_samples = fisher_samples
@@ -346,7 +352,8 @@ class SynapticIntelligence(QuadraticAnchors):
 
     strength_option = "si_c"
 
-    def __init__(self, si_c: float = 1.0, si_epsilon: float = 1e-3) -> None:
+    def __init__(self, si_c: float = DEFAULTS["si_c"],
+                 si_epsilon: float = DEFAULTS["si_epsilon"]) -> None:
         super().__init__()
         self.si_c = si_c
         self.si_epsilon = si_epsilon
@@ -397,18 +404,23 @@ class SynapticIntelligence(QuadraticAnchors):
         self.path_integral = state["path_integral"]
 
 
-def build_regularizer(method: str, *, ewc_lambda: float = 1000.0, online_ewc_gamma: float = 1.0,
-                      si_c: float = 1.0, si_epsilon: float = 1e-3, mas_lambda: float = 1.0,
-                      fisher_samples: int = 1000):
-    r"""The regulariser named ``method`` (one of :data:`METHODS`) with the given strengths."""
+def build_regularizer(method: str, **options) -> Regularizer:
+    r"""The regulariser named ``method`` (one of :data:`METHODS`).
+
+    ``options`` are :data:`DEFAULTS`' names (``TrainConfig.regularizer_arguments()`` gives all
+    of them; each method takes the ones it uses); one left out takes its default.
+    """
+    unknown = set(options) - set(DEFAULTS)
+    if unknown:
+        raise TypeError(f"unknown regulariser options {sorted(unknown)}")
+    value = {**DEFAULTS, **options}
     if method == "finetune":
         return Finetune()
-    if method == "ewc":
-        return ElasticWeightConsolidation(ewc_lambda, None, fisher_samples)
-    if method == "online-ewc":
-        return ElasticWeightConsolidation(ewc_lambda, online_ewc_gamma, fisher_samples)
+    if method in ("ewc", "online-ewc"):
+        gamma = value["online_ewc_gamma"] if method == "online-ewc" else None
+        return ElasticWeightConsolidation(value["ewc_lambda"], gamma, value["fisher_samples"])
     if method == "si":
-        return SynapticIntelligence(si_c, si_epsilon)
+        return SynapticIntelligence(value["si_c"], value["si_epsilon"])
     if method == "mas":
-        return MemoryAwareSynapses(mas_lambda, fisher_samples)
+        return MemoryAwareSynapses(value["mas_lambda"], value["fisher_samples"])
     raise ValueError(f"unknown method {method!r}, expected one of {', '.join(METHODS)}")

@@ -32,7 +32,8 @@ from dhp_deploy.metrics import average_accuracies, write_run_metrics
 from dhp_deploy.layer import WEIGHT_INITS, DHPSoftmax
 from dhp_deploy.lean_step import lean_gradients, supports_lean_step
 from dhp_deploy.network import default_head_init, task_logits
-from dhp_deploy.regularizers import SEARCHED_STRENGTHS, STRENGTH_OPTION, build_regularizer
+from dhp_deploy.regularizers import (DEFAULTS, SEARCHED_STRENGTHS, STRENGTH_OPTION,
+                                    build_regularizer)
 
 __all__ = ["TrainConfig", "TrainingError", "TrainingDiverged", "UnstableStrength", "TrainingRun",
            "derived_generator", "evaluate", "CONFIG_NAME"]
@@ -71,13 +72,13 @@ class TrainConfig:
     # "authors" for the DHP head and "linear" for the plain head (network.default_head_init).
     head_init: Optional[str] = None
     # Strengths; None: the searched value for the benchmark and method (SEARCHED_STRENGTHS), else
-    # ewc_lambda 1000, si_c 1, mas_lambda 1.
+    # regularizers.DEFAULTS. The other regulariser options' defaults come from DEFAULTS too.
     ewc_lambda: Optional[float] = None  # EWC / Online EWC strength
-    online_ewc_gamma: float = 1.0  # Online EWC decay of the running Fisher
+    online_ewc_gamma: float = DEFAULTS["online_ewc_gamma"]  # Online EWC decay of the running Fisher
     si_c: Optional[float] = None  # SI strength c
-    si_epsilon: float = 1e-3  # SI damping ξ
+    si_epsilon: float = DEFAULTS["si_epsilon"]  # SI damping ξ
     mas_lambda: Optional[float] = None  # MAS strength
-    fisher_samples: int = 1000  # training samples per Fisher / MAS importance estimate
+    fisher_samples: int = DEFAULTS["fisher_samples"]  # samples per Fisher / MAS importance estimate
     val_fraction: float = 0.0  # share of each task's training set held out (val accuracies)
     class_incremental: bool = False  # split benchmarks: one head over all classes
     num_tasks: Optional[int] = None  # first tasks only (None: the benchmark's default)
@@ -93,7 +94,8 @@ class TrainConfig:
             raise ValueError(f"unknown head_init {self.head_init!r}, expected one of "
                              f"{', '.join(WEIGHT_INITS)}")
         searched = SEARCHED_STRENGTHS.get(self.benchmark, {})
-        for option, generic in _GENERIC_STRENGTHS.items():
+        for option in set(STRENGTH_OPTION.values()):
+            generic = DEFAULTS[option]
             if getattr(self, option) is None:
                 own = STRENGTH_OPTION.get(self.method) == option
                 setattr(self, option, float(searched.get(self.method, generic) if own else generic))
@@ -133,9 +135,6 @@ class TrainConfig:
         # Runs saved before head_init existed were all trained with nn.Linear's init.
         return cls(**{"head_init": "linear", **config["training"]})
 
-
-# The strength of a method without a searched value for the benchmark.
-_GENERIC_STRENGTHS = {"ewc_lambda": 1000.0, "si_c": 1.0, "mas_lambda": 1.0}
 
 
 def derived_generator(seed: int, purpose: str, *keys: int) -> torch.Generator:

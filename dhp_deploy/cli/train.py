@@ -19,6 +19,7 @@ import click
 from dhp_deploy.benchmarks import BENCHMARKS
 from dhp_deploy.layer import WEIGHT_INITS
 from dhp_deploy.regularizers import METHODS
+from dhp_deploy.train import TrainConfig
 
 # Options that decide the result: with --resume they come from the checkpoint, never the command.
 TRAINING_OPTIONS = ("benchmark", "method", "dhp", "epochs", "batch_size", "lr", "momentum", "seed",
@@ -27,6 +28,7 @@ TRAINING_OPTIONS = ("benchmark", "method", "dhp", "epochs", "batch_size", "lr", 
                     "train_limit", "test_limit")
 RUN_FILES = ("checkpoint.pt", "config.json", "metrics.json", "metrics.csv", "accuracy.png")
 SEARCHED = "the value searched for the benchmark (README)"
+DEFAULT = TrainConfig  # every training option's default is TrainConfig's (one place)
 # Test hook: "sigkill-after-steps=N" makes the process SIGKILL itself after N optimiser steps.
 FAULT_ENV = "DHP_TRAIN_FAULT"
 
@@ -58,20 +60,22 @@ class HiddenSizes(click.ParamType):
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--benchmark", type=click.Choice(BENCHMARKS), help="Task sequence to train on "
               "(required unless --resume).")
-@click.option("--method", type=click.Choice(METHODS), default="finetune", show_default=True,
+@click.option("--method", type=click.Choice(METHODS), default=DEFAULT.method, show_default=True,
               help="Consolidation regulariser on the slow weights.")
-@click.option("--dhp/--no-dhp", default=True, show_default=True,
+@click.option("--dhp/--no-dhp", default=DEFAULT.dhp, show_default=True,
               help="DHP-Softmax output layer, or a plain linear head.")
-@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True,
+@click.option("--epochs", type=click.IntRange(min=1), default=DEFAULT.epochs, show_default=True,
               help="Epochs per task.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.01,
+@click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULT.batch_size,
+              show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=DEFAULT.lr,
               show_default=True, help="SGD learning rate.")
-@click.option("--momentum", type=click.FloatRange(0, 1, max_open=True), default=0.0,
+@click.option("--momentum", type=click.FloatRange(0, 1, max_open=True), default=DEFAULT.momentum,
               show_default=True, help="SGD momentum.")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--seed", type=click.IntRange(min=0), default=DEFAULT.seed, show_default=True,
               help="Seeds weights, batch order, Fisher subsets and the benchmark.")
-@click.option("--hidden", type=HiddenSizes(), default="256,256", show_default=True,
+@click.option("--hidden", type=HiddenSizes(), default=",".join(map(str, DEFAULT.hidden)),
+              show_default=True,
               help="Hidden layer widths.")
 @click.option("--head-init", type=click.Choice(WEIGHT_INITS), show_default="authors with --dhp, "
               "linear with --no-dhp (the paper's setup)",
@@ -79,17 +83,21 @@ class HiddenSizes(click.ParamType):
                    "(bound 1/√inputs).")
 @click.option("--ewc-lambda", type=click.FloatRange(min=0), show_default=SEARCHED,
               help="EWC / Online EWC strength.")
-@click.option("--online-ewc-gamma", type=click.FloatRange(0, 1), default=1.0, show_default=True,
+@click.option("--online-ewc-gamma", type=click.FloatRange(0, 1), default=DEFAULT.online_ewc_gamma,
+              show_default=True,
               help="Online EWC decay of the running Fisher.")
 @click.option("--si-c", type=click.FloatRange(min=0), show_default=SEARCHED,
               help="SI strength c.")
-@click.option("--si-epsilon", type=click.FloatRange(min=0, min_open=True), default=1e-3,
+@click.option("--si-epsilon", type=click.FloatRange(min=0, min_open=True),
+              default=DEFAULT.si_epsilon,
               show_default=True, help="SI damping ξ.")
 @click.option("--mas-lambda", type=click.FloatRange(min=0), show_default=SEARCHED,
               help="MAS strength.")
-@click.option("--fisher-samples", type=click.IntRange(min=1), default=1000, show_default=True,
+@click.option("--fisher-samples", type=click.IntRange(min=1), default=DEFAULT.fisher_samples,
+              show_default=True,
               help="Training samples per Fisher / MAS importance estimate.")
-@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.0,
+@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True),
+              default=DEFAULT.val_fraction,
               show_default=True, help="Share of each task's training set held out for tuning.")
 @click.option("--class-incremental", is_flag=True,
               help="Split benchmarks: one head over all classes instead of one per task.")
