@@ -44,8 +44,8 @@ bench: $(STAMP)
 # search and the grid, e.g. REPRODUCE_ARGS="--epochs 1 --seeds 0-2" (a reduced protocol).
 REPRODUCE_ARGS ?=
 reproduce: $(STAMP)
-	$(BIN)/python benchmarks/reproduce.py search
-	$(BIN)/python benchmarks/reproduce.py search --benchmark permuted-mnist $(REPRODUCE_ARGS)
+	$(BIN)/python benchmarks/reproduce.py search --jobs 2
+	$(BIN)/python benchmarks/reproduce.py search --benchmark permuted-mnist --jobs 2 $(REPRODUCE_ARGS)
 	$(BIN)/python benchmarks/reproduce.py grid --jobs 2 $(REPRODUCE_ARGS)
 	$(BIN)/python benchmarks/results.py --from docs/results --out docs/RESULTS.md
 

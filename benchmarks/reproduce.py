@@ -16,8 +16,17 @@ head's; a benchmark without a search of its own borrows the closest searched one
 A run whose loss or weights stop being finite is a result too: ``diverged.json`` records it, the
 search ranks that strength last, and it is not retried.
 
-Trainings run in this process through the training API (``dhp_deploy.train.TrainingRun``, the
-code behind ``dhp-train``), the benchmark's data built once per (benchmark, seed). Every run has
+The grid's rows (``--variants``): ``paper``, the ten variants of the paper's table, and
+``ablation``, each of them with the other head's θ initialisation (``dhp@linear``: a DHP head with
+``nn.Linear``'s init; ``finetune@authors``: a plain head with the authors' init), which separates
+what the initialisation and what plasticity contribute to DHP's gain; ``all`` (default) both.
+
+Trainings run through the training API (``dhp_deploy.train.TrainingRun``, the code behind
+``dhp-train``), in this process or, with ``--jobs N``, in N one-thread worker processes that
+take the next run as they finish (a progress line per run: runs done / total, ETA); the
+benchmark's data is built once per (benchmark, seed) per process. A run whose summary is already
+recorded under ``SUMMARIES/`` with the same settings is not redone (the run directories of a
+committed record may live on another machine). Every run has
 its own ``dhp-train`` run directory (``config.json``, ``checkpoint.pt`` after every epoch,
 ``metrics.json`` when finished) under ``RUNS/<benchmark>/<protocol>/<variant>/seed<k>``, where
 ``<protocol>`` is ``paper`` for the paper's settings or names what differs (``e2`` = 2 epochs per
