@@ -436,16 +436,18 @@ def benchmark_section(key, variants: dict, plot_name: str, diverged: dict) -> li
               "| Method | seeds | final avg acc (%) | BWT (pp) | forgetting (pp) | DHP gain (pp) "
               "| wall / run |",
               "|---|---|---|---|---|---|---|"]
-    for variant in VARIANTS:
+    for variant in VARIANTS + ABLATION_VARIANTS:
         runs = variants.get(variant)
         lost = diverged.get((benchmark, protocol, variant), [])
         note = f" (diverged: seed {', '.join(map(str, lost))})" if lost else ""
+        if not runs and variant in ABLATION_VARIANTS and not lost:
+            continue  # the ablation rows appear where they were run
         if not runs:
             lines.append(f"| {display_name(variant)} | —{note} | "
                          f"{'diverged' if lost else 'not run yet'} | | | | |")
             continue
         gain = ""
-        if "dhp" in variant:
+        if "dhp" in variant and "@" not in variant:
             base = "finetune" if variant == "dhp" else variant[4:]
             diffs, seeds = dhp_gain(variants.get(base, []), runs)
             gain = f"{pm(diffs)} (n={len(seeds)})" if seeds else "no base run"
