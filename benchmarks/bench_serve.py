@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dhp_deploy.checkpoint import load_model
+from dhp_deploy.run_dir import load_model
 from dhp_deploy.export import fold_model, write_onnx, write_torchscript
 from dhp_deploy.network import DHPNet
 from dhp_deploy.runtime import time_calls

@@ -56,6 +56,7 @@ from results import (ABLATION_VARIANTS, DIVERGED_NAME, PAPER_PROTOCOL,  # noqa: 
                      STRENGTH_OPTION, SUMMARY_DIR_RUNS, SUMMARY_DIR_SEARCH, SUMMARY_KIND,
                      VARIANTS, grid_protocol, protocol_tag, strengths_key, summarize_run,
                      train_command, write_summary)
+from dhp_deploy.run_dir import CHECKPOINT_NAME, METRICS_NAME  # noqa: E402
 
 PAPER_BENCHMARKS = ("permuted-mnist", "imbalanced-permuted-mnist", "split-mnist")
 # The values the search tries for each regulariser's strength option (STRENGTH_OPTION): around
@@ -125,7 +126,7 @@ def git_commit() -> dict:
 
 
 def _record_provenance(run_dir: Path, action: str, role: str, argv: list) -> None:
-    from dhp_deploy.checkpoint import atomic_write_json
+    from dhp_deploy.run_dir import atomic_write_json
 
     path = run_dir / "provenance.json"
     record = json.loads(path.read_text()) if path.exists() else {"role": role, "sessions": []}
@@ -149,40 +150,29 @@ def run_one(config, benchmark_of, run_dir: Path, *, role: str, device: str, log)
     diverged (non-finite loss or weights) is a result, not an accident: it is recorded in
     ``diverged.json`` and not retried (the same settings diverge the same way).
     """
-    from dhp_deploy.checkpoint import CheckpointError, atomic_write_json, load_checkpoint
-    from dhp_deploy.train import CONFIG_NAME, TrainingDiverged, TrainingError, TrainingRun
+    from dhp_deploy.run_dir import CONFIG_NAME, atomic_write_json, is_finished, read_config
+    from dhp_deploy.train import TrainingDiverged, TrainingError, start_or_resume
 
     run_dir = Path(run_dir)
-    saved = run_dir / CONFIG_NAME
-    if saved.exists():
-        differ = same_training(config, json.loads(saved.read_text())["training"])
+    if (run_dir / CONFIG_NAME).exists():
+        differ = same_training(config, read_config(run_dir)["training"])
         if differ:
             raise ConfigMismatch(f"{run_dir} holds a run with other settings "
                                  f"({', '.join(differ)}); move it away or use another --runs "
                                  f"directory")
-    if (run_dir / "metrics.json").exists():
+    if is_finished(run_dir):
         return "skipped", None
     if (run_dir / DIVERGED_NAME).exists():
         return "diverged", None
     argv = [sys.argv[0], *sys.argv[1:]]
     try:
-        payload = load_checkpoint(run_dir)
-    except CheckpointError:
-        payload = None
-    try:
-        if payload is not None:
-            log(f"  resuming {run_dir} at task {payload['position']['task'] + 1} "
-                f"epoch {payload['position']['epoch'] + 1}")
-            _record_provenance(run_dir, "resume", role, argv)
-            run = TrainingRun.resume(payload, benchmark_of(), run_dir, device)
-            status = "resumed"
-        else:
-            benchmark = benchmark_of()
-            run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(saved, config.to_json(benchmark))
-            _record_provenance(run_dir, "start", role, argv)
-            run = TrainingRun.start(config, benchmark, run_dir, device)
-            status = "started"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _record_provenance(run_dir, "resume" if (run_dir / CHECKPOINT_NAME).exists() else "start",
+                           role, argv)
+        run, status = start_or_resume(run_dir, lambda _: benchmark_of(), config, device)
+        if status == "resumed":
+            log(f"  resuming {run_dir} after task {run.position['task'] + 1} "
+                f"epoch {run.position['epoch'] + 1}")
         return status, run.run()
     except TrainingDiverged as err:
         log(f"  DIVERGED {run_dir}: {err}")
@@ -216,7 +206,7 @@ class BenchmarkCache:
 def _run_job(job, *, cache, device, summaries, log, stop_at) -> tuple[str, dict | None]:
     r"""One job ``(config, run_dir, role, summary_path)``: run (or skip) it, keep its summary."""
     config, run_dir, role, summary_path = job
-    finished = (run_dir / "metrics.json").exists()
+    finished = (run_dir / METRICS_NAME).exists()
     if stop_at is not None and time.time() >= stop_at and not finished:
         return "postponed", None
     recorded = None if finished else recorded_result(config, summary_path)
@@ -359,7 +349,7 @@ def choose_strengths(jobs, benchmark: str, path: Path, log) -> dict:
     Stored under ``strengths_key(benchmark, grid protocol)``, e.g. ``permuted-mnist@e1``: the
     choice serves grids of that protocol. Returns that entry.
     """
-    from dhp_deploy.checkpoint import atomic_write_json
+    from dhp_deploy.run_dir import atomic_write_json
 
     chosen = json.loads(path.read_text()) if path.exists() else {}
     by_method = {}
@@ -369,7 +359,7 @@ def choose_strengths(jobs, benchmark: str, path: Path, log) -> dict:
             by_method.setdefault(config.method, []).append(
                 {option: getattr(config, option), "val_acc": None, "diverged": True})
             continue
-        summary = summarize_run(run_dir) if (run_dir / "metrics.json").exists() else None
+        summary = summarize_run(run_dir) if (run_dir / METRICS_NAME).exists() else None
         if summary is None or summary["metrics"].get("val_avg_acc") is None:
             continue
         by_method.setdefault(config.method, []).append(
@@ -554,9 +544,9 @@ def main(argv=None) -> int:
     jobs = grid_jobs(args)
     if args.dry_run:
         for config, run_dir, _, summary_path in jobs:
-            state = ("finished" if (run_dir / "metrics.json").exists() else
+            state = ("finished" if (run_dir / METRICS_NAME).exists() else
                      "recorded" if recorded_result(config, summary_path) else
-                     "to resume" if (run_dir / "checkpoint.pt").exists() else "to run")
+                     "to resume" if (run_dir / CHECKPOINT_NAME).exists() else "to run")
             print(f"{state:>10}  {run_dir}  ({train_command(asdict(config))})")
         return 0
     stop_at = time.time() + 60 * args.stop_after if args.stop_after is not None else None
@@ -583,7 +573,7 @@ def search(args) -> int:
         jobs = search_jobs(args, values)
         if args.dry_run:
             for config, run_dir, _, _ in jobs:
-                done = (run_dir / "metrics.json").exists()
+                done = (run_dir / METRICS_NAME).exists()
                 print(f"{'finished' if done else 'to run':>10}  {run_dir}")
             return 0
         try:

@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from dhp_deploy.regularizers import STRENGTH_OPTION
+from dhp_deploy.run_dir import CONFIG_NAME, METRICS_NAME
 from dhp_deploy.train import TrainConfig
 
 SUMMARY_KIND, SUMMARY_VERSION = "dhp-run-summary", 1
@@ -156,13 +157,13 @@ def summarize_run(run_dir, command: str | None = None) -> dict:
     ``diverged: {error, ...}``: a result the report counts, with no accuracy.
     """
     run_dir = Path(run_dir)
-    config = json.loads((run_dir / "config.json").read_text())
+    config = json.loads((run_dir / CONFIG_NAME).read_text())
     diverged = None
-    if (run_dir / "metrics.json").exists():
-        metrics = json.loads((run_dir / "metrics.json").read_text())
+    if (run_dir / METRICS_NAME).exists():
+        metrics = json.loads((run_dir / METRICS_NAME).read_text())
     else:
         diverged = json.loads((run_dir / DIVERGED_NAME).read_text())
-        from dhp_deploy.checkpoint import load_checkpoint
+        from dhp_deploy.run_dir import load_checkpoint
 
         progress = load_checkpoint(run_dir)["metrics"]
         metrics = {"acc_matrix": progress["acc_matrix"], "timings": progress["timings"]}
@@ -173,7 +174,7 @@ def summarize_run(run_dir, command: str | None = None) -> dict:
     val_matrix = _val_matrix(run_dir) if training.get("val_fraction") and not diverged else None
     timings = metrics["timings"]
     first = provenance["sessions"][0] if provenance["sessions"] else {}
-    last_file = run_dir / ("metrics.json" if diverged is None else DIVERGED_NAME)
+    last_file = run_dir / (METRICS_NAME if diverged is None else DIVERGED_NAME)
     finished = datetime.fromtimestamp(last_file.stat().st_mtime, timezone.utc)
     return {
         "kind": SUMMARY_KIND,
@@ -208,7 +209,7 @@ def summarize_run(run_dir, command: str | None = None) -> dict:
 
 def _val_matrix(run_dir: Path):
     # metrics.json keeps test rows only; the validation rows live in the checkpoint's progress.
-    from dhp_deploy.checkpoint import load_checkpoint
+    from dhp_deploy.run_dir import load_checkpoint
 
     return load_checkpoint(run_dir)["metrics"].get("val_acc_matrix") or None
 
@@ -225,7 +226,7 @@ def _relative(path: Path) -> str:
 
 
 def write_summary(path, summary: dict) -> None:
-    from dhp_deploy.checkpoint import atomic_write_json
+    from dhp_deploy.run_dir import atomic_write_json
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -237,11 +238,11 @@ def load_records(roots) -> list[dict]:
     records, seen = [], set()
     for root in map(Path, roots):
         for path in sorted(root.rglob("*.json")):
-            if path.name in ("metrics.json", DIVERGED_NAME):
-                if not (path.parent / "config.json").exists():
+            if path.name in (METRICS_NAME, DIVERGED_NAME):
+                if not (path.parent / CONFIG_NAME).exists():
                     continue
                 record = summarize_run(path.parent)
-            elif path.name in ("config.json", "provenance.json"):
+            elif path.name in (CONFIG_NAME, "provenance.json"):
                 continue
             else:
                 try:

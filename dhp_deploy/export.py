@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from dhp_deploy.bundle import (ARTIFACT_FILES, ATOL, BUNDLE_FORMAT, BUNDLE_VERSION, FORMATS,
                                GOLDEN_FILES, INPUT_NAME, MANIFEST_NAME, OUTPUT_NAME, RTOL,
                                sha256_file)
-from dhp_deploy.checkpoint import CheckpointError, load_model
+from dhp_deploy.run_dir import METRICS_NAME, CheckpointError, load_model
 from dhp_deploy.layer import DHPSoftmax, dhp_logits
 from dhp_deploy.network import DHPNet, PlainHead
 
@@ -213,7 +213,7 @@ def _versions() -> dict:
 
 
 def _read_metrics(run_dir: Path, payload: dict) -> dict:
-    path = run_dir / "metrics.json"
+    path = run_dir / METRICS_NAME
     if path.is_file():
         try:
             metrics = json.loads(path.read_text())

@@ -20,13 +20,14 @@ import io
 from pathlib import Path
 from typing import Optional, Sequence
 
-from dhp_deploy.checkpoint import atomic_write_bytes, atomic_write_json, atomic_write_text
+from dhp_deploy.run_dir import (METRICS_CSV_NAME, METRICS_NAME, PLOT_NAME, atomic_write_bytes,
+                                atomic_write_json, atomic_write_text)
 
 __all__ = ["average_accuracies", "final_accuracy", "backward_transfer", "forgetting_per_task",
            "forgetting", "summarize", "write_run_metrics", "METRICS_JSON", "METRICS_CSV",
            "ACCURACY_PLOT"]
 
-METRICS_JSON, METRICS_CSV, ACCURACY_PLOT = "metrics.json", "metrics.csv", "accuracy.png"
+METRICS_JSON, METRICS_CSV, ACCURACY_PLOT = METRICS_NAME, METRICS_CSV_NAME, PLOT_NAME
 
 Matrix = Sequence[Sequence[float]]
 

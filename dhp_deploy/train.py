@@ -27,7 +27,8 @@ from torch import Tensor, nn
 
 import dhp_deploy
 from dhp_deploy.benchmarks import Benchmark, batches
-from dhp_deploy.checkpoint import CHECKPOINT_NAME, atomic_write_json, build_model, save_checkpoint
+from dhp_deploy.run_dir import (CHECKPOINT_NAME, CONFIG_NAME, CheckpointError, atomic_write_json,
+                                build_model, load_checkpoint, save_checkpoint)
 from dhp_deploy.metrics import average_accuracies, write_run_metrics
 from dhp_deploy.layer import WEIGHT_INITS, DHPSoftmax
 from dhp_deploy.lean_step import lean_gradients, supports_lean_step
@@ -36,9 +37,8 @@ from dhp_deploy.regularizers import (DEFAULTS, SEARCHED_STRENGTHS, STRENGTH_OPTI
                                     build_regularizer)
 
 __all__ = ["TrainConfig", "TrainingError", "TrainingDiverged", "UnstableStrength", "TrainingRun",
-           "derived_generator", "evaluate", "CONFIG_NAME"]
+           "start_or_resume", "derived_generator", "evaluate"]
 
-CONFIG_NAME = "config.json"
 EVAL_BATCH = 1000  # test examples per forward pass during evaluation
 
 
@@ -411,6 +411,37 @@ class TrainingRun:
         if epoch == self.config.epochs - 1:
             line += f"  | avg test acc {100 * average_accuracies(self.progress.acc_matrix)[-1]:.2f}%"
         self.log(line)
+
+
+def start_or_resume(run_dir, benchmark_of: Callable[[TrainConfig], Benchmark],
+                    config: Optional[TrainConfig] = None, device="cpu",
+                    **hooks) -> tuple[TrainingRun, str]:
+    r"""The run of ``run_dir``, ready to :meth:`~TrainingRun.run`: resumed from its checkpoint if
+    it has one, else started from ``config``; returns ``(run, "resumed" | "started")``.
+
+    ``benchmark_of(config)`` builds the data (called once, with the saved configuration when
+    resuming). The one way ``dhp-train`` and the reproduction grid open a run. Raises
+    :class:`TrainingError` (one line) when there is nothing to resume and no ``config``, or the
+    checkpoint does not fit.
+    """
+    try:
+        payload = load_checkpoint(run_dir, map_location=device)
+    except CheckpointError as err:
+        if config is None:
+            raise TrainingError(f"cannot resume: {err}") from None
+        return TrainingRun.start(config, benchmark_of(config), run_dir, device, **hooks), "started"
+    try:
+        saved = TrainConfig.from_json(payload["config"])
+    except (KeyError, TypeError) as err:
+        raise TrainingError(f"cannot resume: {run_dir} holds no dhp-train checkpoint "
+                            f"(missing {err})") from None
+    benchmark = benchmark_of(saved)
+    try:
+        run = TrainingRun.resume(payload, benchmark, run_dir, device, **hooks)
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise TrainingError(f"cannot resume: the checkpoint in {run_dir} does not fit its "
+                            f"configuration ({str(err).splitlines()[0][:200]})") from None
+    return run, "resumed"
 
 
 def _target_map(head: Optional[Tensor], num_classes: int, device) -> Optional[Tensor]:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from dhp_deploy.checkpoint import load_model
+from dhp_deploy.run_dir import load_model
 from dhp_deploy.export import ATOL, benchmark_of_run
 
 TOOLS = {"cmake": shutil.which("cmake"), "c++": shutil.which("c++") or shutil.which("g++")}

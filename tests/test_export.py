@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from dhp_deploy.checkpoint import load_model
+from dhp_deploy.run_dir import load_model
 from dhp_deploy.export import (ATOL, RTOL, ExportError, benchmark_of_run, evaluate_accuracy,
                                export_run, fold_model, sha256_file, write_onnx)
 from dhp_deploy.network import DHPNet, task_logits

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dhp_deploy import DHPNet
-from dhp_deploy.checkpoint import load_checkpoint, load_model
+from dhp_deploy.run_dir import load_checkpoint, load_model
 from dhp_deploy.train import TrainConfig
 
 from cli_helpers import run_cli

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from dhp_deploy.checkpoint import load_model
+from dhp_deploy.run_dir import load_model
 from dhp_deploy.export import ATOL, RTOL, sha256_file
 from dhp_deploy.runtime import BundleError, InputError, open_bundle, read_manifest
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dhp_deploy.benchmarks import build_benchmark
-from dhp_deploy.checkpoint import build_model, load_checkpoint, load_model
+from dhp_deploy.run_dir import build_model, load_checkpoint, load_model
 from dhp_deploy.metrics import (average_accuracies, backward_transfer, final_accuracy, forgetting,
                                 forgetting_per_task, summarize)
 from dhp_deploy.regularizers import METHODS

@@ -7,7 +7,7 @@ import signal
 import pytest
 import torch
 
-from dhp_deploy.checkpoint import load_checkpoint
+from dhp_deploy.run_dir import load_checkpoint
 
 from cli_helpers import assert_one_line_error, run_cli
 

@@ -106,7 +106,7 @@ def predict(bundle, input_path, output_path, task, backend, device, allow_nonfin
     """
     import numpy as np
 
-    from dhp_deploy.checkpoint import atomic_write_bytes
+    from dhp_deploy.run_dir import atomic_write_bytes
     from dhp_deploy.runtime import BundleError
 
     try:

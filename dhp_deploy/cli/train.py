@@ -26,7 +26,6 @@ TRAINING_OPTIONS = ("benchmark", "method", "dhp", "epochs", "batch_size", "lr", 
                     "hidden", "head_init", "ewc_lambda", "online_ewc_gamma", "si_c", "si_epsilon", "mas_lambda",
                     "fisher_samples", "val_fraction", "class_incremental", "num_tasks",
                     "train_limit", "test_limit")
-RUN_FILES = ("checkpoint.pt", "config.json", "metrics.json", "metrics.csv", "accuracy.png")
 SEARCHED = "the value searched for the benchmark (README)"
 DEFAULT = TrainConfig  # every training option's default is TrainConfig's (one place)
 # Test hook: "sigkill-after-steps=N" makes the process SIGKILL itself after N optimiser steps.
@@ -173,7 +172,7 @@ def _refuse_training_options_on_resume(ctx: click.Context) -> None:
 
 def _prepare_run_dir(out_dir: Path, overwrite: bool) -> None:
     r"""Create ``out_dir`` and prove it writable; refuse a non-empty one unless ``overwrite``."""
-    from dhp_deploy.checkpoint import atomic_write_text
+    from dhp_deploy.run_dir import RUN_FILES, atomic_write_text
 
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -193,7 +192,7 @@ def _prepare_run_dir(out_dir: Path, overwrite: bool) -> None:
 
 
 def _describe_run_dir(run_dir: Path) -> str:
-    from dhp_deploy.checkpoint import CheckpointError, load_checkpoint
+    from dhp_deploy.run_dir import CheckpointError, load_checkpoint
 
     try:
         payload = load_checkpoint(run_dir)
@@ -204,47 +203,44 @@ def _describe_run_dir(run_dir: Path) -> str:
     return f"it holds an unfinished run: continue it with --resume {run_dir}"
 
 
-def _build_benchmark(data_arguments: dict, data_dir, download: bool, device: str):
-    from dhp_deploy.benchmarks import build_benchmark
-    from dhp_deploy.data import DataError
+def _benchmark_builder(data_dir, download: bool, device: str):
+    r"""``config → Benchmark`` for :func:`dhp_deploy.train.start_or_resume`; data errors → one line."""
+    def build(config):
+        from dhp_deploy.benchmarks import build_benchmark
+        from dhp_deploy.data import DataError
 
-    arguments = {**data_arguments, "download": download or data_arguments.get("download", False)}
-    try:
-        return build_benchmark(**arguments, data_dir=data_dir, device=device)
-    except DataError as err:
-        raise TrainCommandError(str(err)) from None
+        arguments = {**config.data_arguments(), "download": download or config.download}
+        try:
+            return build_benchmark(**arguments, data_dir=data_dir, device=device)
+        except DataError as err:
+            raise TrainCommandError(str(err)) from None
+
+    return build
 
 
 def _start_run(training: dict, out_dir: Path, data_dir, download: bool, device: str, log):
-    from dhp_deploy.train import TrainConfig, TrainingRun
+    from dhp_deploy.train import TrainConfig, TrainingError, start_or_resume
 
     config = TrainConfig(**training, download=download)
-    benchmark = _build_benchmark(config.data_arguments(), data_dir, download, device)
-    log(f"training {config.method}{' + DHP' if config.dhp else ''} on {benchmark.name} "
-        f"({len(benchmark.tasks)} tasks, scenario {benchmark.scenario}) on {device}; "
+    try:  # the directory holds no run files (checked by _prepare_run_dir): this starts
+        run, _ = start_or_resume(out_dir, _benchmark_builder(data_dir, download, device), config,
+                                 device, log=log, on_step=_fault_hook())
+    except TrainingError as err:
+        raise TrainCommandError(str(err)) from None
+    log(f"training {config.method}{' + DHP' if config.dhp else ''} on {run.benchmark.name} "
+        f"({len(run.benchmark.tasks)} tasks, scenario {run.benchmark.scenario}) on {device}; "
         f"run directory {out_dir}")
-    return TrainingRun.start(config, benchmark, out_dir, device, log=log, on_step=_fault_hook())
+    return run
 
 
 def _resume_run(run_dir: Path, data_dir, download: bool, device: str, log):
-    from dhp_deploy.checkpoint import CheckpointError, load_checkpoint
-    from dhp_deploy.train import TrainConfig, TrainingRun
+    from dhp_deploy.train import TrainingError, start_or_resume
 
     try:
-        payload = load_checkpoint(run_dir, map_location=device)
-        config = TrainConfig.from_json(payload["config"])
-    except CheckpointError as err:
-        raise TrainCommandError(f"cannot resume: {err}") from None
-    except (KeyError, TypeError) as err:
-        raise TrainCommandError(f"cannot resume: {run_dir} holds no dhp-train checkpoint "
-                                f"(missing {err})") from None
-    benchmark = _build_benchmark(config.data_arguments(), data_dir, download, device)
-    try:
-        run = TrainingRun.resume(payload, benchmark, run_dir, device, log=log,
-                                 on_step=_fault_hook())
-    except (KeyError, TypeError, ValueError, RuntimeError) as err:
-        raise TrainCommandError(f"cannot resume: the checkpoint in {run_dir} does not fit its "
-                                f"configuration ({str(err).splitlines()[0][:200]})") from None
+        run, _ = start_or_resume(run_dir, _benchmark_builder(data_dir, download, device),
+                                 device=device, log=log, on_step=_fault_hook())
+    except TrainingError as err:
+        raise TrainCommandError(str(err)) from None
     position = run.position
     log(f"resuming {run_dir} after task {position['task'] + 1} epoch {position['epoch'] + 1}"
         if not position["finished"] else f"{run_dir} is already finished; rewriting its metrics")

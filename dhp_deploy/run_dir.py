@@ -1,4 +1,6 @@
-r"""Run directories and checkpoints: atomic writes, loads that never unpickle code.
+r"""The run directory: its file names, atomic writes, checkpoints, and reading what a run left.
+
+Loads never unpickle code.
 
 A checkpoint is one ``torch.save`` file of tensors and plain Python values (dicts, lists, str, int,
 float, bool, None), loaded with ``weights_only=True``. Layout (format version 1)::
@@ -12,7 +14,7 @@ float, bool, None), loaded with ``weights_only=True``. Layout (format version 1)
      "metrics":   metrics so far (JSON-able)}
 
 A run directory holds ``checkpoint.pt`` (the latest), ``config.json`` and, when finished,
-``metrics.json``, ``metrics.csv`` and ``accuracy.png``.
+``metrics.json``, ``metrics.csv`` and ``accuracy.png``; these names are defined here only.
 """
 
 import json
@@ -25,10 +27,15 @@ import torch
 
 from dhp_deploy.network import DHPNet
 
-__all__ = ["CheckpointError", "CHECKPOINT_NAME", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
-           "save_checkpoint", "load_checkpoint", "build_model", "load_model"]
+__all__ = ["CheckpointError", "CHECKPOINT_NAME", "CONFIG_NAME", "METRICS_NAME",
+           "METRICS_CSV_NAME", "PLOT_NAME", "RUN_FILES", "atomic_write_bytes", "atomic_write_text",
+           "atomic_write_json", "save_checkpoint", "load_checkpoint", "is_finished", "read_config",
+           "read_metrics", "build_model", "load_model"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
+CONFIG_NAME = "config.json"
+METRICS_NAME, METRICS_CSV_NAME, PLOT_NAME = "metrics.json", "metrics.csv", "accuracy.png"
+RUN_FILES = (CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, METRICS_CSV_NAME, PLOT_NAME)
 FORMAT = "dhp-deploy-checkpoint"
 VERSION = 1
 
@@ -89,6 +96,21 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         raise CheckpointError(f"{path} has checkpoint format version {payload.get('version')}, "
                               f"this dhp-deploy reads version {VERSION}")
     return payload
+
+
+def is_finished(run_dir) -> bool:
+    r"""Whether the run in ``run_dir`` has finished (its metrics are written last)."""
+    return (Path(run_dir) / METRICS_NAME).is_file()
+
+
+def read_config(run_dir) -> dict:
+    r"""The run's ``config.json``."""
+    return json.loads((Path(run_dir) / CONFIG_NAME).read_text())
+
+
+def read_metrics(run_dir) -> dict:
+    r"""The finished run's ``metrics.json``."""
+    return json.loads((Path(run_dir) / METRICS_NAME).read_text())
 
 
 def build_model(model_config: dict) -> DHPNet:
