@@ -56,6 +56,7 @@ from results import (ABLATION_VARIANTS, DIVERGED_NAME, PAPER_PROTOCOL,  # noqa: 
                      STRENGTH_OPTION, SUMMARY_DIR_RUNS, SUMMARY_DIR_SEARCH, SUMMARY_KIND,
                      VARIANTS, grid_protocol, protocol_tag, strengths_key, summarize_run,
                      train_command, write_summary)
+from dhp_deploy.metrics import format_duration  # noqa: E402
 from dhp_deploy.run_dir import CHECKPOINT_NAME, METRICS_NAME  # noqa: E402
 
 PAPER_BENCHMARKS = ("permuted-mnist", "imbalanced-permuted-mnist", "split-mnist")
@@ -296,7 +297,7 @@ def execute(jobs, *, data_dir, device, summaries, log, stop_at=None, processes=1
             else:
                 what = status
             left = len(jobs) - done
-            eta = (f"ETA {_duration(trained_seconds / trained * left / processes)}"
+            eta = (f"ETA {format_duration(trained_seconds / trained * left / processes)}"
                    if trained else "ETA n/a")
             log(f"[{done}/{len(jobs)} done, {eta}] {run_dir}: {what}")
     finally:
@@ -305,12 +306,6 @@ def execute(jobs, *, data_dir, device, summaries, log, stop_at=None, processes=1
     if counts["postponed"]:
         log(f"time is up (--stop-after): {counts['postponed']} runs left for a later sitting")
     return counts
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
-        f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 # --------------------------------------------------------------------------- the two steps

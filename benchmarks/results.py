@@ -18,6 +18,7 @@ from collections import defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
 
+from dhp_deploy.metrics import format_duration
 from dhp_deploy.regularizers import STRENGTH_OPTION
 from dhp_deploy.run_dir import CONFIG_NAME, METRICS_NAME
 from dhp_deploy.train import TrainConfig
@@ -417,12 +418,6 @@ def _pct(value, digits=2) -> str:
     return "n/a" if value is None else f"{100 * value:.{digits}f}"
 
 
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
-
-
 def benchmark_section(key, variants: dict, plot_name: str, diverged: dict) -> list[str]:
     benchmark, protocol = key
     any_run = next(iter(variants.values()))[0]
@@ -457,7 +452,7 @@ def benchmark_section(key, variants: dict, plot_name: str, diverged: dict) -> li
             f"| {pm(r['metrics']['avg_acc'][-1] for r in runs)} "
             f"| {pm(r['metrics']['bwt'] for r in runs)} "
             f"| {pm(r['metrics']['forgetting'] for r in runs)} | {gain} "
-            f"| {_duration(statistics.fmean(r['wall_s'] for r in runs))} |")
+            f"| {format_duration(statistics.fmean(r['wall_s'] for r in runs))} |")
     lines += ["", f"![average accuracy vs tasks, {benchmark} {protocol}]({plot_name})", ""]
     return lines
 
@@ -770,16 +765,16 @@ def time_section(records, groups: dict) -> list[str]:
         wall = sum(r["wall_s"] for r in runs)
         total += wall
         slowest = max(variants, key=lambda v: statistics.fmean(r["wall_s"] for r in variants[v]))
-        lines.append(f"| {benchmark} (`{protocol}`) | {len(runs)} | {_duration(wall)} | "
-                     f"{_duration(wall / len(runs))} | {display_name(slowest)} "
-                     f"({_duration(statistics.fmean(r['wall_s'] for r in variants[slowest]))}) |")
+        lines.append(f"| {benchmark} (`{protocol}`) | {len(runs)} | {format_duration(wall)} | "
+                     f"{format_duration(wall / len(runs))} | {display_name(slowest)} "
+                     f"({format_duration(statistics.fmean(r['wall_s'] for r in variants[slowest]))}) |")
     search = [r for r in records if r["role"] == "search"]
     if search:
         search_wall = sum(r["wall_s"] for r in search)
         total += search_wall
-        lines.append(f"| strength search | {len(search)} | {_duration(search_wall)} | "
-                     f"{_duration(search_wall / len(search))} | |")
-    return lines + ["", f"Total: {_duration(total)} of training.", ""]
+        lines.append(f"| strength search | {len(search)} | {format_duration(search_wall)} | "
+                     f"{format_duration(search_wall / len(search))} | |")
+    return lines + ["", f"Total: {format_duration(total)} of training.", ""]
 
 
 def commands_section(records, sources) -> list[str]:

@@ -24,12 +24,22 @@ from dhp_deploy.run_dir import (METRICS_CSV_NAME, METRICS_NAME, PLOT_NAME, atomi
                                 atomic_write_json, atomic_write_text)
 
 __all__ = ["average_accuracies", "final_accuracy", "backward_transfer", "forgetting_per_task",
-           "forgetting", "summarize", "write_run_metrics", "METRICS_JSON", "METRICS_CSV",
+           "forgetting", "summarize", "write_run_metrics", "format_duration", "METRICS_JSON", "METRICS_CSV",
            "ACCURACY_PLOT"]
 
 METRICS_JSON, METRICS_CSV, ACCURACY_PLOT = METRICS_NAME, METRICS_CSV_NAME, PLOT_NAME
 
 Matrix = Sequence[Sequence[float]]
+
+
+def format_duration(seconds: float) -> str:
+    r"""``"45s"``, ``"2m05s"``, ``"1h02m"``: durations in progress lines and reports."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 def _mean(values: Sequence[float]) -> float:

@@ -29,7 +29,7 @@ import dhp_deploy
 from dhp_deploy.benchmarks import Benchmark, batches
 from dhp_deploy.run_dir import (CHECKPOINT_NAME, CONFIG_NAME, CheckpointError, atomic_write_json,
                                 build_model, load_checkpoint, save_checkpoint)
-from dhp_deploy.metrics import average_accuracies, write_run_metrics
+from dhp_deploy.metrics import average_accuracies, format_duration, write_run_metrics
 from dhp_deploy.layer import WEIGHT_INITS, DHPSoftmax
 from dhp_deploy.lean_step import lean_gradients, supports_lean_step
 from dhp_deploy.network import default_head_init, task_logits
@@ -407,7 +407,7 @@ class TrainingRun:
         eta = elapsed / epochs_done * (epochs_left - epochs_done)
         line = (f"task {task_id + 1}/{len(self.benchmark.tasks)} epoch {epoch + 1}/"
                 f"{self.config.epochs}  loss {loss:.4f}  train acc {100 * accuracy:.2f}%  "
-                f"elapsed {_duration(elapsed)}  ETA {_duration(eta)}")
+                f"elapsed {format_duration(elapsed)}  ETA {format_duration(eta)}")
         if epoch == self.config.epochs - 1:
             line += f"  | avg test acc {100 * average_accuracies(self.progress.acc_matrix)[-1]:.2f}%"
         self.log(line)
@@ -478,8 +478,3 @@ def _describe(position: dict) -> str:
     if position["epoch"] < 0:
         return f"before task {position['task'] + 1}"
     return f"after task {position['task'] + 1} epoch {position['epoch'] + 1}"
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
