@@ -5,11 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dhp_deploy.benchmarks import Benchmark, Task
 from dhp_deploy.lean_step import lean_gradients, supports_lean_step
 from dhp_deploy.network import DHPNet, task_logits
 from dhp_deploy.regularizers import build_regularizer, flat_slow_weights
 from dhp_deploy.train import TrainConfig, TrainingRun
+from synthetic import split_benchmark
 
 IN, CLASSES = 20, 6
 LABELS = {"repeated labels": [0, 3, 3, 1, 0, 3, 5, 5], "classes absent": [2, 2, 4],
@@ -81,20 +81,6 @@ def test_closed_form_penalty_gradients_equal_autograd(method):
                                        msg=name)
 
 
-def synthetic_benchmark(seed=0) -> Benchmark:
-    generator = torch.Generator().manual_seed(seed)
-    tasks = []
-    for task_id, classes in enumerate(((0, 1), (2, 3))):
-        def split(n):
-            y = torch.tensor(classes)[torch.randint(0, 2, (n,), generator=generator)]
-            x = torch.rand(n, IN, generator=generator) + 0.3 * y[:, None].float()
-            return x, y
-        (x_train, y_train), (x_test, y_test) = split(256), split(64)
-        tasks.append(Task(task_id, classes, x_train, y_train, torch.empty(0, IN),
-                          torch.empty(0, dtype=torch.int64), x_test, y_test))
-    return Benchmark("synthetic", tasks, "task", seed, num_classes=4, input_size=IN)
-
-
 @pytest.mark.parametrize("method", ["finetune", "ewc", "si"])
 @pytest.mark.parametrize("dhp", [True, False])
 def test_training_with_the_lean_step_matches_autograd(tmp_path, method, dhp):
@@ -103,7 +89,7 @@ def test_training_with_the_lean_step_matches_autograd(tmp_path, method, dhp):
                          si_c=1.0)
     runs = {}
     for lean in (True, False):
-        run = TrainingRun.start(config, synthetic_benchmark(), tmp_path / str(lean), lean=lean)
+        run = TrainingRun.start(config, split_benchmark(IN, train=256, test=64), tmp_path / str(lean), lean=lean)
         assert run.lean == lean
         runs[lean] = (run, run.run())
     (lean_run, lean_metrics), (autograd_run, autograd_metrics) = runs[True], runs[False]

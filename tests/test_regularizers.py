@@ -1,5 +1,6 @@
 """Regularisers: penalties zero at the anchor, per-sample importances against a literal loop,
-the DHP trace untouched by consolidation, SI's path integral, and state that survives a checkpoint."""
+the DHP trace untouched by consolidation, SI's path integral, and state that survives a checkpoint.
+Synthetic tensors: these are maths, not MNIST."""
 
 import io
 
@@ -7,18 +8,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dhp_deploy.benchmarks import build_benchmark
 from dhp_deploy.network import DHPNet, task_logits
 from dhp_deploy.regularizers import (METHODS, ElasticWeightConsolidation, Finetune,
                                      MemoryAwareSynapses, SynapticIntelligence, build_regularizer,
                                      flat_slow_weights, mean_per_sample_gradient, slow_parameters)
+from synthetic import split_benchmark
 
 CONSOLIDATING = [m for m in METHODS if m != "finetune"]
 
 
 @pytest.fixture(scope="module")
-def split_tasks(data_dir):
-    return build_benchmark("split-mnist", data_dir, num_tasks=2, train_limit=256, test_limit=64)
+def split_tasks():
+    return split_benchmark(784, train=256, test=64)
 
 
 def make_model(dhp=True, seed=0):
