@@ -226,6 +226,11 @@ def _run_job(job, *, cache, device, summaries, log, stop_at) -> tuple[str, dict 
 _WORKER: dict = {}
 
 
+def _set_worker(data_dir, device, summaries, stop_at, log) -> None:
+    _WORKER.update(cache=BenchmarkCache(data_dir, device), device=device, summaries=summaries,
+                   stop_at=stop_at, log=log)
+
+
 def _init_worker(data_dir, device, summaries, stop_at) -> None:
     import signal
 
@@ -233,8 +238,7 @@ def _init_worker(data_dir, device, summaries, stop_at) -> None:
 
     _die_with_parent(signal.SIGTERM)
     torch.set_num_threads(1)  # N one-thread processes: no oversubscription of N cores
-    _WORKER.update(cache=BenchmarkCache(data_dir, device), device=device, summaries=summaries,
-                   stop_at=stop_at, log=lambda line: print(line, flush=True))
+    _set_worker(data_dir, device, summaries, stop_at, lambda line: print(line, flush=True))
 
 
 def _die_with_parent(sig) -> None:
@@ -270,17 +274,10 @@ def execute(jobs, *, data_dir, device, summaries, log, stop_at=None, processes=1
         pool = multiprocessing.get_context("spawn").Pool(
             processes, _init_worker, (data_dir, device, summaries, stop_at))
         results = pool.imap_unordered(_pool_job, enumerate(jobs, 1))
-    else:
-        pool, cache = None, BenchmarkCache(data_dir, device)
-
-        def one(numbered):
-            number, job = numbered
-            started = time.perf_counter()
-            status, metrics = _run_job(job, cache=cache, device=device, summaries=summaries,
-                                       log=log, stop_at=stop_at)
-            return number, status, metrics, time.perf_counter() - started
-
-        results = map(one, enumerate(jobs, 1))
+    else:  # in this process, with its thread setting
+        pool = None
+        _set_worker(data_dir, device, summaries, stop_at, log)
+        results = map(_pool_job, enumerate(jobs, 1))
     try:
         for number, status, metrics, seconds in results:
             if status == "mismatch":
