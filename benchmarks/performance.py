@@ -26,7 +26,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
-from results import machine  # noqa: E402
+from reproduction.records import machine  # noqa: E402
 
 # (script, what it measures, flags for --quick: passed only if the script's --help lists them)
 SCRIPTS = (

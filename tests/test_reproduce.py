@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 import reproduce  # noqa: E402
 import results  # noqa: E402
+from reproduction import naming  # noqa: E402
 
 TINY = ["--benchmarks", "split-mnist", "--epochs", "1", "--num-tasks", "2", "--train-limit", "200",
         "--test-limit", "100", "--hidden", "16", "--fisher-samples", "20"]
@@ -55,7 +56,7 @@ def test_grid_writes_runs_and_summaries(tiny):
             summary = json.loads((tiny / "sum" / "runs" / "split-mnist" / TAG / variant /
                                   f"seed{seed}.json").read_text())
             metrics = json.loads((run_dir / "metrics.json").read_text())
-            assert summary["kind"] == results.SUMMARY_KIND and summary["seed"] == seed
+            assert summary["kind"] == naming.SUMMARY_KIND and summary["seed"] == seed
             assert summary["variant"] == variant and summary["protocol"] == TAG
             assert summary["metrics"]["acc_matrix"] == metrics["acc_matrix"]
             assert summary["config"]["training"]["hidden"] == [16]
@@ -143,7 +144,7 @@ def test_report_numbers_are_the_runs_numbers(tiny):
     for variant in VARIANTS:
         final[variant] = [json.loads((tiny / "runs" / "split-mnist" / TAG / variant / f"seed{s}" /
                                       "metrics.json").read_text())["avg_acc"][-1] for s in (0, 1)]
-        row = _table_row(text, results.display_name(variant))
+        row = _table_row(text, naming.display_name(variant))
         mean, std = statistics.fmean(final[variant]), statistics.stdev(final[variant])
         assert row[1] == "0,1" and row[2] == f"{100 * mean:.2f} ± {100 * std:.2f}"
     gains = [d - b for d, b in zip(final["dhp+ewc"], final["ewc"])]
@@ -219,15 +220,15 @@ def test_runs_recorded_in_summaries_are_not_redone(tiny, tmp_path, capsys):
 
 
 def test_variant_groups_and_settings():
-    assert reproduce._variants("paper") == list(results.VARIANTS)
+    assert reproduce._variants("paper") == list(naming.VARIANTS)
     ablation = reproduce._variants("ablation")
     assert "dhp@linear" in ablation and "finetune@authors" in ablation and len(ablation) == 10
-    assert reproduce.variant_settings("dhp+si@linear") == {"method": "si", "dhp": True,
+    assert naming.variant_settings("dhp+si@linear") == {"method": "si", "dhp": True,
                                                            "head_init": "linear"}
-    assert reproduce.variant_settings("ewc") == {"method": "ewc", "dhp": False, "head_init": None}
-    assert results.variant_name("finetune", False, "authors") == "finetune@authors"
-    assert results.variant_name("finetune", True, "authors") == "dhp"
+    assert naming.variant_settings("ewc") == {"method": "ewc", "dhp": False, "head_init": None}
+    assert naming.variant_name("finetune", False, "authors") == "finetune@authors"
+    assert naming.variant_name("finetune", True, "authors") == "dhp"
     # Records from before head_init existed were trained with nn.Linear's init.
-    assert results.training_variant({"method": "si", "dhp": True}) == "dhp+si@linear"
+    assert naming.training_variant({"method": "si", "dhp": True}) == "dhp+si@linear"
     with pytest.raises(argparse.ArgumentTypeError):
         reproduce._variants("dhp,nonsense")

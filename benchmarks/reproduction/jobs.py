@@ -1,0 +1,141 @@
+r"""The runs of a strength search and of a grid, and the strengths each grid uses."""
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from dhp_deploy.regularizers import STRENGTH_OPTION
+from dhp_deploy.run_dir import METRICS_NAME, atomic_write_json
+from dhp_deploy.train import TrainConfig
+from reproduction.naming import (DIVERGED_NAME, PAPER_PROTOCOL, SUMMARY_DIR_RUNS,
+                                 SUMMARY_DIR_SEARCH, grid_protocol, protocol_tag, strengths_key,
+                                 variant_settings)
+from reproduction.records import summarize_run
+
+# The values the search tries for each regulariser's strength option (STRENGTH_OPTION): around
+# the library's defaults, a decade apart. Online EWC's γ is not searched (1.0, the default).
+SEARCH_VALUES = {"ewc": (100.0, 1000.0, 10000.0), "online-ewc": (100.0, 1000.0, 10000.0),
+                 "si": (0.1, 1.0, 10.0), "mas": (0.1, 1.0, 10.0)}
+SEARCH_SEED = 1000  # disjoint from the grid's seeds 0..4
+# A best value at the edge of the values tried is extended by a decade past it, at most this many
+# times per method, so the choice is an interior optimum (or says it is not).
+MAX_EXTENSIONS = 2
+
+
+def base_config(args, benchmark: str, **overrides):
+    protocol = {name: value for name, value in PAPER_PROTOCOL.items() if name != "val_fraction"}
+    for name in ("epochs", "batch_size", "lr", "hidden", "num_tasks", "train_limit", "test_limit",
+                 "fisher_samples"):
+        if getattr(args, name) is not None:
+            protocol[name] = getattr(args, name)
+    return TrainConfig(benchmark=benchmark, **protocol, **overrides)
+
+
+def search_jobs(args, values: dict) -> list:
+    jobs = []
+    for method, method_values in values.items():
+        for value in sorted(method_values):
+            option = STRENGTH_OPTION[method]
+            config = base_config(args, args.benchmark, method=method, dhp=False, seed=args.seed,
+                                 val_fraction=args.val_fraction, **{option: value})
+            name = f"{method}-{option}={value:g}"
+            tag = protocol_tag(asdict(config))
+            jobs.append((config, args.runs / "search" / args.benchmark / tag / name /
+                         f"seed{args.seed}", "search",
+                         args.summaries / SUMMARY_DIR_SEARCH / args.benchmark / tag / name /
+                         f"seed{args.seed}.json"))
+    return jobs
+
+
+def choose_strengths(jobs, benchmark: str, path: Path, log) -> dict:
+    r"""Per method, the strength with the best final validation average accuracy → ``path``.
+
+    Stored under ``strengths_key(benchmark, grid protocol)``, e.g. ``permuted-mnist@e1``: the
+    choice serves grids of that protocol. Returns that entry.
+    """
+    chosen = json.loads(path.read_text()) if path.exists() else {}
+    by_method = {}
+    for config, run_dir, _, _ in jobs:
+        option = STRENGTH_OPTION[config.method]
+        if (run_dir / DIVERGED_NAME).exists():  # a result: ranks below every finished value
+            by_method.setdefault(config.method, []).append(
+                {option: getattr(config, option), "val_acc": None, "diverged": True})
+            continue
+        summary = summarize_run(run_dir) if (run_dir / METRICS_NAME).exists() else None
+        if summary is None or summary["metrics"].get("val_avg_acc") is None:
+            continue
+        by_method.setdefault(config.method, []).append(
+            {option: getattr(config, option), "val_acc": summary["metrics"]["val_avg_acc"][-1]})
+    key = strengths_key(benchmark, grid_protocol(asdict(jobs[0][0])))
+    entry = chosen.setdefault(key, {})
+    planned = {}
+    for config, _, _, _ in jobs:
+        planned[config.method] = planned.get(config.method, 0) + 1
+    for method, trials in by_method.items():
+        if len(trials) < planned[method]:
+            log(f"{method}: only {len(trials)} of {planned[method]} strengths finished; "
+                f"not choosing yet")
+            continue
+        finished = [trial for trial in trials if trial["val_acc"] is not None]
+        if not finished:
+            log(f"{method}: every strength diverged; nothing to choose")
+            continue
+        best = max(finished, key=lambda trial: trial["val_acc"])  # ties: the first (smallest)
+        option = STRENGTH_OPTION[method]
+        values = [trial[option] for trial in trials]
+        at_edge = best[option] in (min(values), max(values))
+        entry[method] = {option: best[option], "val_acc": best["val_acc"], "trials": trials,
+                         "at_edge": at_edge,
+                         "seed": jobs[0][0].seed, "val_fraction": jobs[0][0].val_fraction,
+                         "protocol": protocol_tag(asdict(jobs[0][0]))}
+        log(f"{benchmark} {method}: {option} = {best[option]:g} (val avg acc "
+            f"{100 * best['val_acc']:.2f}%)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, chosen)
+    return entry
+# Where a benchmark without a search of its own borrows strengths: the closest searched one.
+# (Split MNIST's do not transfer to the permuted ones: its EWC λ diverges on Permuted MNIST.)
+STRENGTH_FALLBACK = {"imbalanced-permuted-mnist": ("permuted-mnist", "split-mnist"),
+                     "permuted-mnist": ("imbalanced-permuted-mnist", "split-mnist"),
+                     "split-fashion-mnist": ("split-mnist",)}
+
+
+def chosen_strengths(path: Path, benchmark: str, protocol: str, log) -> dict:
+    r"""``{method: {option: value}}`` for grids of ``benchmark`` under ``protocol``.
+
+    Its own search under that protocol, else under another protocol, else the closest
+    benchmark's (said in the log).
+    """
+    chosen = json.loads(path.read_text()) if path.exists() else {}
+    candidates = []
+    for name in (benchmark, *STRENGTH_FALLBACK.get(benchmark, ("split-mnist",))):
+        candidates.append(strengths_key(name, protocol))
+        candidates += [key for key in sorted(chosen) if key.partition("@")[0] == name]
+    own = strengths_key(benchmark, protocol)
+    source = next((key for key in candidates if key in chosen), None)
+    if source is None:
+        log(f"no strengths chosen in {path}: {own} uses the library defaults")
+        return {}
+    if source != own:
+        log(f"{own}: no search of its own in {path}; using {source}'s strengths")
+    return {method: {STRENGTH_OPTION[method]: entry[STRENGTH_OPTION[method]]}
+            for method, entry in chosen[source].items()}
+
+
+def grid_jobs(args) -> list:
+    jobs = []
+    for benchmark in args.benchmarks:
+        plain = base_config(args, benchmark, seed=0, val_fraction=args.val_fraction)
+        strengths = chosen_strengths(args.strengths, benchmark, protocol_tag(asdict(plain)),
+                                     args.log)
+        for seed in args.seeds:  # seed-major: every variant of seed 0 first, then seed 1, ...
+            for variant in args.variants:
+                settings = variant_settings(variant)
+                config = base_config(args, benchmark, **settings, seed=seed,
+                                     val_fraction=args.val_fraction,
+                                     **strengths.get(settings["method"], {}))
+                tag = protocol_tag(asdict(config))
+                jobs.append((config, args.runs / benchmark / tag / variant / f"seed{seed}", "grid",
+                             args.summaries / SUMMARY_DIR_RUNS / benchmark / tag / variant /
+                             f"seed{seed}.json"))
+    return jobs

@@ -1,0 +1,119 @@
+r"""The reproduction's vocabulary: protocols, variants and their names, summary constants."""
+
+from dhp_deploy.network import default_head_init
+from dhp_deploy.train import TrainConfig
+
+SUMMARY_KIND, SUMMARY_VERSION = "dhp-run-summary", 1
+SUMMARY_DIR_RUNS, SUMMARY_DIR_SEARCH = "runs", "search"
+DIVERGED_NAME = "diverged.json"  # beside a run that stopped on a non-finite loss (reproduce.py)
+# The paper's protocol (docs/DESIGN.md §1) is TrainConfig's defaults; permuted-MNIST epochs are
+# not stated: 10, as for split.
+PAPER_PROTOCOL = {name: getattr(TrainConfig(), name)
+                  for name in ("epochs", "batch_size", "lr", "hidden", "num_tasks", "train_limit",
+                               "test_limit", "fisher_samples", "val_fraction")}
+# Short names of the protocol options in run-directory names (``e2`` = 2 epochs per task).
+PROTOCOL_TAGS = {"epochs": "e", "batch_size": "b", "lr": "lr", "hidden": "h", "num_tasks": "t",
+                 "train_limit": "n", "test_limit": "m", "fisher_samples": "f", "val_fraction": "v"}
+BASE_METHODS = ("finetune", "ewc", "online-ewc", "si", "mas")
+VARIANTS = tuple(name for m in BASE_METHODS
+                 for name in (m, "dhp" if m == "finetune" else f"dhp+{m}"))
+# The ablation that separates the two things "DHP" changes at once: each paper variant with the
+# other head's θ init (``@authors`` on a plain head, ``@linear`` on a DHP head).
+ABLATION_VARIANTS = tuple(f"{v}@{'linear' if v.startswith('dhp') else 'authors'}"
+                          for v in VARIANTS)
+INIT_DISPLAY = {"authors": "authors' init", "linear": "nn.Linear init"}
+DISPLAY = {"finetune": "Finetune", "ewc": "EWC", "online-ewc": "Online EWC", "si": "SI",
+           "mas": "MAS"}
+BENCHMARK_ORDER = ("permuted-mnist", "imbalanced-permuted-mnist", "split-mnist",
+                   "split-fashion-mnist")
+PAPER_BENCHMARKS = ("permuted-mnist", "imbalanced-permuted-mnist", "split-mnist")
+# Named groups of variants for --variants: the paper's table, the init ablation, both.
+VARIANT_GROUPS = {"paper": VARIANTS, "ablation": ABLATION_VARIANTS,
+                  "all": VARIANTS + ABLATION_VARIANTS}
+
+
+def variant_name(method: str, dhp: bool, head_init: str | None = None) -> str:
+    r"""``("ewc", True)`` → ``"dhp+ewc"``; ``("finetune", True)`` → ``"dhp"`` (the paper's);
+    a head init other than the paper's for that head is a suffix: ``"dhp@linear"``."""
+    name = (("dhp" if method == "finetune" else f"dhp+{method}") if dhp else method)
+    if head_init is not None and head_init != default_head_init(dhp):
+        name += f"@{head_init}"
+    return name
+
+
+def training_variant(training: dict) -> str:
+    r"""The variant of a run's ``training`` config (runs from before ``head_init``: linear)."""
+    return variant_name(training["method"], training["dhp"], training.get("head_init", "linear"))
+
+
+def display_name(variant: str) -> str:
+    variant, _, init = variant.partition("@")
+    suffix = f" ({INIT_DISPLAY[init]})" if init else ""
+    if variant == "dhp":
+        return "DHP" + suffix
+    if variant.startswith("dhp+"):
+        return "DHP+" + DISPLAY[variant[4:]] + suffix
+    return DISPLAY[variant] + suffix
+
+
+def protocol_tag(training: dict) -> str:
+    r"""``"paper"`` for the paper's protocol, else what differs (``"e2-n500"``)."""
+    parts = []
+    for name, short in PROTOCOL_TAGS.items():
+        value = training.get(name)
+        if isinstance(value, list):
+            value = tuple(value)
+        if value == PAPER_PROTOCOL[name]:
+            continue
+        if name == "hidden":
+            value = "x".join(map(str, value))
+        parts.append(f"{short}{value:g}" if isinstance(value, float) else f"{short}{value}")
+    return "-".join(parts) or "paper"
+
+
+def grid_protocol(training: dict) -> str:
+    r"""The protocol name of the grid a run's settings serve (a search's, without its hold-out)."""
+    return protocol_tag({**training, "val_fraction": 0.0})
+
+
+def strengths_key(benchmark: str, protocol: str) -> str:
+    r"""The key of strengths.json for grids of ``benchmark`` under ``protocol``."""
+    return benchmark if protocol == "paper" else f"{benchmark}@{protocol}"
+
+
+def train_command(training: dict) -> str:
+    r"""The ``dhp-train`` line that trains the run of ``training`` (a TrainConfig dict) alone."""
+    # The defaults dhp-train would apply to this benchmark, method and head.
+    default = TrainConfig(benchmark=training["benchmark"], method=training["method"],
+                          dhp=training["dhp"])
+    training = {"head_init": "linear", **training}  # runs from before the option: linear
+    words = ["dhp-train", "--benchmark", training["benchmark"], "--method", training["method"],
+             "--dhp" if training["dhp"] else "--no-dhp"]
+    for name, value in training.items():
+        if name in ("benchmark", "method", "dhp", "download") or not hasattr(default, name):
+            continue
+        if isinstance(value, list):
+            value = tuple(value)
+        if value == getattr(default, name):
+            continue
+        option = f"--{name.replace('_', '-')}"
+        if isinstance(value, bool):
+            words.append(option if value else "")
+        elif name == "hidden":
+            words += [option, ",".join(map(str, value))]
+        else:
+            words += [option, f"{value:g}" if isinstance(value, float) else str(value)]
+    return " ".join(word for word in words if word) + " --out RUN_DIR"
+
+
+def variant_settings(variant: str) -> dict:
+    r"""The TrainConfig settings of a variant: ``"dhp+ewc"`` → method ewc, DHP head;
+    ``"dhp"`` → finetune, DHP head; ``"si@authors"`` → si, plain head, the authors' θ init."""
+    name, _, head_init = variant.partition("@")
+    if name == "dhp":
+        settings = {"method": "finetune", "dhp": True}
+    elif name.startswith("dhp+"):
+        settings = {"method": name[4:], "dhp": True}
+    else:
+        settings = {"method": name, "dhp": False}
+    return {**settings, "head_init": head_init or None}

@@ -1,0 +1,133 @@
+r"""Run records: the JSON summary of a finished run, writing and finding summaries."""
+
+import json
+import os
+import platform
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from dhp_deploy.run_dir import CONFIG_NAME, METRICS_NAME, atomic_write_json, load_checkpoint
+from reproduction.naming import (DIVERGED_NAME, SUMMARY_KIND, SUMMARY_VERSION, protocol_tag,
+                                 train_command, training_variant)
+
+REPO = Path(__file__).resolve().parents[2]  # the repository root
+
+
+def machine() -> dict:
+    r"""CPU model, logical cores, torch version and threads of this host."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": model, "cores": os.cpu_count(), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "python": platform.python_version()}
+
+
+def summarize_run(run_dir, command: str | None = None) -> dict:
+    r"""The JSON summary of a finished ``dhp-train`` run directory (config, seed, commit, metrics).
+
+    A run that diverged (``diverged.json``, no ``metrics.json``) gets ``metrics: null`` and
+    ``diverged: {error, ...}``: a result the report counts, with no accuracy.
+    """
+    run_dir = Path(run_dir)
+    config = json.loads((run_dir / CONFIG_NAME).read_text())
+    diverged = None
+    if (run_dir / METRICS_NAME).exists():
+        metrics = json.loads((run_dir / METRICS_NAME).read_text())
+    else:
+        diverged = json.loads((run_dir / DIVERGED_NAME).read_text())
+        progress = load_checkpoint(run_dir)["metrics"]
+        metrics = {"acc_matrix": progress["acc_matrix"], "timings": progress["timings"]}
+    provenance_path = run_dir / "provenance.json"
+    provenance = (json.loads(provenance_path.read_text()) if provenance_path.exists()
+                  else {"role": "grid", "sessions": []})
+    training = config["training"]
+    val_matrix = _val_matrix(run_dir) if training.get("val_fraction") and not diverged else None
+    timings = metrics["timings"]
+    first = provenance["sessions"][0] if provenance["sessions"] else {}
+    last_file = run_dir / (METRICS_NAME if diverged is None else DIVERGED_NAME)
+    finished = datetime.fromtimestamp(last_file.stat().st_mtime, timezone.utc)
+    return {
+        "kind": SUMMARY_KIND,
+        "version": SUMMARY_VERSION,
+        "role": provenance["role"],
+        "benchmark": training["benchmark"],
+        "variant": training_variant(training),
+        "method": training["method"],
+        "dhp": training["dhp"],
+        "seed": training["seed"],
+        "protocol": protocol_tag(training),
+        "commit": first.get("commit"),
+        "dirty": first.get("dirty", []),
+        "sessions": provenance["sessions"],
+        "finished_at": finished.isoformat(timespec="seconds"),
+        "run_dir": _relative(run_dir),
+        "command": command or train_command(training),
+        "machine": machine(),
+        "diverged": diverged,
+        "metrics": None if diverged else {
+            "acc_matrix": metrics["acc_matrix"], "avg_acc": metrics["avg_acc"],
+            "acc": metrics["acc"], "bwt": metrics["bwt"], "forgetting": metrics["forgetting"],
+            "val_acc_matrix": val_matrix,
+            "val_avg_acc": _averages(val_matrix) if val_matrix else None,
+            "plasticity": metrics.get("plasticity"),
+        },
+        "timings": timings,
+        "wall_s": timings["train_s"] + timings["consolidate_s"] + timings["evaluate_s"],
+        "config": config,
+    }
+
+
+def _val_matrix(run_dir: Path):
+    # metrics.json keeps test rows only; the validation rows live in the checkpoint's progress.
+    return load_checkpoint(run_dir)["metrics"].get("val_acc_matrix") or None
+
+
+def _averages(matrix) -> list[float]:
+    return [sum(row[: i + 1]) / (i + 1) for i, row in enumerate(matrix)]
+
+
+def _relative(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
+def write_summary(path, summary: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, summary)
+
+
+def load_records(roots) -> list[dict]:
+    r"""Summaries found under ``roots``: summary JSON files, and run directories summarised now."""
+    records, seen = [], set()
+    for root in map(Path, roots):
+        for path in sorted(root.rglob("*.json")):
+            if path.name in (METRICS_NAME, DIVERGED_NAME):
+                if not (path.parent / CONFIG_NAME).exists():
+                    continue
+                record = summarize_run(path.parent)
+            elif path.name in (CONFIG_NAME, "provenance.json"):
+                continue
+            else:
+                try:
+                    record = json.loads(path.read_text())
+                except (OSError, json.JSONDecodeError):
+                    continue
+                if not isinstance(record, dict) or record.get("kind") != SUMMARY_KIND:
+                    continue
+                record["variant"] = training_variant(record["config"]["training"])
+            key = (record["role"], record["benchmark"], record["protocol"], record["variant"],
+                   record["seed"], json.dumps(record["config"]["regularizer"], sort_keys=True))
+            if key not in seen:
+                seen.add(key)
+                records.append(record)
+    return records

@@ -1,0 +1,218 @@
+r"""Running the reproduction's trainings: one run (skip, resume or start), provenance, and a
+list of runs in this process or in ``--jobs`` one-thread worker processes."""
+
+import ctypes
+import json
+import multiprocessing
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from dhp_deploy.benchmarks import build_benchmark
+from dhp_deploy.metrics import format_duration
+from dhp_deploy.run_dir import (CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, atomic_write_json,
+                                is_finished, read_config)
+from dhp_deploy.train import TrainConfig, TrainingDiverged, TrainingError, start_or_resume
+from reproduction.naming import DIVERGED_NAME, SUMMARY_KIND, train_command
+from reproduction.records import REPO, summarize_run, write_summary
+
+RUN_STATUS = ("finished", "skipped", "resumed", "started", "diverged", "failed", "postponed")
+
+
+def same_training(config, training: dict) -> list[str]:
+    r"""The settings in which a saved ``training`` dict differs from ``config`` (old configs are
+    read as :meth:`TrainConfig.from_json` reads them)."""
+    wanted = {**asdict(config), "hidden": list(config.hidden)}
+    have = asdict(TrainConfig.from_json({"training": training}))
+    have["hidden"] = list(have["hidden"])
+    return sorted(k for k in set(wanted) | set(have) if wanted.get(k) != have.get(k))
+
+
+def recorded_result(config, summary_path: Path) -> str | None:
+    r"""``"skipped"``/``"diverged"`` when ``summary_path`` already records this exact run (its
+    run directory may live on another machine), else None."""
+    try:
+        summary = json.loads(Path(summary_path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if summary.get("kind") != SUMMARY_KIND or same_training(config, summary["config"]["training"]):
+        return None
+    return "diverged" if summary.get("diverged") else "skipped"
+
+
+def git_commit() -> dict:
+    r"""HEAD's hash and the package files changed against it (a run's code), or nulls off git."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout
+    try:
+        dirty = git("status", "--porcelain", "--", "dhp_deploy", "benchmarks/reproduce.py")
+        return {"commit": git("rev-parse", "HEAD").strip(),
+                "dirty": [line[3:] for line in dirty.splitlines() if line.strip()]}
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "dirty": []}
+
+
+def _record_provenance(run_dir: Path, action: str, role: str, argv: list) -> None:
+    path = run_dir / "provenance.json"
+    record = json.loads(path.read_text()) if path.exists() else {"role": role, "sessions": []}
+    record["sessions"].append({"action": action, **git_commit(), "argv": argv,
+                               "at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    atomic_write_json(path, record)
+
+
+class ConfigMismatch(Exception):
+    r"""A run directory holds a run of another configuration."""
+
+
+def run_one(config, benchmark_of, run_dir: Path, *, role: str, device: str, log) -> tuple:
+    r"""Finish the run of ``config`` in ``run_dir``: skip it if finished, resume it, or start it.
+
+    ``benchmark_of()`` builds (or returns the cached) benchmark; it is only called when training
+    is needed. Returns ``(status, metrics or None)``; raises :class:`ConfigMismatch`. A run that
+    diverged (non-finite loss or weights) is a result, not an accident: it is recorded in
+    ``diverged.json`` and not retried (the same settings diverge the same way).
+    """
+    run_dir = Path(run_dir)
+    if (run_dir / CONFIG_NAME).exists():
+        differ = same_training(config, read_config(run_dir)["training"])
+        if differ:
+            raise ConfigMismatch(f"{run_dir} holds a run with other settings "
+                                 f"({', '.join(differ)}); move it away or use another --runs "
+                                 f"directory")
+    if is_finished(run_dir):
+        return "skipped", None
+    if (run_dir / DIVERGED_NAME).exists():
+        return "diverged", None
+    argv = [sys.argv[0], *sys.argv[1:]]
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _record_provenance(run_dir, "resume" if (run_dir / CHECKPOINT_NAME).exists() else "start",
+                           role, argv)
+        run, status = start_or_resume(run_dir, lambda _: benchmark_of(), config, device)
+        if status == "resumed":
+            log(f"  resuming {run_dir} after task {run.position['task'] + 1} "
+                f"epoch {run.position['epoch'] + 1}")
+        return status, run.run()
+    except TrainingDiverged as err:
+        log(f"  DIVERGED {run_dir}: {err}")
+        atomic_write_json(run_dir / DIVERGED_NAME, {
+            "error": str(err), **git_commit(),
+            "at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+        return "diverged", None
+    except TrainingError as err:
+        log(f"  FAILED {run_dir}: {err}")
+        return "failed", None
+
+
+class BenchmarkCache:
+    r"""The last built benchmark (permuted MNIST holds ~2 GB of tensors: keep one at a time)."""
+
+    def __init__(self, data_dir, device):
+        self.data_dir, self.device, self.key, self.benchmark = data_dir, device, None, None
+
+    def get(self, config):
+        key = json.dumps(config.data_arguments(), sort_keys=True)
+        if key != self.key:
+            self.benchmark = None  # free the old tensors before building the new ones
+            self.benchmark = build_benchmark(**config.data_arguments(), data_dir=self.data_dir,
+                                             device=self.device)
+            self.key = key
+        return self.benchmark
+
+
+def _run_job(job, *, cache, device, summaries, log, stop_at) -> tuple[str, dict | None]:
+    r"""One job ``(config, run_dir, role, summary_path)``: run (or skip) it, keep its summary."""
+    config, run_dir, role, summary_path = job
+    finished = (run_dir / METRICS_NAME).exists()
+    if stop_at is not None and time.time() >= stop_at and not finished:
+        return "postponed", None
+    recorded = None if finished else recorded_result(config, summary_path)
+    if recorded is not None:
+        return recorded, None
+    status, metrics = run_one(config, lambda: cache.get(config), run_dir, role=role,
+                              device=device, log=log)
+    # A skipped run keeps its summary (written when it finished); rewrite only a missing one.
+    fresh = status in ("started", "resumed") or not Path(summary_path).exists()
+    if status != "failed" and summaries is not None and fresh:
+        write_summary(summary_path, summarize_run(run_dir, command=train_command(asdict(config))))
+    return status, metrics
+# One process's state in a --jobs pool: its benchmark cache and settings (set by _init_worker).
+_WORKER: dict = {}
+
+
+def _set_worker(data_dir, device, summaries, stop_at, log) -> None:
+    _WORKER.update(cache=BenchmarkCache(data_dir, device), device=device, summaries=summaries,
+                   stop_at=stop_at, log=log)
+
+
+def _init_worker(data_dir, device, summaries, stop_at) -> None:
+    _die_with_parent(signal.SIGTERM)
+    torch.set_num_threads(1)  # N one-thread processes: no oversubscription of N cores
+    _set_worker(data_dir, device, summaries, stop_at, lambda line: print(line, flush=True))
+
+
+def _die_with_parent(sig) -> None:
+    # A killed grid must not leave workers training on (they would race a restarted grid for the
+    # same run directories): Linux delivers ``sig`` to this process when its parent dies.
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(sig))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _pool_job(numbered):
+    number, job = numbered
+    started = time.perf_counter()
+    try:
+        status, metrics = _run_job(job, **_WORKER)
+    except ConfigMismatch as err:
+        return number, "mismatch", str(err), 0.0
+    return number, status, metrics, time.perf_counter() - started
+
+
+def execute(jobs, *, data_dir, device, summaries, log, stop_at=None, processes=1) -> dict:
+    r"""Run ``jobs`` (``(config, run_dir, role, summary_path)``), ``processes`` at a time (one
+    torch thread each when more than one); return status counts. One progress line per job with
+    the grid's state: jobs done / total and the ETA at the rate of the runs trained so far."""
+    counts = {status: 0 for status in RUN_STATUS}
+    trained_seconds, trained, done = 0.0, 0, 0
+    if processes > 1:
+        pool = multiprocessing.get_context("spawn").Pool(
+            processes, _init_worker, (data_dir, device, summaries, stop_at))
+        results = pool.imap_unordered(_pool_job, enumerate(jobs, 1))
+    else:  # in this process, with its thread setting
+        pool = None
+        _set_worker(data_dir, device, summaries, stop_at, log)
+        results = map(_pool_job, enumerate(jobs, 1))
+    try:
+        for number, status, metrics, seconds in results:
+            if status == "mismatch":
+                raise ConfigMismatch(metrics)
+            config, run_dir, role, _ = jobs[number - 1]
+            counts[status] += 1
+            done += 1
+            if status in ("started", "resumed") and metrics is not None:
+                counts["finished"] += 1
+                trained, trained_seconds = trained + 1, trained_seconds + seconds
+                # The search shows validation accuracy only: its choices must not see test data.
+                split, key = ("val", "val_avg_acc") if role == "search" else ("test", "avg_acc")
+                what = f"final {split} avg acc {100 * metrics[key][-1]:.2f}% in {seconds:.0f}s"
+            else:
+                what = status
+            left = len(jobs) - done
+            eta = (f"ETA {format_duration(trained_seconds / trained * left / processes)}"
+                   if trained else "ETA n/a")
+            log(f"[{done}/{len(jobs)} done, {eta}] {run_dir}: {what}")
+    finally:
+        if pool is not None:
+            pool.terminate()
+    if counts["postponed"]:
+        log(f"time is up (--stop-after): {counts['postponed']} runs left for a later sitting")
+    return counts
