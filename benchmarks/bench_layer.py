@@ -163,6 +163,38 @@ def main():
           f"{times['DHP layer (vectorised)'] / times['linear layer']:6.2f}")
     if device.type == "cuda":
         print(f"host syncs in the vectorised step: {check_no_host_sync(vectorised)}")
+        print(f"host syncs in the lean DHPNet step: "
+              f"{check_no_host_sync(steps['DHPNet step (lean)'])}")
+        compare_cuda_graphs(steps, args)
+
+
+def graphed(step):
+    r"""``step`` captured once as a CUDA graph (its input tensors static); returns its replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def compare_cuda_graphs(steps: dict, args) -> None:
+    r"""The lean step eager vs replayed as one CUDA graph (a batch-64 step is launch-bound)."""
+    for name in ("DHPNet", "plain net"):
+        eager = steps[f"{name} step (lean)"]
+        try:
+            replay = graphed(eager)
+        except RuntimeError as err:
+            print(f"{name} lean step: not capturable as a CUDA graph ({str(err).splitlines()[0]})")
+            continue
+        times = median_times({"eager": eager, "graph": replay}, args.iters, args.rounds,
+                             torch.cuda.synchronize)
+        print(f"{name} lean step: eager {times['eager'] * 1e6:.1f} us, CUDA graph "
+              f"{times['graph'] * 1e6:.1f} us ({times['eager'] / times['graph']:.2f}x)")
 
 
 if __name__ == "__main__":

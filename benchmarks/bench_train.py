@@ -38,18 +38,26 @@ HIDDEN = (256, 256)
 PEAK_SIZE = 2048
 
 
-def best_seconds(function, repeats: int) -> float:
+def best_seconds(function, repeats: int, sync=lambda: None) -> float:
     function()  # warm-up
     best = float("inf")
     for _ in range(repeats):
+        sync()
         started = time.perf_counter()
         function()
+        sync()
         best = min(best, time.perf_counter() - started)
     return best
 
 
-def matmul_peak_gflops(repeats: int = 5) -> dict:
-    r"""GFLOP/s of a large fp32 matmul with MKL (torch.mm) and with oneDNN (mkldnn linear)."""
+def matmul_peak_gflops(repeats: int = 5, device: str = "cpu") -> dict:
+    r"""GFLOP/s of a large fp32 matmul with MKL (torch.mm) and with oneDNN (mkldnn linear); on a
+    GPU, of an 8192³ fp32 torch.mm (TF32 off, torch's default for matmuls)."""
+    if torch.device(device).type == "cuda":
+        a, b = torch.randn(8192, 8192, device=device), torch.randn(8192, 8192, device=device)
+        seconds = best_seconds(lambda: torch.mm(a, b), repeats, torch.cuda.synchronize)
+        mm = 2 * 8192 ** 3 / seconds / 1e9
+        return {"torch.mm": mm, "onednn linear": "n/a (GPU)", "peak": mm}
     n = PEAK_SIZE
     a, b = torch.randn(n, n), torch.randn(n, n)
     flops = 2 * n ** 3
@@ -78,10 +86,11 @@ def flops_per_sample(in_features: int, hidden, num_classes: int) -> dict:
 def run_variant(method: str, dhp: bool, args, data_dir, step: str) -> dict:
     config = TrainConfig(benchmark="split-mnist", method=method, dhp=dhp, epochs=args.epochs,
                          num_tasks=args.tasks, batch_size=args.batch_size, hidden=HIDDEN)
-    benchmark = build_benchmark(**config.data_arguments(), data_dir=data_dir)
+    benchmark = build_benchmark(**config.data_arguments(), data_dir=data_dir, device=args.device)
     with tempfile.TemporaryDirectory() as run_dir:
         started = time.perf_counter()
-        metrics = TrainingRun.start(config, benchmark, run_dir, lean=step == "lean").run()
+        metrics = TrainingRun.start(config, benchmark, run_dir, args.device,
+                                    lean=step == "lean").run()
         wall = time.perf_counter() - started
     timings = metrics["timings"]
     return {"method": method, "dhp": dhp, "step": step, "wall_s": wall, "train_s": timings["train_s"],
@@ -138,6 +147,7 @@ def main() -> None:
     parser.add_argument("--steps", default="lean,autograd",
                         help="training steps to compare: lean, autograd or both (default)")
     parser.add_argument("--data-dir", default=None, help="default: $DHP_DATA_DIR, else ./data")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (one pass, no --threads)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     flops = flops_per_sample(784, HIDDEN, 10)
@@ -149,14 +159,15 @@ def main() -> None:
     results = []
     for threads in args.threads or [torch.get_num_threads()]:
         torch.set_num_threads(threads)
-        peak = matmul_peak_gflops()
+        peak = matmul_peak_gflops(device=args.device)
         rows = [run_variant(method, dhp, args, args.data_dir, step)
                 for step in args.steps.split(",") for method, dhp in wanted]
         report(threads, peak, rows, flops)
         results.append({"threads": threads, "peak": peak, "rows": rows})
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"flops_per_sample": flops, "tasks": args.tasks, "epochs": args.epochs,
+            json.dump({"device": args.device, "flops_per_sample": flops, "tasks": args.tasks,
+                       "epochs": args.epochs,
                        "batch_size": args.batch_size, "results": results}, f, indent=2)
 
 

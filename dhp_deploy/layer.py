@@ -8,7 +8,7 @@ column towards the mean activation of that class's rows, then the logits use the
     Hebb[:, c] ← (1 − η)·Hebb[:, c] + η·mean(h[y == c])      for every class c in y
     z = h · (θ + α ⊙ Hebb)
 
-This is Algorithm 1 of Thangarasa, Miconi & Taylor, "Enabling Continual Learning with
+This is Algorithm 1 of "Enabling Continual Learning with
 Differentiable Hebbian Plasticity" (IJCNN 2020), computed without a Python loop over classes.
 """
 
@@ -86,7 +86,7 @@ class DHPSoftmax(nn.Module):
         in_features: width of the penultimate activations ``h``.
         out_features: number of classes.
         eta_init: initial plasticity rate η. Default 0.01, the value used by differentiable
-            plasticity (Miconi et al., 2018) that the DHP authors build on: the trace then averages
+            plasticity (ICML 2018), which DHP builds on: the trace then averages
             roughly the last 100 batches of each class, slow enough that one batch cannot overwrite
             what earlier tasks left in it. η is learned.
         alpha_scale: α starts as ``alpha_scale · U[0, 1)`` (the authors' 0.01), so the layer begins

@@ -1,14 +1,16 @@
 """The lean training step against autograd: same loss, gradients, trace and training, no MNIST."""
 
+import dataclasses
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from dhp_deploy.benchmarks import batches
 from dhp_deploy.lean_step import lean_gradients, supports_lean_step
 from dhp_deploy.network import DHPNet, task_logits
 from dhp_deploy.regularizers import build_regularizer, flat_slow_weights
-from dhp_deploy.train import TrainConfig, TrainingRun
+from dhp_deploy.train import TrainConfig, TrainingRun, _target_map
 from synthetic import split_benchmark
 
 IN, CLASSES = 20, 6
@@ -129,3 +131,40 @@ def test_lean_step_on_cuda_matches_cpu_without_host_syncs(dhp):
     for cpu_param, gpu_param in zip(cpu.parameters(), gpu.parameters()):
         torch.testing.assert_close(grads[id(gpu_param)].cpu(), expected[id(cpu_param)],
                                    rtol=1e-10, atol=1e-10)
+
+
+def _on_cuda(benchmark):
+    fields = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")
+    tasks = [dataclasses.replace(task, **{name: getattr(task, name).cuda() for name in fields})
+             for task in benchmark.tasks]
+    return dataclasses.replace(benchmark, tasks=tasks)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", ["finetune", "ewc", "si", "mas"])
+def test_a_whole_cuda_training_epoch_needs_no_host_sync(tmp_path, method):
+    # Task 0 trains and consolidates normally; every step of task 1's epoch (penalty active) then
+    # runs under sync debug mode "error": only the epoch boundary may wait for the device.
+    config = TrainConfig(benchmark="split-mnist", method=method, dhp=True, epochs=1,
+                         batch_size=16, lr=0.05, hidden=(16,), fisher_samples=32,
+                         ewc_lambda=100.0, si_c=1.0, mas_lambda=1.0)
+    run = TrainingRun.start(config, _on_cuda(split_benchmark(IN, train=256, test=64)),
+                            tmp_path, device="cuda")
+    assert run.lean
+    run.regularizer.before_task(run.model)
+    run.train_epoch(0, 0)
+    run.end_task(0)
+    run.regularizer.before_task(run.model)
+    task, head = run.benchmark.tasks[1], run.heads[1]
+    targets_of = _target_map(head, run.benchmark.num_classes, run.device)
+    epoch = list(batches(task.x_train, task.y_train, config.batch_size,
+                         torch.Generator().manual_seed(0)))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for xb, yb in epoch:
+            run.train_step(xb, yb, head, targets_of)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.isfinite(p).all() for p in run.model.parameters())

@@ -15,8 +15,9 @@ from reproduction.naming import (DIVERGED_NAME, SUMMARY_KIND, SUMMARY_VERSION, p
 REPO = Path(__file__).resolve().parents[2]  # the repository root
 
 
-def machine() -> dict:
-    r"""CPU model, logical cores, torch version and threads of this host."""
+def machine(device: str = "cpu") -> dict:
+    r"""CPU model, logical cores, torch version and threads of this host; the GPU's name when
+    ``device`` is a CUDA device."""
     model = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -26,10 +27,12 @@ def machine() -> dict:
     except OSError:
         pass
     return {"cpu": model, "cores": os.cpu_count(), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "python": platform.python_version()}
+            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "device": (torch.cuda.get_device_name(torch.device(device))
+                       if torch.device(device).type == "cuda" else "cpu")}
 
 
-def summarize_run(run_dir, command: str | None = None) -> dict:
+def summarize_run(run_dir, command: str | None = None, device: str = "cpu") -> dict:
     r"""The JSON summary of a finished ``dhp-train`` run directory (config, seed, commit, metrics).
 
     A run that diverged (``diverged.json``, no ``metrics.json``) gets ``metrics: null`` and
@@ -69,7 +72,7 @@ def summarize_run(run_dir, command: str | None = None) -> dict:
         "finished_at": finished.isoformat(timespec="seconds"),
         "run_dir": _relative(run_dir),
         "command": command or train_command(training),
-        "machine": machine(),
+        "machine": machine(device),
         "diverged": diverged,
         "metrics": None if diverged else {
             "acc_matrix": metrics["acc_matrix"], "avg_acc": metrics["avg_acc"],

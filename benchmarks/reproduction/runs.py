@@ -4,6 +4,7 @@ list of runs in this process or in ``--jobs`` one-thread worker processes."""
 import ctypes
 import json
 import multiprocessing
+import os
 import signal
 import subprocess
 import sys
@@ -56,7 +57,9 @@ def git_commit() -> dict:
         return {"commit": git("rev-parse", "HEAD").strip(),
                 "dirty": [line[3:] for line in dirty.splitlines() if line.strip()]}
     except (OSError, subprocess.CalledProcessError):
-        return {"commit": None, "dirty": []}
+        # A source tree copied without git (to a GPU host, say): the commit it was copied from,
+        # as its sender states it; whether it had uncommitted changes is then unknown (None).
+        return {"commit": os.environ.get("DHP_SOURCE_COMMIT"), "dirty": None}
 
 
 def _record_provenance(run_dir: Path, action: str, role: str, argv: list) -> None:
@@ -141,7 +144,8 @@ def _run_job(job, *, cache, device, summaries, log, stop_at) -> tuple[str, dict 
     # A skipped run keeps its summary (written when it finished); rewrite only a missing one.
     fresh = status in ("started", "resumed") or not Path(summary_path).exists()
     if status != "failed" and summaries is not None and fresh:
-        write_summary(summary_path, summarize_run(run_dir, command=train_command(asdict(config))))
+        write_summary(summary_path, summarize_run(run_dir, command=train_command(asdict(config)),
+                                                  device=device))
     return status, metrics
 # One process's state in a --jobs pool: its benchmark cache and settings (set by _init_worker).
 _WORKER: dict = {}

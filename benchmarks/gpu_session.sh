@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The GPU checks in one sitting on a CUDA host (a borrowed machine: minutes, not hours), run from
+# the repository root:
+#   1. the CUDA tests (pytest -m gpu): CPU/GPU parity, no host sync over a training epoch;
+#   2. GPU figures: bench_layer (lean vs autograd step, CUDA-graph replay, host syncs) and
+#      bench_train (the full Split MNIST protocol on the GPU, against the GPU's fp32 peak);
+#   3. with the time left (GRID_MINUTES), the Permuted MNIST strength search of the paper
+#      protocol and then grid runs (GRID_VARIANTS), GRID_JOBS processes sharing the GPU.
+# Every file it makes lands in $OUT: log.txt, bench_train.json, results.tgz (run summaries and
+# strengths.json, the same files a CPU grid writes, to unpack over docs/results).
+#
+#   OUT=/tmp/gpu DHP_DATA_DIR=/path/to/data bash benchmarks/gpu_session.sh
+set -u
+OUT=${OUT:?set OUT to the folder for the results}
+PY=${PYTHON:-python3}
+GRID_MINUTES=${GRID_MINUTES:-5}
+GRID_JOBS=${GRID_JOBS:-12}
+GRID_VARIANTS=${GRID_VARIANTS:-ewc,dhp+ewc,online-ewc,dhp+online-ewc,si,dhp+si,mas,dhp+mas}
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+exec > >(tee -a "$OUT/log.txt") 2>&1
+
+section() { echo; echo "=== $* ($(date -u +%H:%M:%S))"; }
+deadline=$(( $(date +%s) + 60 * GRID_MINUTES ))
+
+section "host"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+$PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
+# The console scripts the tests call (dhp-train, dhp-export, dhp-serve), without dependencies.
+$PY -m pip install -q --no-deps --no-build-isolation --no-index -e . || echo "pip install failed"
+
+section "CUDA tests"
+timeout 240 $PY -m pytest -q -rs -m gpu -p no:cacheprovider tests
+
+section "bench_layer --device cuda"
+timeout 120 $PY benchmarks/bench_layer.py --device cuda --iters 200 --rounds 9
+
+section "bench_train --device cuda (Split MNIST, 5 tasks x 10 epochs)"
+timeout 150 $PY benchmarks/bench_train.py --device cuda --steps lean \
+  --methods finetune finetune+dhp si+dhp --json "$OUT/bench_train.json"
+
+minutes_left() { echo $(( (deadline - $(date +%s)) / 60 )); }
+section "Permuted MNIST strength search, paper protocol ($(minutes_left) min left)"
+if [ "$(minutes_left)" -ge 2 ]; then
+  timeout $(( deadline - $(date +%s) )) $PY benchmarks/reproduce.py search \
+    --benchmark permuted-mnist --device cuda --jobs "$GRID_JOBS"
+fi
+section "grid: $GRID_VARIANTS ($(minutes_left) min left)"
+# Only with the paper protocol's own strengths (else the grid would borrow another protocol's).
+searched=$($PY -c 'import json; print(len(json.load(open("docs/results/strengths.json"))
+                                          .get("permuted-mnist", {})))')
+if [ "$searched" = 4 ] && [ "$(minutes_left)" -ge 2 ]; then
+  timeout $(( deadline - $(date +%s) )) $PY benchmarks/reproduce.py grid \
+    --benchmarks permuted-mnist,imbalanced-permuted-mnist --variants "$GRID_VARIANTS" \
+    --device cuda --jobs "$GRID_JOBS" --stop-after $(( $(minutes_left) - 1 ))
+fi
+section "done"
+tar czf "$OUT/results.tgz" docs/results
