@@ -9,7 +9,8 @@ Two steps, both resumable (run them again after an interruption; nothing finishe
 ``search`` trains each regulariser (plain head) with a few strengths on one benchmark
 (``--benchmark``, default split-mnist) with ``val_fraction`` of every task's training set held
 out, ranks them by the final average accuracy on those *validation* sets (test data is never
-looked at; a best value at the edge is extended a decade past it), and writes the winners to
+looked at; a best value at the edge is extended a decade past it, and a method whose every value
+diverged goes a decade below its weakest), and writes the winners to
 ``docs/results/strengths.json``. ``grid`` trains every (benchmark, variant, seed) on the full
 training sets with those strengths, the same strength for X and DHP+X, so DHP's gain is the
 head's; a benchmark without a search of its own borrows the closest searched one's strengths.
@@ -51,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the reproduction pac
 from dhp_deploy.regularizers import STRENGTH_OPTION  # noqa: E402
 from dhp_deploy.run_dir import CHECKPOINT_NAME, METRICS_NAME  # noqa: E402
 from reproduction.jobs import (MAX_EXTENSIONS, SEARCH_SEED, SEARCH_VALUES,  # noqa: E402
-                               choose_strengths, grid_jobs, search_jobs)
+                               all_diverged, choose_strengths, grid_jobs, search_jobs)
 from reproduction.naming import PAPER_BENCHMARKS, VARIANT_GROUPS, train_command  # noqa: E402
 from reproduction.records import REPO  # noqa: E402
 from reproduction.runs import RUN_STATUS, ConfigMismatch, execute, recorded_result  # noqa: E402
@@ -203,10 +204,15 @@ def search(args) -> int:
         extended = False
         for method, method_values in values.items():
             entry = chosen.get(method)
-            if entry is None or len(method_values) - len(SEARCH_VALUES[method]) >= MAX_EXTENSIONS:
+            if len(method_values) - len(SEARCH_VALUES[method]) >= MAX_EXTENSIONS:
                 continue
-            best = entry[STRENGTH_OPTION[method]]
-            if best == max(method_values):
+            if entry is None and all_diverged(jobs, method):  # even the weakest is too strong
+                best = min(method_values)
+            elif entry is None:
+                continue
+            else:
+                best = entry[STRENGTH_OPTION[method]]
+            if best == max(method_values) and entry is not None:
                 method_values.append(best * 10)
             elif best == min(method_values):
                 method_values.append(best / 10)

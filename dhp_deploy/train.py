@@ -382,7 +382,24 @@ class TrainingRun:
             f"training diverged in task {task_id + 1} epoch {epoch + 1} (mean loss {mean_loss}, "
             f"weights {'finite' if weights_finite else 'not finite'}); stopped without saving it. "
             f"The last good checkpoint {self.run_dir / CHECKPOINT_NAME} ({_describe(self.position)})"
-            f" is intact; try a lower --lr")
+            f" is intact; {self._divergence_hint()}")
+
+    def _divergence_hint(self) -> str:
+        r"""Why it diverged, where the last good checkpoint tells: a DHP head whose learned rate η
+        left [0, 1] makes the trace update ``(1 − η)·Hebb + η·mean`` grow geometrically."""
+        try:
+            state = load_checkpoint(self.run_dir / CHECKPOINT_NAME, map_location="cpu")["model"]
+        except (CheckpointError, OSError, KeyError):
+            return "try a lower --lr"
+        for name, module in self.model.named_modules():
+            if not isinstance(module, DHPSoftmax):
+                continue
+            eta, hebb = float(state[f"{name}.eta"]), state[f"{name}.hebb"].abs().max().item()
+            if not 0.0 <= eta <= 1.0:
+                return (f"there the DHP head's learned rate η was {eta:.3g}, outside [0, 1], where "
+                        f"the Hebbian trace grows geometrically (max |Hebb| {hebb:.3g}): the "
+                        f"plastic head itself diverged (Algorithm 1 does not bound η)")
+        return "try a lower --lr"
 
     def _check_stable(self, task_id: int) -> None:
         r"""Refuse to start a task whose penalty alone makes SGD diverge (lr · curvature > 2(1+μ))."""

@@ -2,6 +2,7 @@
 Split MNIST accuracy, consolidation against forgetting, metrics, checkpoints and exact resume."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -11,7 +12,8 @@ from dhp_deploy.run_dir import build_model, load_checkpoint, load_model
 from dhp_deploy.metrics import (average_accuracies, backward_transfer, final_accuracy, forgetting,
                                 forgetting_per_task, summarize)
 from dhp_deploy.regularizers import METHODS
-from dhp_deploy.train import TrainConfig, TrainingRun, derived_generator
+from dhp_deploy.train import TrainConfig, TrainingDiverged, TrainingRun, derived_generator
+from synthetic import split_benchmark
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -184,3 +186,19 @@ def test_batch_order_depends_only_on_seed_task_and_epoch():
     assert torch.equal(*draws)
     other = torch.randperm(100, generator=derived_generator(3, "batches", 1, 3))
     assert not torch.equal(draws[0], other)
+
+
+@pytest.mark.parametrize("eta, cause", [(-20.0, "learned rate η was -20, outside [0, 1]"),
+                                        (0.01, "try a lower --lr")])
+def test_a_diverged_run_names_its_cause(tmp_path, eta, cause):
+    # η < 0 makes the trace update (1 − η)·Hebb grow geometrically: the plastic head diverges at
+    # any learning rate, so "lower --lr" would be the wrong advice; with η in [0, 1] a huge lr is
+    # the cause and the advice stands.
+    config = TrainConfig(benchmark="split-mnist", method="finetune", dhp=True, epochs=2,
+                         batch_size=16, hidden=(16,), lr=0.01 if eta < 0 else 1e30)
+    run = TrainingRun.start(config, split_benchmark(20, train=256, test=32), tmp_path)
+    with torch.no_grad():
+        run.model.head.eta.fill_(eta)
+    run.save()
+    with pytest.raises(TrainingDiverged, match=re.escape(cause)):
+        run.run()

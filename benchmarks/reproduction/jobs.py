@@ -55,14 +55,16 @@ def choose_strengths(jobs, benchmark: str, path: Path, log) -> dict:
     """
     chosen = json.loads(path.read_text()) if path.exists() else {}
     by_method = {}
-    for config, run_dir, _, _ in jobs:
+    for config, run_dir, _, summary_path in jobs:
         option = STRENGTH_OPTION[config.method]
-        if (run_dir / DIVERGED_NAME).exists():  # a result: ranks below every finished value
+        summary = _search_summary(run_dir, summary_path)
+        if summary is None:
+            continue
+        if summary["diverged"]:  # a result: ranks below every finished value
             by_method.setdefault(config.method, []).append(
                 {option: getattr(config, option), "val_acc": None, "diverged": True})
             continue
-        summary = summarize_run(run_dir) if (run_dir / METRICS_NAME).exists() else None
-        if summary is None or summary["metrics"].get("val_avg_acc") is None:
+        if summary["metrics"].get("val_avg_acc") is None:
             continue
         by_method.setdefault(config.method, []).append(
             {option: getattr(config, option), "val_acc": summary["metrics"]["val_avg_acc"][-1]})
@@ -93,6 +95,25 @@ def choose_strengths(jobs, benchmark: str, path: Path, log) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, chosen)
     return entry
+def _search_summary(run_dir: Path, summary_path: Path) -> dict | None:
+    r"""A finished or diverged search run's summary: from its run directory, else (a run made on
+    another machine) its recorded summary; None while it has neither."""
+    if (run_dir / METRICS_NAME).exists() or (run_dir / DIVERGED_NAME).exists():
+        return summarize_run(run_dir)
+    try:
+        return json.loads(Path(summary_path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def all_diverged(jobs, method: str) -> bool:
+    r"""Whether every strength tried for ``method`` in ``jobs`` diverged (then the search goes a
+    decade below the weakest)."""
+    summaries = [_search_summary(run_dir, summary_path)
+                 for config, run_dir, _, summary_path in jobs if config.method == method]
+    return bool(summaries) and all(s is not None and s["diverged"] for s in summaries)
+
+
 # Where a benchmark without a search of its own borrows strengths: the closest searched one.
 # (Split MNIST's do not transfer to the permuted ones: its EWC λ diverges on Permuted MNIST.)
 STRENGTH_FALLBACK = {"imbalanced-permuted-mnist": ("permuted-mnist", "split-mnist"),
