@@ -232,3 +232,19 @@ def test_variant_groups_and_settings():
     assert naming.training_variant({"method": "si", "dhp": True}) == "dhp+si@linear"
     with pytest.raises(argparse.ArgumentTypeError):
         reproduce._variants("dhp,nonsense")
+
+
+def test_findings_name_the_diverged_dhp_runs_and_their_trace():
+    from reproduction.report import _divergences
+
+    def record(dhp, seed, diverged=None):
+        return {"role": "grid", "benchmark": "b", "protocol": "paper", "dhp": dhp, "seed": seed,
+                "variant": "dhp" if dhp else "finetune", "diverged": diverged,
+                "metrics": None if diverged else {"avg_acc": [0.5]}}
+    records = [record(False, 0), record(False, 1), record(True, 0),
+               record(True, 1, {"last_good_plastic_heads": [{"eta": -0.02, "max_abs_hebb": 300.0}]})]
+    text = _divergences(records, "b", "paper")
+    assert "1 DHP run(s) diverged" in text
+    assert "DHP seed 1 (η -0.02, max abs(Hebb) 300)" in text
+    assert "None of the 2 plain-head runs here diverged" in text
+    assert _divergences(records[:3], "b", "paper") == ""

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import torch
 
-from dhp_deploy.run_dir import CONFIG_NAME, METRICS_NAME, atomic_write_json, load_checkpoint
+from dhp_deploy.layer import DHPSoftmax
+from dhp_deploy.run_dir import (CONFIG_NAME, METRICS_NAME, atomic_write_json, build_model,
+                                load_checkpoint)
 from reproduction.naming import (DIVERGED_NAME, SUMMARY_KIND, SUMMARY_VERSION, protocol_tag,
                                  train_command, training_variant)
 
@@ -45,8 +47,10 @@ def summarize_run(run_dir, command: str | None = None, device: str = "cpu") -> d
         metrics = json.loads((run_dir / METRICS_NAME).read_text())
     else:
         diverged = json.loads((run_dir / DIVERGED_NAME).read_text())
-        progress = load_checkpoint(run_dir)["metrics"]
+        last_good = load_checkpoint(run_dir)
+        progress = last_good["metrics"]
         metrics = {"acc_matrix": progress["acc_matrix"], "timings": progress["timings"]}
+        diverged["last_good_plastic_heads"] = plastic_heads(last_good["model"], config["model"])
     provenance_path = run_dir / "provenance.json"
     provenance = (json.loads(provenance_path.read_text()) if provenance_path.exists()
                   else {"role": "grid", "sessions": []})
@@ -85,6 +89,15 @@ def summarize_run(run_dir, command: str | None = None, device: str = "cpu") -> d
         "wall_s": timings["train_s"] + timings["consolidate_s"] + timings["evaluate_s"],
         "config": config,
     }
+
+
+def plastic_heads(state: dict, model_config: dict) -> list[dict]:
+    r"""η and max |Hebb| of each DHP head in a model ``state`` dict: what a diverged run's last good
+    checkpoint says about its trace (η outside [0, 1] makes the trace grow geometrically)."""
+    names = [name for name, module in build_model(model_config).named_modules()
+             if isinstance(module, DHPSoftmax)]
+    return [{"eta": float(state[f"{name}.eta"]),
+             "max_abs_hebb": float(state[f"{name}.hebb"].abs().max())} for name in names]
 
 
 def _val_matrix(run_dir: Path):

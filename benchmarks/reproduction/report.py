@@ -198,7 +198,7 @@ def ablation_section(groups: dict) -> list[str]:
     return lines
 
 
-def findings_section(groups: dict) -> list[str]:
+def findings_section(groups: dict, records) -> list[str]:
     r"""One generated paragraph per benchmark whose paper comparison and ablation are recorded."""
     found = []
     for (benchmark, protocol), variants in groups.items():
@@ -210,7 +210,8 @@ def findings_section(groups: dict) -> list[str]:
         found.append(_finding(benchmark, protocol, total,
                               paired(runs["finetune"], runs["finetune@authors"])[0],
                               paired(runs["finetune@authors"], runs["dhp"])[0],
-                              paired(runs["finetune"], runs["dhp@linear"])[0]))
+                              paired(runs["finetune"], runs["dhp@linear"])[0])
+                     + _divergences(records, benchmark, protocol))
     if not found:
         return []
     return ["## What we found", "", FINDINGS_INTRO, ""] + found + ["", FINDINGS_OUTRO, ""]
@@ -246,6 +247,29 @@ def _finding(benchmark, protocol, total, init, plastic, plastic_linear) -> str:
             f"In plain words: {_cause(total, init, plastic)}.")
 
 
+def _divergences(records, benchmark: str, protocol: str) -> str:
+    r"""The DHP runs (any base method) that diverged, with their last good trace state."""
+    cases = [r for r in records if r["role"] == "grid" and r["metrics"] is None
+             and r["dhp"] and (r["benchmark"], r["protocol"]) == (benchmark, protocol)]
+    if not cases:
+        return ""
+    plain = [r for r in records if r["role"] == "grid" and not r["dhp"]
+             and (r["benchmark"], r["protocol"]) == (benchmark, protocol)]
+    plain_diverged = sum(r["metrics"] is None for r in plain)
+    plain_note = (f"{plain_diverged} of the {len(plain)} plain-head runs here diverged."
+                  if plain_diverged else f"None of the {len(plain)} plain-head runs here diverged.")
+    parts = []
+    for r in sorted(cases, key=lambda r: (r["variant"], r["seed"])):
+        heads = r["diverged"].get("last_good_plastic_heads") or []
+        state = "; ".join(f"η {h['eta']:.3g}, max abs(Hebb) {h['max_abs_hebb']:.3g}"
+                          for h in heads) or "state not recorded"
+        parts.append(f"{display_name(r['variant'])} seed {r['seed']} ({state})")
+    return (f" **{len(cases)} DHP run(s) diverged** and are left out of these pairs: "
+            f"{', '.join(parts)} at the last good checkpoint. Algorithm 1 does not bound the "
+            f"learned rate η: once it leaves [0, 1] the update (1 − η)·Hebb + η·mean makes the "
+            f"trace grow geometrically until the loss is NaN. {plain_note}")
+
+
 def _cause(total, init, plastic) -> str:
     r"""Which part of the paper's comparison carries the gain, from the paired differences."""
     if not (total and init and plastic):
@@ -258,7 +282,7 @@ def _cause(total, init, plastic) -> str:
                                                      ("plastic", plastic))}
     if not real["init"] and not real["plastic"]:
         return "neither the initialisation nor plasticity moves the result beyond seed noise"
-    if real["init"] and abs(mean["plastic"]) < 0.2 * abs(mean["init"]):
+    if real["init"] and (not real["plastic"] or abs(mean["plastic"]) < 0.2 * abs(mean["init"])):
         share = 100 * mean["init"] / mean["total"] if mean["total"] else float("nan")
         return (f"the initialisation carries the difference ({share:.0f}% of it): a plain head "
                 f"with the authors' init does as well as the DHP head, and plasticity's own part "
@@ -482,7 +506,7 @@ def render(records, strengths: dict, out: Path, sources) -> str:
                   "Final average accuracy (mean ± std over seeds). A DHP gain is called beyond "
                   "noise when its paired mean exceeds two standard errors (2·std/√n).", ""]
         lines += [headline(key, variants) for key, variants in groups.items()]
-        lines += [""] + findings_section(groups)
+        lines += [""] + findings_section(groups, records)
     lines += ["", "## Final average accuracy", ""]
     for key, variants in groups.items():
         plot_name = f"results-{key[0]}-{key[1]}.png"
