@@ -90,7 +90,7 @@ def run_variant(method: str, dhp: bool, args, data_dir, step: str) -> dict:
     with tempfile.TemporaryDirectory() as run_dir:
         started = time.perf_counter()
         metrics = TrainingRun.start(config, benchmark, run_dir, args.device,
-                                    lean=step == "lean").run()
+                                    lean=step != "autograd", cuda_graphs=step == "graphed").run()
         wall = time.perf_counter() - started
     timings = metrics["timings"]
     return {"method": method, "dhp": dhp, "step": step, "wall_s": wall, "train_s": timings["train_s"],
@@ -145,7 +145,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="*", help="subset of: " + ", ".join(
         f"{m}{'+dhp' if d else ''}" for m, d in VARIANTS))
     parser.add_argument("--steps", default="lean,autograd",
-                        help="training steps to compare: lean, autograd or both (default)")
+                        help="training steps to compare: lean, autograd (default both), "
+                             "graphed (the lean step as a CUDA graph, what dhp-train runs on CUDA)")
     parser.add_argument("--data-dir", default=None, help="default: $DHP_DATA_DIR, else ./data")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (one pass, no --threads)")
     parser.add_argument("--json", help="also write the results here")

@@ -2,8 +2,9 @@
 # The GPU checks in one sitting on a CUDA host (a borrowed machine: minutes, not hours), run from
 # the repository root:
 #   1. the CUDA tests (pytest -m gpu): CPU/GPU parity, no host sync over a training epoch;
-#   2. GPU figures: bench_layer (lean vs autograd step, CUDA-graph replay, host syncs) and
-#      bench_train (the full Split MNIST protocol on the GPU, against the GPU's fp32 peak);
+#   2. GPU figures: bench_layer (lean vs autograd step, CUDA-graph replay, host syncs),
+#      bench_train (the full Split MNIST protocol on the GPU, eager and as CUDA graphs, against
+#      the GPU's fp32 peak) and one dhp-train run on CUDA;
 #   3. with the time left (GRID_MINUTES), the Permuted MNIST strength search of the paper
 #      protocol and then grid runs (GRID_VARIANTS), GRID_JOBS processes sharing the GPU.
 # Every file it makes lands in $OUT: log.txt, bench_train.json, results.tgz (run summaries and
@@ -35,8 +36,13 @@ section "bench_layer --device cuda"
 timeout 120 $PY benchmarks/bench_layer.py --device cuda --iters 200 --rounds 9
 
 section "bench_train --device cuda (Split MNIST, 5 tasks x 10 epochs)"
-timeout 150 $PY benchmarks/bench_train.py --device cuda --steps lean \
+timeout 200 $PY benchmarks/bench_train.py --device cuda --steps lean,graphed \
   --methods finetune finetune+dhp si+dhp --json "$OUT/bench_train.json"
+
+section "dhp-train --device cuda (deterministic kernels, CUDA graphs), Split MNIST DHP"
+timeout 60 dhp-train --benchmark split-mnist --method finetune --dhp --device cuda \
+  --out /tmp/dhp-gpu-run --overwrite 2>&1 | grep -v "^task" | tail -8
+$PY -c 'import json; t = json.load(open("/tmp/dhp-gpu-run/metrics.json"))["timings"]; print(t)'
 
 minutes_left() { echo $(( (deadline - $(date +%s)) / 60 )); }
 section "Permuted MNIST strength search, paper protocol ($(minutes_left) min left)"

@@ -88,7 +88,6 @@ def _dhp_head(layer: DHPSoftmax, h: Tensor, y: Tensor):
     hebb = torch.lerp(old, means_t, rate)
     effective = torch.addcmul(layer.w, layer.alpha, hebb)
     logits = h.matmul(effective)
-    layer.hebb = hebb  # the stored trace, as the layer's own training forward leaves it
 
     def backward(dz: Tensor):
         d_effective = h.t().matmul(dz)
@@ -96,6 +95,10 @@ def _dhp_head(layer: DHPSoftmax, h: Tensor, y: Tensor):
         d_eta = (d_hebb * (means_t - old)).matmul(present).sum().reshape(1)
         d_means = (d_hebb * rate).t().div_(counts.clamp_min(1.0).unsqueeze(1))
         dh = dz.matmul(effective.t()).add_(d_means.index_select(0, y))
+        # The stored trace, as the layer's training forward leaves it, written into the same
+        # buffer once dη no longer needs the old one: a step replayed as a CUDA graph
+        # (dhp_deploy.cuda_graph) reads and writes the trace at one fixed address.
+        old.copy_(hebb)
         return dh, {id(layer.w): d_effective, id(layer.alpha): d_effective * hebb,
                     id(layer.eta): d_eta}
 

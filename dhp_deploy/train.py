@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 import dhp_deploy
 from dhp_deploy.benchmarks import Benchmark, batches
+from dhp_deploy.cuda_graph import GraphedStep, warm_up
 from dhp_deploy.run_dir import (CHECKPOINT_NAME, CONFIG_NAME, CheckpointError, atomic_write_json,
                                 build_model, load_checkpoint, save_checkpoint)
 from dhp_deploy.metrics import average_accuracies, format_duration, write_run_metrics
@@ -198,7 +199,8 @@ class TrainingRun:
 
     def __init__(self, config: TrainConfig, benchmark: Benchmark, run_dir, device,
                  log: Optional[Callable[[str], None]] = None,
-                 on_step: Optional[Callable[[int], None]] = None, lean: bool = True) -> None:
+                 on_step: Optional[Callable[[int], None]] = None, lean: bool = True,
+                 cuda_graphs: bool = True) -> None:
         self.config, self.benchmark, self.run_dir = config, benchmark, Path(run_dir)
         self.device = torch.device(device)
         self.log, self.on_step = log or (lambda line: None), on_step
@@ -212,6 +214,11 @@ class TrainingRun:
         # The lean step computes the same gradients with far less overhead; autograd serves any
         # other model (lean=False forces it, e.g. to compare the two).
         self.lean = lean and supports_lean_step(self.model)
+        # On a GPU the lean plain-SGD step replays as one CUDA graph per task (launches, not
+        # arithmetic, bound a batch-64 step there); cuda_graphs=False keeps every step eager.
+        self.cuda_graphs = (cuda_graphs and self.lean and self.device.type == "cuda"
+                            and config.momentum == 0)
+        self._graphs: dict = {}  # task id → "warm" after its eager first step, then GraphedStep
         self.heads = _task_heads(benchmark, self.device)
         self.position = {"task": 0, "epoch": -1, "finished": False}
         self.progress = Progress()
@@ -248,6 +255,7 @@ class TrainingRun:
             if epoch == 0:
                 self.regularizer.before_task(self.model)
                 self._check_stable(task_id)
+                self._graphs.clear()  # the regulariser's state may live in new tensors now
             loss, accuracy, seconds = self.train_epoch(task_id, epoch)
             if epoch == self.config.epochs - 1:
                 self.end_task(task_id)
@@ -277,7 +285,7 @@ class TrainingRun:
         loss_sum = torch.zeros((), device=self.device)  # summed on device: no per-step host sync
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
         for xb, yb in batches(task.x_train, task.y_train, self.config.batch_size, generator):
-            loss, hits = self.train_step(xb, yb, head, targets_of)
+            loss, hits = self._step(task_id, xb, yb, head, targets_of)
             loss_sum += loss * len(yb)
             correct += hits
             self.steps_this_process += 1
@@ -290,6 +298,30 @@ class TrainingRun:
         self.progress.timings["train_s"] += seconds
         self.progress.timings["samples"] += len(task.y_train)
         return mean_loss, accuracy, seconds
+
+    def _step(self, task_id: int, xb: Tensor, yb: Tensor, head: Optional[Tensor],
+              targets_of: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        r"""One training step: replayed as the task's CUDA graph where it can be, else eager.
+
+        A task's first full batch runs eagerly on a side stream (capture's warm-up), the second
+        is captured and replayed; the epoch's shorter last batch always runs eagerly.
+        """
+        if not self.cuda_graphs or len(yb) != self.config.batch_size:
+            return self.train_step(xb, yb, head, targets_of)
+        graphed = self._graphs.get(task_id)
+        if graphed is None:
+            self._graphs[task_id] = "warm"
+            return warm_up(lambda x, y: self.train_step(x, y, head, targets_of), xb, yb)
+        if graphed == "warm":
+            try:
+                graphed = self._graphs[task_id] = GraphedStep(
+                    lambda x, y: self.train_step(x, y, head, targets_of), xb, yb)
+            except RuntimeError as err:  # capture records, never runs: nothing was trained
+                self.log(f"CUDA graph capture failed ({str(err).splitlines()[0][:160]}); "
+                         f"training on with eager steps")
+                self.cuda_graphs = False
+                return self.train_step(xb, yb, head, targets_of)
+        return graphed(xb, yb)
 
     def train_step(self, xb: Tensor, yb: Tensor, head: Optional[Tensor],
                    targets_of: Optional[Tensor]) -> tuple[Tensor, Tensor]:

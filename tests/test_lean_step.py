@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from dhp_deploy.benchmarks import batches
+from dhp_deploy.cuda_graph import GraphedStep
 from dhp_deploy.lean_step import lean_gradients, supports_lean_step
 from dhp_deploy.network import DHPNet, task_logits
 from dhp_deploy.regularizers import build_regularizer, flat_slow_weights
@@ -168,3 +169,28 @@ def test_a_whole_cuda_training_epoch_needs_no_host_sync(tmp_path, method):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert all(torch.isfinite(p).all() for p in run.model.parameters())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", ["finetune", "ewc", "si"])
+@pytest.mark.parametrize("dhp", [True, False])
+def test_training_replayed_as_cuda_graphs_equals_eager_training(tmp_path, method, dhp):
+    # 250 examples at batch 16: 15 replayed steps and a short eager one per epoch; two tasks, so
+    # the second is captured anew with the regulariser's consolidated state.
+    config = TrainConfig(benchmark="split-mnist", method=method, dhp=dhp, epochs=2,
+                         batch_size=16, lr=0.05, hidden=(16,), fisher_samples=32,
+                         ewc_lambda=100.0, si_c=1.0)
+    runs = {}
+    for graphs in (True, False):
+        run = TrainingRun.start(config, _on_cuda(split_benchmark(IN, train=250, test=64)),
+                                tmp_path / str(graphs), device="cuda", cuda_graphs=graphs)
+        runs[graphs] = (run, run.run())
+        assert run.cuda_graphs == graphs
+    (graphed, graphed_metrics), (eager, eager_metrics) = runs[True], runs[False]
+    assert any(isinstance(step, GraphedStep) for step in graphed._graphs.values())
+    for (name, a), b in zip(graphed.model.state_dict().items(), eager.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    assert graphed_metrics["acc_matrix"] == pytest.approx(eager_metrics["acc_matrix"], abs=1e-9)
+    assert [e["loss"] for e in graphed.progress.epochs] == pytest.approx(
+        [e["loss"] for e in eager.progress.epochs], rel=1e-5)

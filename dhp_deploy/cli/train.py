@@ -111,6 +111,8 @@ class HiddenSizes(click.ParamType):
 @click.option("--download", is_flag=True, help="Fetch missing dataset files.")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="auto",
               show_default=True, help="auto: CUDA when available.")
+@click.option("--cuda-graphs/--no-cuda-graphs", default=True, show_default=True,
+              help="On CUDA, replay each task's training step as one CUDA graph (plain SGD).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Run directory to create (required unless --resume).")
 @click.option("--resume", "resume_dir", type=click.Path(exists=True, file_okay=False,
@@ -121,8 +123,8 @@ class HiddenSizes(click.ParamType):
                    "several times faster than 2. Resume with the same count for identical bits.")
 @click.option("--quiet", is_flag=True, help="No progress lines and no summary.")
 @click.pass_context
-def main(ctx, out_dir, resume_dir, overwrite, data_dir, download, device, threads, quiet,
-         **training):
+def main(ctx, out_dir, resume_dir, overwrite, data_dir, download, device, cuda_graphs, threads,
+         quiet, **training):
     r"""Train a DHP network on a continual-learning benchmark, one task after another."""
     if (out_dir is None) == (resume_dir is None):
         raise click.UsageError("give exactly one of --out RUN_DIR (a new run) and --resume RUN_DIR")
@@ -134,13 +136,13 @@ def main(ctx, out_dir, resume_dir, overwrite, data_dir, download, device, thread
     log = (lambda line: None) if quiet else (lambda line: click.echo(line, err=True))
     if resume_dir is not None:
         _refuse_training_options_on_resume(ctx)
-        run = _resume_run(resume_dir, data_dir, download, device, log)
+        run = _resume_run(resume_dir, data_dir, download, device, log, cuda_graphs)
         run_dir = resume_dir
     else:
         if training["benchmark"] is None:
             raise click.UsageError("missing option --benchmark (required unless --resume)")
         _prepare_run_dir(out_dir, overwrite)
-        run = _start_run(training, out_dir, data_dir, download, device, log)
+        run = _start_run(training, out_dir, data_dir, download, device, log, cuda_graphs)
         run_dir = out_dir
     metrics = _run_to_the_end(run)
     if not quiet:
@@ -218,13 +220,15 @@ def _benchmark_builder(data_dir, download: bool, device: str):
     return build
 
 
-def _start_run(training: dict, out_dir: Path, data_dir, download: bool, device: str, log):
+def _start_run(training: dict, out_dir: Path, data_dir, download: bool, device: str, log,
+               cuda_graphs: bool):
     from dhp_deploy.train import TrainConfig, TrainingError, start_or_resume
 
     config = TrainConfig(**training, download=download)
     try:  # the directory holds no run files (checked by _prepare_run_dir): this starts
         run, _ = start_or_resume(out_dir, _benchmark_builder(data_dir, download, device), config,
-                                 device, log=log, on_step=_fault_hook())
+                                 device, log=log, on_step=_fault_hook(),
+                                 cuda_graphs=cuda_graphs)
     except TrainingError as err:
         raise TrainCommandError(str(err)) from None
     log(f"training {config.method}{' + DHP' if config.dhp else ''} on {run.benchmark.name} "
@@ -233,12 +237,13 @@ def _start_run(training: dict, out_dir: Path, data_dir, download: bool, device: 
     return run
 
 
-def _resume_run(run_dir: Path, data_dir, download: bool, device: str, log):
+def _resume_run(run_dir: Path, data_dir, download: bool, device: str, log, cuda_graphs: bool):
     from dhp_deploy.train import TrainingError, start_or_resume
 
     try:
         run, _ = start_or_resume(run_dir, _benchmark_builder(data_dir, download, device),
-                                 device=device, log=log, on_step=_fault_hook())
+                                 device=device, log=log, on_step=_fault_hook(),
+                                 cuda_graphs=cuda_graphs)
     except TrainingError as err:
         raise TrainCommandError(str(err)) from None
     position = run.position
