@@ -191,6 +191,9 @@ def test_training_replayed_as_cuda_graphs_equals_eager_training(tmp_path, method
     assert any(isinstance(step, GraphedStep) for step in graphed._graphs.values())
     for (name, a), b in zip(graphed.model.state_dict().items(), eager.model.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
-    assert graphed_metrics["acc_matrix"] == pytest.approx(eager_metrics["acc_matrix"], abs=1e-9)
+    # Weights equal to rounding: a test example near the boundary may flip, no more.
+    flat = [value for row in graphed_metrics["acc_matrix"] for value in row]
+    assert flat == pytest.approx([value for row in eager_metrics["acc_matrix"] for value in row],
+                                 abs=2 / 64)
     assert [e["loss"] for e in graphed.progress.epochs] == pytest.approx(
         [e["loss"] for e in eager.progress.epochs], rel=1e-5)
