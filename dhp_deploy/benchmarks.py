@@ -110,10 +110,16 @@ def _class_counts(y: torch.Tensor) -> list[int]:
 # --------------------------------------------------------------------------- randomness
 
 
-def _generator(seed: int, stream: int, task_id: int) -> torch.Generator:
-    # A stable 64-bit seed per (seed, stream, task): sha256 so neighbouring seeds share nothing.
-    digest = hashlib.sha256(f"dhp/{seed}/{stream}/{task_id}".encode()).digest()
+def seeded_generator(*parts) -> torch.Generator:
+    r"""A CPU generator seeded from ``parts`` alone: the first 8 bytes of the sha256 of
+    ``"/".join(parts)``, so neighbouring seeds or keys share nothing. The one way the data and the
+    training loop derive their random streams (``train.derived_generator`` too)."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+def _generator(seed: int, stream: int, task_id: int) -> torch.Generator:
+    return seeded_generator("dhp", seed, stream, task_id)  # a stable stream per (seed, task)
 
 
 def permutations(num_tasks: int, seed: int) -> list[torch.Tensor]:

@@ -39,7 +39,7 @@ from dhp_deploy.bundle import (ARTIFACT_FILES, ATOL, BUNDLE_FORMAT, BUNDLE_VERSI
                                sha256_file)
 from dhp_deploy.run_dir import METRICS_NAME, CheckpointError, load_model
 from dhp_deploy.layer import DHPSoftmax, dhp_logits
-from dhp_deploy.network import DHPNet, PlainHead
+from dhp_deploy.network import DHPNet, PlainHead, predicted_classes
 
 __all__ = ["ExportError", "FrozenMLP", "fold_model", "export_run", "write_torchscript",
            "write_onnx", "benchmark_of_run", "evaluate_accuracy", "sha256_file",
@@ -174,11 +174,9 @@ def evaluate_accuracy(predict_logits, benchmark) -> list[tuple[int, int]]:
     counts = []
     for task in benchmark.tasks:
         logits = torch.as_tensor(np.asarray(predict_logits(task.x_test)))
-        if benchmark.scenario == "task":
-            classes = torch.tensor(task.classes, dtype=torch.int64)
-            predicted = classes[logits.index_select(1, classes).argmax(1)]
-        else:
-            predicted = logits.argmax(1)
+        classes = (torch.tensor(task.classes, dtype=torch.int64)
+                   if benchmark.scenario == "task" else None)
+        predicted = predicted_classes(logits, classes)
         counts.append((int((predicted == task.y_test.cpu()).sum()), len(task.y_test)))
     return counts
 

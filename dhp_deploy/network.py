@@ -7,7 +7,8 @@ from torch import Tensor, nn
 
 from dhp_deploy.layer import DHPSoftmax, init_slow_weights_
 
-__all__ = ["DHPNet", "PlainHead", "task_logits", "default_head_init", "plastic_parameters"]
+__all__ = ["DHPNet", "PlainHead", "task_logits", "predicted_classes", "default_head_init",
+           "plastic_parameters"]
 
 
 def default_head_init(dhp: bool) -> str:
@@ -100,3 +101,13 @@ def task_logits(logits: Tensor, classes: Tensor) -> Tensor:
     ``classes[k]``, so a target ``y`` maps to its position in ``classes``.
     """
     return logits.index_select(1, classes)
+
+
+def predicted_classes(logits: Tensor, classes: Optional[Tensor] = None) -> Tensor:
+    r"""The predicted global class id of each row: the argmax within a task's ``classes``
+    (multi-head evaluation), or over all logits when ``classes`` is None. The one rule the
+    training run's evaluation and the exported bundles' accuracy check share."""
+    if classes is None:
+        return logits.argmax(1)
+    classes = classes.to(logits.device)
+    return classes[task_logits(logits, classes).argmax(1)]

@@ -13,7 +13,6 @@ from a ``torch.Generator`` derived from ``(seed, purpose, task, epoch)``, so a r
 the position and the saved states to continue bit for bit like an uninterrupted one.
 """
 
-import hashlib
 import math
 import platform
 import time
@@ -26,14 +25,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import dhp_deploy
-from dhp_deploy.benchmarks import Benchmark, batches
+from dhp_deploy.benchmarks import Benchmark, batches, seeded_generator
 from dhp_deploy.cuda_graph import GraphedStep, warm_up
 from dhp_deploy.run_dir import (CHECKPOINT_NAME, CONFIG_NAME, CheckpointError, atomic_write_json,
                                 build_model, load_checkpoint, save_checkpoint)
 from dhp_deploy.metrics import average_accuracies, format_duration, write_run_metrics
 from dhp_deploy.layer import WEIGHT_INITS, DHPSoftmax
 from dhp_deploy.lean_step import lean_gradients, supports_lean_step
-from dhp_deploy.network import default_head_init, task_logits
+from dhp_deploy.network import default_head_init, predicted_classes, task_logits
 from dhp_deploy.regularizers import (DEFAULTS, SEARCHED_STRENGTHS, STRENGTH_OPTION,
                                     build_regularizer)
 
@@ -140,9 +139,7 @@ class TrainConfig:
 
 def derived_generator(seed: int, purpose: str, *keys: int) -> torch.Generator:
     r"""A CPU generator seeded from ``(seed, purpose, keys)`` alone (sha256, so streams are unrelated)."""
-    text = "/".join(["dhp-train", str(seed), purpose, *map(str, keys)])
-    digest = hashlib.sha256(text.encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+    return seeded_generator("dhp-train", seed, purpose, *keys)
 
 
 def _task_heads(benchmark: Benchmark, device) -> list[Optional[Tensor]]:
@@ -166,13 +163,7 @@ def evaluate(model: nn.Module, benchmark: Benchmark, split: str = "test") -> lis
         x, y = getattr(task, f"x_{split}"), getattr(task, f"y_{split}")
         correct = torch.zeros((), dtype=torch.int64, device=x.device)
         for xb, yb in zip(x.split(EVAL_BATCH), y.split(EVAL_BATCH)):
-            logits = model(xb)
-            if head is None:
-                predicted = logits.argmax(1)
-            else:
-                head = head.to(x.device)
-                predicted = head[task_logits(logits, head).argmax(1)]
-            correct += (predicted == yb).sum()
+            correct += (predicted_classes(model(xb), head) == yb).sum()
         accuracies.append(correct.item() / max(len(y), 1))
     model.train(was_training)
     return accuracies

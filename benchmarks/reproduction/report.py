@@ -8,7 +8,7 @@ from dhp_deploy.metrics import format_duration
 from dhp_deploy.regularizers import STRENGTH_OPTION
 from reproduction.naming import (ABLATION_VARIANTS, BASE_METHODS, BENCHMARK_ORDER, DISPLAY,
                                  VARIANTS, display_name, grid_protocol, strengths_key,
-                                 variant_name)
+                                 train_command, variant_name)
 from reproduction.plots import plot_curves
 from reproduction.records import _relative
 from reproduction.stats import (MIN_SEEDS_FOR_VERDICT, dhp_gain, diverged_seeds, grouped,
@@ -452,7 +452,10 @@ def commands_section(records, sources) -> list[str]:
     examples = {}
     for r in records:
         if r["role"] == "grid":
-            examples.setdefault((r["benchmark"], r["protocol"]), r["command"])
+            # Derived now, not the line stored at training time: it names every value that
+            # differs from today's dhp-train defaults (which follow the latest search).
+            examples.setdefault((r["benchmark"], r["protocol"]),
+                                train_command(r["config"]["training"]))
     lines += list(examples.values())
     return lines + ["```", ""]
 
