@@ -29,7 +29,7 @@ from dhp_deploy.bundle import (ARTIFACT_FILES, ATOL, FORMATS, GOLDEN_FILES, RTOL
                                read_manifest)
 
 __all__ = ["BundleError", "InputError", "Prediction", "Runtime", "open_bundle", "read_manifest",
-           "verify_bundle", "compare", "time_calls", "BACKENDS", "DEVICES"]
+           "verify_bundle", "compare", "check_input", "time_calls", "BACKENDS", "DEVICES"]
 
 BACKENDS = FORMATS
 DEVICES = ("cpu", "cuda")
@@ -106,7 +106,7 @@ class Runtime:
 
     def logits(self, x, allow_nonfinite: bool = False) -> np.ndarray:
         r"""Raw logits float32 ``(N, num_classes)`` of pixels ``x`` float32 ``(N, in_features)``."""
-        return self._run(self._check_input(x, allow_nonfinite))
+        return self._run(check_input(x, self.in_features, allow_nonfinite))
 
     def run_unchecked(self, x: np.ndarray) -> np.ndarray:
         r"""The backend call alone, without input checks (for timing; prefer :meth:`logits`)."""
@@ -156,28 +156,27 @@ class Runtime:
         report["batch_sizes"] = [len(golden["inputs"]), 1]
         return report
 
-    def _check_input(self, x, allow_nonfinite: bool) -> np.ndarray:
-        if not isinstance(x, np.ndarray):
-            try:
-                import torch
-            except ImportError:  # pragma: no cover - torch is a dependency
-                torch = None
-            if torch is not None and isinstance(x, torch.Tensor):
-                x = x.detach().cpu().numpy()
-            else:
-                raise InputError(f"input must be a numpy array or torch tensor, "
-                                 f"got {type(x).__name__}")
-        if x.dtype != np.float32:
-            raise InputError(f"input dtype must be float32, got {x.dtype}")
-        if x.ndim != 2 or x.shape[1] != self.in_features or x.shape[0] < 1:
-            raise InputError(f"input shape must be [N, {self.in_features}] with N >= 1, "
-                             f"got {list(x.shape)}")
-        # One float64 sum: exact (finite fp32 values cannot overflow it), NaN/inf propagate.
-        if not allow_nonfinite and not np.isfinite(x.sum(dtype=np.float64)):
-            bad = int((~np.isfinite(x)).any(1).sum())
-            raise InputError(f"input has NaN or infinite values in {bad} row(s); "
-                             f"pass allow_nonfinite / --allow-nonfinite to run them anyway")
-        return np.ascontiguousarray(x)
+
+def check_input(x, in_features: int, allow_nonfinite: bool = False) -> np.ndarray:
+    r"""``x`` as a contiguous float32 ``(N, in_features)`` array, or :class:`InputError` (one line):
+    wrong type, dtype or shape, or NaN/inf rows unless ``allow_nonfinite``."""
+    if not isinstance(x, np.ndarray):
+        # A torch tensor is recognised without importing torch (the onnxruntime path has none).
+        if type(x).__module__.split(".")[0] != "torch" or not hasattr(x, "detach"):
+            raise InputError(f"input must be a numpy array or torch tensor, "
+                             f"got {type(x).__name__}")
+        x = x.detach().cpu().numpy()
+    if x.dtype != np.float32:
+        raise InputError(f"input dtype must be float32, got {x.dtype}")
+    if x.ndim != 2 or x.shape[1] != in_features or x.shape[0] < 1:
+        raise InputError(f"input shape must be [N, {in_features}] with N >= 1, "
+                         f"got {list(x.shape)}")
+    # One float64 sum: exact (finite fp32 values cannot overflow it), NaN/inf propagate.
+    if not allow_nonfinite and not np.isfinite(x.sum(dtype=np.float64)):
+        bad = int((~np.isfinite(x)).any(1).sum())
+        raise InputError(f"input has NaN or infinite values in {bad} row(s); "
+                         f"pass allow_nonfinite / --allow-nonfinite to run them anyway")
+    return np.ascontiguousarray(x)
 
 
 def open_bundle(bundle_dir, backend: str = "torchscript", device: str = "cpu",

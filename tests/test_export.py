@@ -179,6 +179,20 @@ def test_fold_is_the_eager_effective_matrix(served):
     assert not torch.equal(frozen.head.weight.t(), head.w.detach()), "the trace is folded in"
 
 
+def test_fold_equals_the_eval_forward_on_a_random_trace():
+    # The fold's maths alone (no run, no MNIST): θ + α ⊙ Hebb for a non-trivial α and trace.
+    torch.manual_seed(0)
+    model = DHPNet(hidden=(32, 16), dhp=True).eval()
+    with torch.no_grad():
+        model.head.hebb.uniform_(-1.0, 1.0)
+        model.head.alpha.uniform_(-0.5, 0.5)
+    x = torch.rand(50, 784)
+    with torch.no_grad():
+        torch.testing.assert_close(fold_model(model)(x), model(x), rtol=1e-5, atol=1e-6)
+        hebb_free = model.head.w + model.head.alpha * model.head.hebb
+        torch.testing.assert_close(fold_model(model).head.weight, hebb_free.t())
+
+
 def test_plain_head_folds_to_itself():
     torch.manual_seed(0)
     plain = DHPNet(hidden=(32, 16), dhp=False).eval()

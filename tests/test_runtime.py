@@ -9,7 +9,7 @@ import torch
 
 from dhp_deploy.run_dir import load_model
 from dhp_deploy.export import ATOL, RTOL, sha256_file
-from dhp_deploy.runtime import BundleError, InputError, open_bundle, read_manifest
+from dhp_deploy.runtime import BundleError, InputError, check_input, open_bundle, read_manifest
 
 BACKENDS = ("torchscript", "onnx")
 
@@ -206,3 +206,28 @@ def test_onnxruntime_cuda_provider_matches_eager_cpu(served):
     assert runtime.check()["ok"]
     x = np.ascontiguousarray(np.resize(golden(bundle)["inputs"], (4096, 784)))
     np.testing.assert_allclose(runtime.logits(x), _eager_cpu(run, x), rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ([[0.0] * 4], "numpy array or torch tensor, got list"),
+    (np.zeros((2, 4), np.float64), "dtype must be float32, got float64"),
+    (np.zeros((2, 5), np.float32), r"shape must be \[N, 4\] with N >= 1, got \[2, 5\]"),
+    (np.zeros((0, 4), np.float32), r"got \[0, 4\]"),
+    (np.zeros(4, np.float32), r"got \[4\]"),
+    (np.array([[0, 1, np.nan, 0], [0, 0, 0, 0], [np.inf, 0, 0, 0]], np.float32),
+     "NaN or infinite values in 2 row"),
+])
+def test_input_checks_give_one_line_errors(bad, message):
+    # The runtime's input contract on synthetic arrays (no bundle, no MNIST needed).
+    with pytest.raises(InputError, match=message) as caught:
+        check_input(bad, 4)
+    assert "\n" not in str(caught.value)
+
+
+def test_input_check_accepts_tensors_and_opt_in_nonfinite_rows():
+    x = torch.rand(3, 4)
+    np.testing.assert_array_equal(check_input(x, 4), x.numpy())
+    strided = np.zeros((3, 8), np.float32)[:, ::2]
+    assert check_input(strided, 4).flags["C_CONTIGUOUS"]
+    nan = np.full((1, 4), np.nan, np.float32)
+    assert np.isnan(check_input(nan, 4, allow_nonfinite=True)).all()
