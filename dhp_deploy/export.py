@@ -40,6 +40,7 @@ from dhp_deploy.bundle import (ARTIFACT_FILES, ATOL, BUNDLE_FORMAT, BUNDLE_VERSI
 from dhp_deploy.run_dir import METRICS_NAME, CheckpointError, load_model
 from dhp_deploy.layer import DHPSoftmax, dhp_logits
 from dhp_deploy.network import DHPNet, PlainHead, predicted_classes
+from dhp_deploy.train import TrainConfig
 
 __all__ = ["ExportError", "FrozenMLP", "fold_model", "export_run", "write_torchscript",
            "write_onnx", "benchmark_of_run", "evaluate_accuracy", "sha256_file",
@@ -144,25 +145,28 @@ def write_onnx(module: nn.Module, path, in_features: int) -> int:
 
 
 def benchmark_of_run(payload: dict, data_dir=None):
-    r"""Rebuild the run's benchmark (same test sets) from ``config["data"]`` of its checkpoint."""
+    r"""Rebuild the run's benchmark (same test sets) from the training config of its checkpoint."""
     from dhp_deploy.benchmarks import build_benchmark
     from dhp_deploy.data import DataError
 
-    kwargs = dict(payload.get("config", {}).get("data") or {})
-    name = kwargs.pop("name", None) or kwargs.pop("benchmark", None) \
-        or payload.get("benchmark", {}).get("name")
-    if not name:
-        raise ExportError("the checkpoint names no benchmark (config['data'] / benchmark.name)")
-    kwargs.pop("data_dir", None)
-    kwargs.pop("device", None)
+    kwargs = _data_arguments(payload.get("config", {}))
+    name = kwargs.pop("name")
     kwargs["download"] = False
     try:
         return build_benchmark(name, data_dir, device="cpu", **kwargs)
     except DataError as err:
         raise ExportError(f"cannot rebuild the run's test data: {err}") from None
     except TypeError as err:
-        raise ExportError(f"the checkpoint's config['data'] does not fit build_benchmark: {err}") \
+        raise ExportError(f"the checkpoint's data settings do not fit build_benchmark: {err}") \
             from None
+
+
+def _data_arguments(config: dict) -> dict:
+    r"""``build_benchmark``'s arguments of a run config (:meth:`TrainConfig.data_arguments`)."""
+    try:
+        return TrainConfig.from_json(config).data_arguments()
+    except (KeyError, TypeError, ValueError) as err:
+        raise ExportError(f"the checkpoint holds no usable training config ({err})") from None
 
 
 def evaluate_accuracy(predict_logits, benchmark) -> list[tuple[int, int]]:
@@ -257,9 +261,9 @@ def _manifest(model: DHPNet, frozen: FrozenMLP, payload: dict, metrics: dict, fo
         "scenario": bench.get("scenario"),
         "task_heads": [{"task_id": int(t["task_id"]), "classes": [int(c) for c in t["classes"]]}
                        for t in bench.get("tasks", [])],
-        "training": {"benchmark": bench.get("name"), "method": config.get("method"),
-                     "seed": config.get("seed"), "dhp": bool(model_config.get("dhp")),
-                     "data": config.get("data"),
+        "training": {"benchmark": bench.get("name"), "method": config["training"]["method"],
+                     "seed": config["training"]["seed"], "dhp": bool(model_config.get("dhp")),
+                     "data": _data_arguments(config),
                      "position": payload.get("position")},
         "metrics": metrics,
         "artifacts": {fmt: ARTIFACT_FILES[fmt] for fmt in formats},

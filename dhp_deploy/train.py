@@ -113,19 +113,15 @@ class TrainConfig:
                 "fisher_samples": self.fisher_samples}
 
     def to_json(self, benchmark: Benchmark) -> dict:
-        r"""The run's JSON config: ``model`` (for ``build_model``), ``data``, settings, versions."""
+        r"""The run's JSON config: ``training`` (every setting, once: :meth:`from_json` reads it
+        back), ``model`` (what ``build_model`` needs: the settings plus the data's input and class
+        counts) and the versions it ran with. Configs of older runs also hold ``data``,
+        ``regularizer`` and ``optimizer`` sections derived from ``training``; nothing reads them."""
         return {
-            "method": self.method,
-            "benchmark": self.benchmark,
-            "seed": self.seed,
+            "training": {**asdict(self), "hidden": list(self.hidden)},
             "model": {"in_features": benchmark.input_size, "num_classes": benchmark.num_classes,
                       "hidden": list(self.hidden), "dhp": self.dhp, "eta_init": self.eta_init,
                       "head_init": self.head_init},
-            "data": self.data_arguments(),
-            "regularizer": {"method": self.method, **self.regularizer_arguments()},
-            "optimizer": {"name": "sgd", "lr": self.lr, "momentum": self.momentum,
-                          "batch_size": self.batch_size, "epochs": self.epochs},
-            "training": {**asdict(self), "hidden": list(self.hidden)},
             "versions": {"dhp_deploy": str(dhp_deploy.__version__), "torch": str(torch.__version__),
                          "python": platform.python_version()},
         }

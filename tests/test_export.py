@@ -40,7 +40,7 @@ def manifest_of(bundle: Path) -> dict:
 def test_run_is_trained_with_nonzero_trace(served):
     run, _ = served
     model, payload = load_model(run)
-    assert payload["position"]["finished"] and payload["config"]["optimizer"]["epochs"] >= 1
+    assert payload["position"]["finished"] and payload["config"]["training"]["epochs"] >= 1
     assert isinstance(model.head, torch.nn.Module) and model.dhp
     hebb = model.head.hebb
     assert hebb.abs().sum() > 0 and (hebb.abs().sum(0) > 0).all(), "every class trace is non-zero"

@@ -71,7 +71,7 @@ def test_every_method_trains_with_and_without_dhp(method, dhp, tmp_path, data_di
     for key in ("acc_matrix", "avg_acc", "acc", "bwt", "forgetting", "config", "timings"):
         assert key in metrics
     on_disk = json.loads((tmp_path / "metrics.json").read_text())
-    assert on_disk["acc_matrix"] == matrix and on_disk["config"]["method"] == method
+    assert on_disk["acc_matrix"] == matrix and on_disk["config"]["training"]["method"] == method
     assert (tmp_path / "metrics.csv").read_text().startswith("after_task,task_0,task_1,avg_acc")
     assert (tmp_path / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((tmp_path / "config.json").read_text()) == run.config_json
@@ -173,7 +173,9 @@ def test_checkpoint_layout_feeds_load_model_and_rebuilds_the_test_sets(tmp_path,
     assert payload["benchmark"]["tasks"][1]["classes"] == [2, 3]
     assert set(payload["config"]["model"]) == {"in_features", "num_classes", "hidden", "dhp",
                                                "eta_init", "head_init"}
-    rebuilt = build_benchmark(**payload["config"]["data"], data_dir=data_dir)
+    assert set(payload["config"]) == {"training", "model", "versions"}  # each setting once
+    rebuilt = build_benchmark(**TrainConfig.from_json(payload["config"]).data_arguments(),
+                              data_dir=data_dir)
     for original, again in zip(run.benchmark.tasks, rebuilt.tasks):
         assert torch.equal(original.x_test, again.x_test)
         assert torch.equal(original.y_test, again.y_test)

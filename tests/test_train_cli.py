@@ -55,7 +55,7 @@ def test_a_run_writes_its_files_progress_and_summary(finished_run):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert {"acc_matrix", "avg_acc", "acc", "bwt", "forgetting", "config", "timings"} <= set(metrics)
     assert metrics["config"]["model"]["hidden"] == [32]
-    assert metrics["config"]["data"]["train_limit"] == 256
+    assert metrics["config"]["training"]["train_limit"] == 256
 
 
 def test_sigkill_mid_task_then_resume_is_bit_identical(finished_run, tmp_path, data_dir):
@@ -150,7 +150,7 @@ def test_a_finished_run_is_not_overwritten_without_overwrite(finished_run, tmp_p
                          data_dir=data_dir)
     assert replaced.returncode == 0, replaced.stderr
     assert replaced.stdout == "" and replaced.stderr == ""
-    assert load_checkpoint(copy)["config"]["optimizer"]["epochs"] == 1
+    assert load_checkpoint(copy)["config"]["training"]["epochs"] == 1
 
 
 def test_resume_takes_no_training_options_and_needs_a_run_dir(finished_run, data_dir):

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from dhp_deploy.layer import DHPSoftmax
+from dhp_deploy.train import TrainConfig
 from dhp_deploy.run_dir import (CONFIG_NAME, METRICS_NAME, atomic_write_json, build_model,
                                 load_checkpoint)
 from reproduction.naming import (DIVERGED_NAME, SUMMARY_KIND, SUMMARY_VERSION, protocol_tag,
@@ -142,8 +143,14 @@ def load_records(roots) -> list[dict]:
                     continue
                 record["variant"] = training_variant(record["config"]["training"])
             key = (record["role"], record["benchmark"], record["protocol"], record["variant"],
-                   record["seed"], json.dumps(record["config"]["regularizer"], sort_keys=True))
+                   record["seed"], json.dumps(_regularizer(record["config"]), sort_keys=True))
             if key not in seen:
                 seen.add(key)
                 records.append(record)
     return records
+
+
+def _regularizer(config: dict) -> dict:
+    r"""A run's regulariser and its settings, read from ``training`` (old and new configs alike)."""
+    training = TrainConfig.from_json(config)
+    return {"method": training.method, **training.regularizer_arguments()}
