@@ -14,10 +14,8 @@ CUDA it also checks the vectorised step makes no host sync.
 """
 
 import argparse
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -28,33 +26,10 @@ from oracle import algorithm1_step  # noqa: E402
 from dhp_deploy import DHPSoftmax  # noqa: E402
 from dhp_deploy.benchmarks import Benchmark, Task  # noqa: E402
 from dhp_deploy.train import TrainConfig, TrainingRun  # noqa: E402
+from timing import cuda_sync, matmul_peak, median_times, training_flops_per_sample  # noqa: E402
 
 BATCH, HIDDEN, CLASSES = 64, 256, 10
 TASK_CLASSES = (0, 1)  # a Split MNIST task head
-
-
-def timer(device):
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    return sync
-
-
-def median_times(fns: dict, iters: int, rounds: int, sync) -> dict:
-    """Median seconds per call of each function, timed in interleaved rounds."""
-    samples = {name: [] for name in fns}
-    for fn in fns.values():  # warm-up
-        for _ in range(10):
-            fn()
-    sync()
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            for _ in range(iters):
-                fn()
-            sync()
-            samples[name].append((time.perf_counter() - start) / iters)
-    return {name: statistics.median(s) for name, s in samples.items()}
 
 
 def training_steps(dhp: bool, x, y, device) -> tuple:
@@ -72,22 +47,8 @@ def training_steps(dhp: bool, x, y, device) -> tuple:
     return tuple(steps)
 
 
-def matmul_peak_gflops(device, size: int = 1024, repeats: int = 10) -> float:
-    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
-    sync = timer(device)
-    best = float("inf")
-    for _ in range(repeats + 1):
-        sync()
-        start = time.perf_counter()
-        torch.mm(a, b)
-        sync()
-        best = min(best, time.perf_counter() - start)
-    return 2 * size ** 3 / best / 1e9
-
-
 def step_gflop() -> float:
-    widths = [784, HIDDEN, HIDDEN, CLASSES]
-    return 3 * 2 * BATCH * sum(a * b for a, b in zip(widths, widths[1:])) / 1e9
+    return BATCH * training_flops_per_sample((784, HIDDEN, HIDDEN, CLASSES))["nominal"] / 1e9
 
 
 def layer_steps(device, gen):
@@ -140,8 +101,8 @@ def main():
         steps[f"{name} step (lean)"], steps[f"{name} step (autograd)"] = \
             training_steps(dhp, x, y, device)
     layers, vectorised = layer_steps(device, gen)
-    times = median_times({**steps, **layers}, args.iters, args.rounds, timer(device))
-    peak = matmul_peak_gflops(device)
+    times = median_times({**steps, **layers}, args.iters, args.rounds, cuda_sync(device))
+    peak = matmul_peak(1024, 10, device, engines=("torch.mm",))["peak"]
 
     print(f"device {device} ({torch.get_num_threads()} threads), torch {torch.__version__}, "
           f"batch {BATCH}, median of {args.rounds} rounds x {args.iters} calls")

@@ -30,6 +30,7 @@ from dhp_deploy.run_dir import load_model
 from dhp_deploy.export import fold_model, write_onnx, write_torchscript
 from dhp_deploy.network import DHPNet
 from dhp_deploy.runtime import time_calls
+from timing import describe_peak, matmul_peak
 
 
 def session(path):
@@ -61,30 +62,6 @@ def runners(model: DHPNet, directory: Path, name: str) -> dict:
         return ort_session.run(["logits"], {"input": x})[0]
 
     return {"eager": eager, "torchscript": script, "onnx": onnx}
-
-
-def matmul_peak(size: int, repeats: int) -> dict:
-    r"""Best-of-``repeats`` fp32 GFLOP/s of a size³ matmul with torch.mm and onnxruntime MatMul."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    a = torch.rand(size, size)
-    b = torch.rand(size, size)
-    flops = 2 * size ** 3
-    torch_best = min(time_calls(lambda _: torch.mm(a, b), None, repeats, warmup=2))
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["A", "B"], ["C"])], "peak",
-        [helper.make_tensor_value_info("A", TensorProto.FLOAT, [size, size]),
-         helper.make_tensor_value_info("B", TensorProto.FLOAT, [size, size])],
-        [helper.make_tensor_value_info("C", TensorProto.FLOAT, [size, size])])
-    # IR 10: onnx 1.23 writes IR 14 by default, newer than onnxruntime 1.31 reads (13).
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
-    with tempfile.TemporaryDirectory() as tmp:
-        onnx.save(model, f"{tmp}/matmul.onnx")
-        ort_session = session(f"{tmp}/matmul.onnx")
-    feeds = {"A": a.numpy(), "B": b.numpy()}
-    ort_best = min(time_calls(lambda _: ort_session.run(None, feeds), None, repeats, warmup=2))
-    return {"torch.mm": flops / torch_best / 1e9, "onnxruntime MatMul": flops / ort_best / 1e9}
 
 
 def latency_throughput(fn, one, big, iters, repeats) -> tuple[float, float, float]:
@@ -170,24 +147,22 @@ def main(argv=None) -> int:
         folded_run = runners(model, Path(tmp), "folded")
         plain_run = runners(plain, Path(tmp), "plain")
 
-        before = matmul_peak(args.peak_size, repeats=5)
+        engines = ("torch.mm", "onnxruntime MatMul")
+        before = matmul_peak(args.peak_size, 5, engines=engines)
         rows = []
         for name, fn in folded_run.items():
             label = "eager (unfolded DHP)" if name == "eager" else f"{name} (folded)"
             rows.append((label, *latency_throughput(fn, one, big, args.iters, args.repeats)))
-        after = matmul_peak(args.peak_size, repeats=5)  # before and after: the load moves
-        peak = {k: max(before[k], after[k]) for k in before}
-        best = max(peak, key=peak.get)
-        print(f"\nfp32 matmul peak ({args.peak_size}³, best of 5, before and after): " +
-              ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peak.items()) +
-              f" → peak {peak[best]:.0f} ({best})")
+        after = matmul_peak(args.peak_size, 5, engines=engines)  # before and after: load moves
+        peak = before if before["peak"] >= after["peak"] else after
+        print(f"\n{args.peak_size}³, best of 5, before and after: {describe_peak(peak)}")
 
         print(f"\n{'runtime':<22}{'p50 ms':>9}{'p99 ms':>9}{'samples/s':>13}{'GFLOP/s':>9}"
               f"{'% peak':>8}   (batch 1 latency; batch {args.batch_size} best-of throughput)")
         for label, p50, p99, rate in rows:
             gflops = rate * flops / 1e9
             print(f"{label:<22}{p50:>9.3f}{p99:>9.3f}{rate:>13,.0f}{gflops:>9.1f}"
-                  f"{100 * gflops / peak[best]:>7.1f}%")
+                  f"{100 * gflops / peak['peak']:>7.1f}%")
 
         ratios = folded_vs_plain(folded_run, plain_run, one, big, args.rounds, args.iters,
                                  args.repeats)

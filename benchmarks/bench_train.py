@@ -17,8 +17,9 @@ twice that in the backward pass (input gradient + weight gradient), so an MLP 78
 input gradient is never computed (the pixels need none), so "executed" leaves it out (1.21 MFLOP).
 Elementwise work (ReLU, the Hebbian update, the optimiser, penalties) is not counted.
 
-Peak: the better of a 2048³ fp32 ``torch.mm`` (MKL) and a oneDNN linear on mkldnn tensors, timed
-here with the same thread count as the training it is compared with.
+Peak (benchmarks/timing.py): the better of a 2048³ fp32 ``torch.mm`` and a oneDNN linear on mkldnn
+tensors, best of 5, timed here with the same thread count as the training it is compared with;
+on CUDA an 8192³ torch.mm.
 """
 
 import argparse
@@ -27,60 +28,14 @@ import tempfile
 import time
 
 import torch
-from torch import nn
 
 from dhp_deploy.benchmarks import build_benchmark
 from dhp_deploy.train import TrainConfig, TrainingRun
+from timing import describe_peak, matmul_peak, training_flops_per_sample
 
 VARIANTS = [("finetune", False), ("finetune", True), ("ewc", True), ("online-ewc", True),
             ("si", True), ("mas", True)]
 HIDDEN = (256, 256)
-PEAK_SIZE = 2048
-
-
-def best_seconds(function, repeats: int, sync=lambda: None) -> float:
-    function()  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        sync()
-        started = time.perf_counter()
-        function()
-        sync()
-        best = min(best, time.perf_counter() - started)
-    return best
-
-
-def matmul_peak_gflops(repeats: int = 5, device: str = "cpu") -> dict:
-    r"""GFLOP/s of a large fp32 matmul with MKL (torch.mm) and with oneDNN (mkldnn linear); on a
-    GPU, of an 8192³ fp32 torch.mm (TF32 off, torch's default for matmuls)."""
-    if torch.device(device).type == "cuda":
-        a, b = torch.randn(8192, 8192, device=device), torch.randn(8192, 8192, device=device)
-        seconds = best_seconds(lambda: torch.mm(a, b), repeats, torch.cuda.synchronize)
-        mm = 2 * 8192 ** 3 / seconds / 1e9
-        return {"torch.mm": mm, "onednn linear": "n/a (GPU)", "peak": mm}
-    n = PEAK_SIZE
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    flops = 2 * n ** 3
-    result = {"torch.mm": flops / best_seconds(lambda: torch.mm(a, b), repeats) / 1e9}
-    try:
-        from torch.utils import mkldnn as mkldnn_utils
-
-        layer = mkldnn_utils.to_mkldnn(nn.Linear(n, n, bias=False))
-        x = a.to_mkldnn()
-        with torch.no_grad():
-            result["onednn linear"] = flops / best_seconds(lambda: layer(x), repeats) / 1e9
-    except (RuntimeError, AttributeError) as err:  # a torch built without oneDNN
-        result["onednn linear"] = f"unavailable ({err})"
-    result["peak"] = max(v for v in result.values() if isinstance(v, float))
-    return result
-
-
-def flops_per_sample(in_features: int, hidden, num_classes: int) -> dict:
-    widths = [in_features, *hidden, num_classes]
-    forward = sum(2 * a * b for a, b in zip(widths, widths[1:]))
-    nominal = 3 * forward
-    return {"forward": forward, "nominal": nominal,
-            "executed": nominal - 2 * widths[0] * widths[1]}
 
 
 def run_variant(method: str, dhp: bool, args, data_dir, step: str) -> dict:
@@ -101,8 +56,7 @@ def run_variant(method: str, dhp: bool, args, data_dir, step: str) -> dict:
 
 
 def report(threads: int, peak: dict, rows: list, flops: dict) -> None:
-    print(f"\n== {threads} thread(s): peak {peak['peak']:.0f} GFLOP/s (torch.mm "
-          f"{peak['torch.mm']:.0f}, oneDNN {peak['onednn linear'] if isinstance(peak['onednn linear'], str) else round(peak['onednn linear'])})")
+    print(f"\n== {threads} thread(s): {describe_peak(peak)}")
     print(f"{'variant':<28}{'wall s':>8}{'train s':>9}{'samples/s':>11}{'GFLOP/s':>9}{'% peak':>8}"
           f"{'exec GF/s':>10}{'overhead':>9}{'avg acc':>9}")
     for row in rows:
@@ -151,7 +105,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (one pass, no --threads)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
-    flops = flops_per_sample(784, HIDDEN, 10)
+    flops = training_flops_per_sample((784, *HIDDEN, 10))
     print(f"FLOPs per training sample: nominal {flops['nominal'] / 1e6:.3f} M (forward 2mnk + "
           f"backward 2×2mnk per matmul), executed {flops['executed'] / 1e6:.3f} M (no input "
           f"gradient for the first layer); elementwise work not counted")
@@ -160,7 +114,8 @@ def main() -> None:
     results = []
     for threads in args.threads or [torch.get_num_threads()]:
         torch.set_num_threads(threads)
-        peak = matmul_peak_gflops(device=args.device)
+        peak = (matmul_peak(8192, 5, args.device) if args.device == "cuda" else
+                matmul_peak(2048, 5, engines=("torch.mm", "oneDNN linear")))
         rows = [run_variant(method, dhp, args, args.data_dir, step)
                 for step in args.steps.split(",") for method, dhp in wanted]
         report(threads, peak, rows, flops)
