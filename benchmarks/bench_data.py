@@ -12,6 +12,8 @@ import subprocess
 import sys
 import time
 
+from timing import Figures
+
 
 def measure(name: str, data_dir: str | None) -> dict:
     r"""Build ``name`` twice in this process: cold (first), then warm (decoded files cached)."""
@@ -41,6 +43,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", help="data root (default: $DHP_DATA_DIR, else ./data)")
     parser.add_argument("--only", choices=BENCHMARKS, help="one benchmark instead of all")
+    parser.add_argument("--json", help="also write the key figures and numbers here")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:  # one measurement, as JSON, in this fresh process
@@ -48,8 +51,9 @@ def main() -> None:
         return
     data_dir = str(resolve_data_dir(args.data_dir))
     print(f"data: {data_dir}   python {sys.version.split()[0]}")
-    print(f"{'benchmark':<28}{'cold s':>8}{'warm s':>8}{'train':>9}{'test':>9}"
-          f"{'tensors MiB':>13}{'peak RSS MiB':>14}")
+    figures = Figures()
+    figures.key(f"{'benchmark':<28}{'cold s':>8}{'warm s':>8}{'train':>9}{'test':>9}"
+                f"{'tensors MiB':>13}{'peak RSS MiB':>14}")
     for name in [args.only] if args.only else BENCHMARKS:
         child = subprocess.run(
             [sys.executable, __file__, "--child", "--only", name, "--data-dir", data_dir],
@@ -59,8 +63,10 @@ def main() -> None:
             sys.exit(f"{name}: failed\n{child.stderr.strip()}")
         r = json.loads(child.stdout)
         sizes = r["tasks_examples"]
-        print(f"{name:<28}{r['cold_s']:>8.2f}{r['warm_s']:>8.2f}{sizes['train']:>9}"
-              f"{sizes['test']:>9}{r['tensors_mib']:>13.0f}{r['peak_rss_mib']:>14.0f}")
+        figures.key(f"{name:<28}{r['cold_s']:>8.2f}{r['warm_s']:>8.2f}{sizes['train']:>9}"
+                    f"{sizes['test']:>9}{r['tensors_mib']:>13.0f}{r['peak_rss_mib']:>14.0f}")
+        figures.data[name] = r
+    figures.write(args.json)
 
 
 if __name__ == "__main__":

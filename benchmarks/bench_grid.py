@@ -16,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from timing import Figures
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -39,17 +41,21 @@ def main() -> dict:
     parser.add_argument("--tasks", type=int, default=5, help="Split MNIST tasks (default 5)")
     parser.add_argument("--jobs", type=int, default=2, help="parallel runs to compare (default 2)")
     parser.add_argument("--data-dir", help="default: $DHP_DATA_DIR, else ./data")
+    parser.add_argument("--json", help="also write the key figures and numbers here")
     args = parser.parse_args()
-    results = {}
+    results, figures = {}, Figures()
     for jobs in (1, args.jobs):
         with tempfile.TemporaryDirectory() as root:
             seconds = grid_seconds(jobs, args, Path(root))
         results[jobs] = {"seconds": seconds, "runs_per_hour": args.runs * 3600 / seconds}
-        print(f"--jobs {jobs}: {args.runs} runs (Split MNIST, {args.tasks} tasks × {args.epochs} "
-              f"epochs) in {seconds:.1f} s = {results[jobs]['runs_per_hour']:.0f} runs/hour")
+        figures.key(f"--jobs {jobs}: {args.runs} runs (Split MNIST, {args.tasks} tasks × {args.epochs} "
+                    f"epochs) in {seconds:.1f} s = {results[jobs]['runs_per_hour']:.0f} runs/hour")
     ratio = results[args.jobs]["runs_per_hour"] / results[1]["runs_per_hour"]
-    print(f"--jobs {args.jobs} / sequential throughput: {ratio:.2f} (target ≥ 1.6 on 2 cores)")
-    return {"results": results, "ratio": ratio}
+    figures.key(f"--jobs {args.jobs} / sequential throughput: {ratio:.2f} (target ≥ 1.6 on 2 "
+                f"cores)")
+    figures.data = {"results": results, "ratio": ratio}
+    figures.write(args.json)
+    return figures.data
 
 
 if __name__ == "__main__":

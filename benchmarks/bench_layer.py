@@ -26,7 +26,8 @@ from oracle import algorithm1_step  # noqa: E402
 from dhp_deploy import DHPSoftmax  # noqa: E402
 from dhp_deploy.benchmarks import Benchmark, Task  # noqa: E402
 from dhp_deploy.train import TrainConfig, TrainingRun  # noqa: E402
-from timing import cuda_sync, matmul_peak, median_times, training_flops_per_sample  # noqa: E402
+from timing import (Figures, cuda_sync, matmul_peak, median_times,  # noqa: E402
+                    training_flops_per_sample)
 
 BATCH, HIDDEN, CLASSES = 64, 256, 10
 TASK_CLASSES = (0, 1)  # a Split MNIST task head
@@ -86,6 +87,7 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--json", help="also write the key figures and times here")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's; 1 on a busy shared machine)")
     args = parser.parse_args()
@@ -108,25 +110,28 @@ def main():
           f"batch {BATCH}, median of {args.rounds} rounds x {args.iters} calls")
     for name, seconds in times.items():
         print(f"  {name:30s} {seconds * 1e6:9.1f} us")
+    figures = Figures()
+    figures.data = {"device": str(device), "times_s": times, "peak_gflops": peak}
     for step in ("lean", "autograd"):
         ratio = times[f"DHPNet step ({step})"] / times[f"plain net step ({step})"]
-        print(f"DHP / plain full step ({step}) {ratio:6.3f}   (target <= 1.10)")
+        figures.key(f"DHP / plain full step ({step}) {ratio:6.3f}   (target <= 1.10)")
     for name in ("DHPNet", "plain net"):
-        print(f"{name} autograd / lean step    "
-              f"{times[f'{name} step (autograd)'] / times[f'{name} step (lean)']:6.2f}")
+        figures.key(f"{name} autograd / lean step    "
+                    f"{times[f'{name} step (autograd)'] / times[f'{name} step (lean)']:6.2f}")
     achieved = step_gflop() / times["plain net step (lean)"]
-    print(f"plain lean step {achieved:.1f} GFLOP/s = {100 * achieved / peak:.0f}% of the "
-          f"{peak:.0f} GFLOP/s torch.mm peak measured here (target >= 50%; nominal "
-          f"{step_gflop() * 1e3:.1f} MFLOP per step)")
+    figures.key(f"plain lean step {achieved:.1f} GFLOP/s = {100 * achieved / peak:.0f}% of the "
+                f"{peak:.0f} GFLOP/s torch.mm peak measured here (target >= 50%; nominal "
+                f"{step_gflop() * 1e3:.1f} MFLOP per step)")
     loop_ratio = times["DHP layer (Algorithm-1 loop)"] / times["DHP layer (vectorised)"]
-    print(f"loop / vectorised layer   {loop_ratio:6.2f}   (target >= 5)")
-    print(f"DHP / linear layer alone  "
-          f"{times['DHP layer (vectorised)'] / times['linear layer']:6.2f}")
+    figures.key(f"loop / vectorised layer   {loop_ratio:6.2f}   (target >= 5)")
+    figures.key(f"DHP / linear layer alone  "
+                f"{times['DHP layer (vectorised)'] / times['linear layer']:6.2f}")
     if device.type == "cuda":
         print(f"host syncs in the vectorised step: {check_no_host_sync(vectorised)}")
         print(f"host syncs in the lean DHPNet step: "
               f"{check_no_host_sync(steps['DHPNet step (lean)'])}")
-        compare_cuda_graphs(steps, args)
+        compare_cuda_graphs(steps, args, figures)
+    figures.write(args.json)
 
 
 def graphed(step):
@@ -143,7 +148,7 @@ def graphed(step):
     return graph.replay
 
 
-def compare_cuda_graphs(steps: dict, args) -> None:
+def compare_cuda_graphs(steps: dict, args, figures) -> None:
     r"""The lean step eager vs replayed as one CUDA graph (a batch-64 step is launch-bound)."""
     for name in ("DHPNet", "plain net"):
         eager = steps[f"{name} step (lean)"]
@@ -154,8 +159,8 @@ def compare_cuda_graphs(steps: dict, args) -> None:
             continue
         times = median_times({"eager": eager, "graph": replay}, args.iters, args.rounds,
                              torch.cuda.synchronize)
-        print(f"{name} lean step: eager {times['eager'] * 1e6:.1f} us, CUDA graph "
-              f"{times['graph'] * 1e6:.1f} us ({times['eager'] / times['graph']:.2f}x)")
+        figures.key(f"{name} lean step: eager {times['eager'] * 1e6:.1f} us, CUDA graph "
+                    f"{times['graph'] * 1e6:.1f} us ({times['eager'] / times['graph']:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from dhp_deploy.run_dir import load_model
 from dhp_deploy.export import fold_model, write_onnx, write_torchscript
 from dhp_deploy.network import DHPNet
 from dhp_deploy.runtime import time_calls
-from timing import describe_peak, matmul_peak
+from timing import Figures, describe_peak, matmul_peak
 
 
 def session(path):
@@ -123,6 +123,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved folded/plain rounds")
     parser.add_argument("--peak-size", type=int, default=2048)
     parser.add_argument("--max-ratio", type=float, default=1.02)
+    parser.add_argument("--json", help="also write the key figures and numbers here")
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
@@ -155,23 +156,32 @@ def main(argv=None) -> int:
             rows.append((label, *latency_throughput(fn, one, big, args.iters, args.repeats)))
         after = matmul_peak(args.peak_size, 5, engines=engines)  # before and after: load moves
         peak = before if before["peak"] >= after["peak"] else after
-        print(f"\n{args.peak_size}³, best of 5, before and after: {describe_peak(peak)}")
-
-        print(f"\n{'runtime':<22}{'p50 ms':>9}{'p99 ms':>9}{'samples/s':>13}{'GFLOP/s':>9}"
-              f"{'% peak':>8}   (batch 1 latency; batch {args.batch_size} best-of throughput)")
+        figures = Figures()
+        figures.key(f"{args.peak_size}³, best of 5, before and after: {describe_peak(peak)}")
+        figures.key(f"{'runtime':<22}{'p50 ms':>9}{'p99 ms':>9}{'samples/s':>13}{'GFLOP/s':>9}"
+                    f"{'% peak':>8}   (batch 1 latency; batch {args.batch_size} best-of "
+                    f"throughput)")
         for label, p50, p99, rate in rows:
             gflops = rate * flops / 1e9
-            print(f"{label:<22}{p50:>9.3f}{p99:>9.3f}{rate:>13,.0f}{gflops:>9.1f}"
-                  f"{100 * gflops / peak['peak']:>7.1f}%")
-
+            figures.key(f"{label:<22}{p50:>9.3f}{p99:>9.3f}{rate:>13,.0f}{gflops:>9.1f}"
+                        f"{100 * gflops / peak['peak']:>7.1f}%")
+        eager = rows[0]
+        for label, p50, _, rate in rows[1:]:
+            figures.key(f"{label}: batch-1 p50 {p50 / eager[1]:.2f}× eager's, throughput "
+                        f"{rate / eager[3]:.2f}× eager's")
         ratios = folded_vs_plain(folded_run, plain_run, one, big, args.rounds, args.iters,
                                  args.repeats)
     worst = max(r for backend in ratios.values() for r in backend.values())
-    print(f"\nfolded DHP / plain MLP time (calls interleaved; median of {args.rounds} rounds):")
+    figures.key(f"folded DHP / plain MLP time (calls interleaved; median of {args.rounds} "
+                f"rounds):")
     for backend, values in ratios.items():
-        print(f"  {backend:<12}" + "  ".join(f"{k} {v:.3f}" for k, v in values.items()))
+        figures.key(f"  {backend:<12}" + "  ".join(f"{k} {v:.3f}" for k, v in values.items()))
     verdict = "within" if worst <= args.max_ratio else "over"
-    print(f"worst ratio {worst:.3f} ({verdict} the {args.max_ratio} target)")
+    figures.key(f"worst ratio {worst:.3f} ({verdict} the {args.max_ratio} target)")
+    figures.data = {"peak": peak, "rows": [dict(zip(("runtime", "p50_ms", "p99_ms",
+                                                     "samples_per_s"), row)) for row in rows],
+                    "folded_over_plain": ratios, "flop_per_sample": flops}
+    figures.write(args.json)
     return 0
 
 

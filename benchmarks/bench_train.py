@@ -23,7 +23,6 @@ on CUDA an 8192³ torch.mm.
 """
 
 import argparse
-import json
 import tempfile
 import time
 
@@ -31,7 +30,7 @@ import torch
 
 from dhp_deploy.benchmarks import build_benchmark
 from dhp_deploy.train import TrainConfig, TrainingRun
-from timing import describe_peak, matmul_peak, training_flops_per_sample
+from timing import Figures, describe_peak, matmul_peak, training_flops_per_sample
 
 VARIANTS = [("finetune", False), ("finetune", True), ("ewc", True), ("online-ewc", True),
             ("si", True), ("mas", True)]
@@ -55,9 +54,9 @@ def run_variant(method: str, dhp: bool, args, data_dir, step: str) -> dict:
             "forgetting": metrics["forgetting"]}
 
 
-def report(threads: int, peak: dict, rows: list, flops: dict) -> None:
-    print(f"\n== {threads} thread(s): {describe_peak(peak)}")
-    print(f"{'variant':<28}{'wall s':>8}{'train s':>9}{'samples/s':>11}{'GFLOP/s':>9}{'% peak':>8}"
+def report(threads: int, peak: dict, rows: list, flops: dict, figures: Figures) -> None:
+    figures.key(f"== {threads} thread(s): {describe_peak(peak)}")
+    figures.key(f"{'variant':<28}{'wall s':>8}{'train s':>9}{'samples/s':>11}{'GFLOP/s':>9}{'% peak':>8}"
           f"{'exec GF/s':>10}{'overhead':>9}{'avg acc':>9}")
     for row in rows:
         base = next((r for r in rows if r["method"] == "finetune" and r["dhp"]
@@ -70,22 +69,22 @@ def report(threads: int, peak: dict, rows: list, flops: dict) -> None:
             row["overhead"] = row["train_s"] / base["train_s"] - 1
             overhead = f"{100 * row['overhead']:+.0f}%"
         name = row["method"] + (" + DHP" if row["dhp"] else "") + f" [{row['step']}]"
-        print(f"{name:<28}{row['wall_s']:8.1f}{row['train_s']:9.1f}{row['samples_per_s']:11.0f}"
+        figures.key(f"{name:<28}{row['wall_s']:8.1f}{row['train_s']:9.1f}{row['samples_per_s']:11.0f}"
               f"{nominal:9.1f}{row['percent_of_peak']:7.1f}%{executed:10.1f}{overhead:>9}"
               f"{100 * row['avg_acc']:8.2f}%")
-    print_ratios(rows)
+    print_ratios(rows, figures)
 
 
-def print_ratios(rows: list) -> None:
+def print_ratios(rows: list, figures: Figures) -> None:
     r"""Training-time ratios measured in this run: DHP / plain per step, autograd / lean."""
     by = {(r["method"], r["dhp"], r["step"]): r["train_s"] for r in rows}
     for step in ("lean", "autograd"):
         if ("finetune", True, step) in by and ("finetune", False, step) in by:
-            print(f"DHP / plain training time [{step}]: "
+            figures.key(f"DHP / plain training time [{step}]: "
                   f"{by[('finetune', True, step)] / by[('finetune', False, step)]:.2f}")
     for method, dhp, step in by:
         if step == "lean" and (method, dhp, "autograd") in by:
-            print(f"autograd / lean [{method}{' + DHP' if dhp else ''}]: "
+            figures.key(f"autograd / lean [{method}{' + DHP' if dhp else ''}]: "
                   f"{by[(method, dhp, 'autograd')] / by[(method, dhp, 'lean')]:.2f}")
 
 
@@ -103,7 +102,7 @@ def main() -> None:
                              "graphed (the lean step as a CUDA graph, what dhp-train runs on CUDA)")
     parser.add_argument("--data-dir", default=None, help="default: $DHP_DATA_DIR, else ./data")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (one pass, no --threads)")
-    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--json", help="also write the key figures and results here")
     args = parser.parse_args()
     flops = training_flops_per_sample((784, *HIDDEN, 10))
     print(f"FLOPs per training sample: nominal {flops['nominal'] / 1e6:.3f} M (forward 2mnk + "
@@ -111,20 +110,18 @@ def main() -> None:
           f"gradient for the first layer); elementwise work not counted")
     wanted = [(m, d) for m, d in VARIANTS
               if not args.methods or f"{m}{'+dhp' if d else ''}" in args.methods]
-    results = []
+    results, figures = [], Figures()
     for threads in args.threads or [torch.get_num_threads()]:
         torch.set_num_threads(threads)
         peak = (matmul_peak(8192, 5, args.device) if args.device == "cuda" else
                 matmul_peak(2048, 5, engines=("torch.mm", "oneDNN linear")))
         rows = [run_variant(method, dhp, args, args.data_dir, step)
                 for step in args.steps.split(",") for method, dhp in wanted]
-        report(threads, peak, rows, flops)
+        report(threads, peak, rows, flops, figures)
         results.append({"threads": threads, "peak": peak, "rows": rows})
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": args.device, "flops_per_sample": flops, "tasks": args.tasks,
-                       "epochs": args.epochs,
-                       "batch_size": args.batch_size, "results": results}, f, indent=2)
+    figures.data = {"device": args.device, "flops_per_sample": flops, "tasks": args.tasks,
+                    "epochs": args.epochs, "batch_size": args.batch_size, "results": results}
+    figures.write(args.json)
 
 
 if __name__ == "__main__":

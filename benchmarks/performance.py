@@ -5,20 +5,22 @@ r"""docs/PERFORMANCE.md: every benchmark script's figures, with the machine and 
 Runs ``bench_layer.py``, ``bench_data.py``, ``bench_train.py``, ``bench_grid.py`` and
 ``bench_serve.py`` (those that exist) one after another as subprocesses, captures what they
 print, and writes one report: a
-header (CPU, cores, torch, the fp32 matmul peak measured here), the key ratios pulled from the
-outputs (DHP/plain step, loop/vectorised layer, folded/plain inference, runtime latencies and
-throughputs side by side, training throughput as % of peak, from bench_train and from the
-reproduce runs' own timings), then each script's output verbatim. A missing or failing script is
+header (CPU, cores, torch, the fp32 matmul peak measured here, benchmarks/timing.py), the key
+figures each script reports in its ``--json`` file (DHP/plain step, loop/vectorised layer,
+folded/plain inference, runtime latencies and throughputs side by side, training throughput as
+% of peak, grid throughput), the reproduce runs' own throughput, then each script's output
+verbatim. A missing or failing script is
 reported, never fatal. ``--quick`` passes each script its smaller-iteration flags (where its
 ``--help`` lists them): for checking the pipeline, not for publishing numbers.
 """
 
 import argparse
 import json
-import re
 import statistics
+import re
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -41,8 +43,6 @@ SCRIPTS = (
     ("bench_serve.py", "export/serving: folded vs plain, runtimes vs peak",
      {"--iters": "50", "--repeats": "3", "--rounds": "2", "--peak-size": "1024"}),
 )
-# Lines of a script's output that carry a ratio or a rate worth lifting into the summary.
-KEY_LINE = re.compile(r"( / |ratio|% ?peak|of peak|GFLOP/s|samples/s|target|wall)", re.I)
 
 
 def script_flags(script: Path, quick: dict) -> list[str]:
@@ -60,50 +60,25 @@ def script_flags(script: Path, quick: dict) -> list[str]:
 
 
 def run_script(script: Path, flags: list[str], timeout: float) -> dict:
+    r"""Run one benchmark script in its own process; its key figures come from its ``--json``."""
     start = time.perf_counter()
-    try:
-        done = subprocess.run([sys.executable, str(script), *flags], capture_output=True,
-                              text=True, timeout=timeout, cwd=REPO)
-        output, status = done.stdout + (f"\n[stderr]\n{done.stderr}" if done.stderr.strip()
-                                        else ""), done.returncode
-    except subprocess.TimeoutExpired as err:
-        output = err.stdout or ""
-        output = output.decode() if isinstance(output, bytes) else output
-        status = f"timed out after {timeout:.0f}s"
+    with tempfile.TemporaryDirectory() as tmp:
+        figures_path = Path(tmp) / "figures.json"
+        try:
+            done = subprocess.run([sys.executable, str(script), *flags, "--json",
+                                   str(figures_path)], capture_output=True, text=True,
+                                  timeout=timeout, cwd=REPO)
+            output, status = done.stdout + (f"\n[stderr]\n{done.stderr}" if done.stderr.strip()
+                                            else ""), done.returncode
+        except subprocess.TimeoutExpired as err:
+            output = err.stdout or ""
+            output = output.decode() if isinstance(output, bytes) else output
+            status = f"timed out after {timeout:.0f}s"
+        figures = (json.loads(figures_path.read_text()) if figures_path.exists()
+                   else {"key_lines": [], "data": {}})
     return {"output": output.rstrip(), "status": status, "seconds": time.perf_counter() - start,
-            "command": " ".join(["python", str(script.relative_to(REPO)), *flags])}
-
-
-def key_lines(output: str) -> list[str]:
-    r"""Lines carrying a ratio or rate; a table (header names "% peak" or ends in ":") whole."""
-    keys, in_table = [], False
-    for line in output.splitlines():
-        if in_table and line.strip() and not line.lstrip().startswith("["):
-            keys.append(line.rstrip())
-            continue
-        in_table = False
-        if KEY_LINE.search(line):
-            keys.append(line.rstrip())
-            in_table = bool(re.search(r"% ?peak", line)) or line.rstrip().endswith(":")
-    return keys
-
-
-def serve_ratios(output: str) -> list[str]:
-    r"""From bench_serve's runtime table: each runtime's latency and throughput against eager."""
-    rows = {}
-    for line in output.splitlines():
-        match = re.match(r"^(eager \(unfolded DHP\)|\w+ \(folded\))\s+([\d.]+)\s+([\d.]+)\s+"
-                         r"([\d,]+)\s+([\d.]+)", line)
-        if match:
-            rows[match.group(1)] = (float(match.group(2)), float(match.group(4).replace(",", "")))
-    base = rows.get("eager (unfolded DHP)")
-    if not base:
-        return []
-    lines = []
-    for name, (p50, rate) in rows.items():
-        lines.append(f"{name}: batch-1 p50 {p50:.3f} ms ({p50 / base[0]:.2f}× eager), "
-                     f"throughput {rate:,.0f}/s ({rate / base[1]:.2f}× eager)")
-    return lines
+            "command": " ".join(["python", str(script.relative_to(REPO)), *flags]),
+            "figures": figures}
 
 
 def reproduce_throughput(peak: float, peak_one: float) -> list[str]:
@@ -144,11 +119,9 @@ def render(header: dict, peaks: dict, results: list, quick: bool) -> str:
              f"(benchmarks/timing.py): {describe_peak(peaks)}", "",
              "## Key figures", ""]
     for result in results:
-        if result["status"] == "missing" or not result["output"]:
+        if result["status"] == "missing":
             continue
-        keys = key_lines(result["output"])
-        if result["script"] == "bench_serve.py":
-            keys += serve_ratios(result["output"])
+        keys = result["figures"]["key_lines"]
         if keys:
             failed = "" if result["status"] == 0 else f"; exit status {result['status']}"
             lines += [f"**{result['script']}** ({result['what']}{failed}):", "", "```", *keys,

@@ -7,6 +7,7 @@ tensors and an onnxruntime MatMul on CPU, torch.mm alone on CUDA (TF32 off, torc
 ``peak`` names the fastest; a script compares its figure with that, measured in the same run.
 """
 
+import json
 import statistics
 import time
 from typing import Callable, Optional
@@ -138,3 +139,23 @@ def training_flops_per_sample(widths=MLP_WIDTHS) -> dict:
     forward = sum(2 * a * b for a, b in zip(widths, widths[1:]))
     return {"forward": forward, "nominal": 3 * forward,
             "executed": 3 * forward - 2 * widths[0] * widths[1]}
+
+
+class Figures:
+    r"""What a benchmark script reports: the lines worth lifting into docs/PERFORMANCE.md
+    (:meth:`key` prints each and keeps it) and its numbers (``data``). ``--json PATH`` writes
+    both, and benchmarks/performance.py builds its summary from that file, not from the text."""
+
+    def __init__(self) -> None:
+        self.key_lines: list[str] = []
+        self.data: dict = {}
+
+    def key(self, line: str = "") -> None:
+        print(line, flush=True)
+        self.key_lines.append(line)
+
+    def write(self, path) -> None:
+        if path:
+            with open(path, "w") as f:
+                json.dump({"key_lines": self.key_lines, "data": self.data}, f, indent=2,
+                          default=str)
