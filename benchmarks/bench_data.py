@@ -19,7 +19,7 @@ def measure(name: str, data_dir: str | None) -> dict:
     r"""Build ``name`` twice in this process: cold (first), then warm (decoded files cached)."""
     import resource
 
-    from dhp_deploy.benchmarks import build_benchmark
+    from dhp_deploy.tasks import build_benchmark
 
     start = time.perf_counter()
     bench = build_benchmark(name, data_dir)
@@ -37,7 +37,7 @@ def measure(name: str, data_dir: str | None) -> dict:
 
 
 def main() -> None:
-    from dhp_deploy.benchmarks import BENCHMARKS
+    from dhp_deploy.tasks import BENCHMARKS
     from dhp_deploy.data import resolve_data_dir
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

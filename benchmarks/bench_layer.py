@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from oracle import algorithm1_step  # noqa: E402
 
 from dhp_deploy import DHPSoftmax  # noqa: E402
-from dhp_deploy.benchmarks import Benchmark, Task  # noqa: E402
+from dhp_deploy.tasks import Benchmark, Task  # noqa: E402
 from dhp_deploy.train import TrainConfig, TrainingRun  # noqa: E402
 from timing import (Figures, cuda_sync, matmul_peak, median_times,  # noqa: E402
                     training_flops_per_sample)

@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from dhp_deploy.benchmarks import build_benchmark
+from dhp_deploy.tasks import build_benchmark
 from dhp_deploy.train import TrainConfig, TrainingRun
 from timing import Figures, describe_peak, matmul_peak, training_flops_per_sample
 

@@ -95,7 +95,7 @@ def _variants(text: str) -> list[str]:
 
 
 def parse_arguments(argv=None):
-    from dhp_deploy.benchmarks import BENCHMARKS
+    from dhp_deploy.tasks import BENCHMARKS
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("step", choices=("search", "grid"),

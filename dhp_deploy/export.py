@@ -146,7 +146,7 @@ def write_onnx(module: nn.Module, path, in_features: int) -> int:
 
 def benchmark_of_run(payload: dict, data_dir=None):
     r"""Rebuild the run's benchmark (same test sets) from the training config of its checkpoint."""
-    from dhp_deploy.benchmarks import build_benchmark
+    from dhp_deploy.tasks import build_benchmark
     from dhp_deploy.data import DataError
 
     kwargs = _data_arguments(payload.get("config", {}))

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import dhp_deploy
-from dhp_deploy.benchmarks import Benchmark, batches, seeded_generator
+from dhp_deploy.tasks import Benchmark, batches, seeded_generator
 from dhp_deploy.cuda_graph import GraphedStep, warm_up
 from dhp_deploy.run_dir import (CHECKPOINT_NAME, CONFIG_NAME, CheckpointError, atomic_write_json,
                                 build_model, load_checkpoint, save_checkpoint)
@@ -58,7 +58,7 @@ class UnstableStrength(TrainingDiverged):
 class TrainConfig:
     r"""Everything that decides a run's result (saved in ``config.json`` and every checkpoint)."""
 
-    benchmark: str = "split-mnist"  # one of dhp_deploy.benchmarks.BENCHMARKS
+    benchmark: str = "split-mnist"  # one of dhp_deploy.tasks.BENCHMARKS
     method: str = "finetune"  # finetune | ewc | online-ewc | si | mas
     dhp: bool = True  # DHP-Softmax head (True) or a plain linear head (False)
     epochs: int = 10  # passes over each task's training set (paper: 10)

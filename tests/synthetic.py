@@ -2,7 +2,7 @@
 
 import torch
 
-from dhp_deploy.benchmarks import Benchmark, Task
+from dhp_deploy.tasks import Benchmark, Task
 
 
 def split_benchmark(input_size: int = 784, train: int = 256, test: int = 64, num_tasks: int = 2,

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dhp_deploy.benchmarks import batches
+from dhp_deploy.tasks import batches
 from dhp_deploy.cuda_graph import GraphedStep
 from dhp_deploy.lean_step import lean_gradients, supports_lean_step
 from dhp_deploy.network import DHPNet, task_logits

@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from dhp_deploy.benchmarks import build_benchmark
+from dhp_deploy.tasks import build_benchmark
 from dhp_deploy.run_dir import build_model, load_checkpoint, load_model
 from dhp_deploy.metrics import (average_accuracies, backward_transfer, final_accuracy, forgetting,
                                 forgetting_per_task, summarize)
@@ -215,6 +215,6 @@ def test_random_streams_are_named_by_their_sha256():
         return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
     assert torch.equal(torch.randperm(50, generator=derived_generator(3, "batches", 1, 2)),
                        torch.randperm(50, generator=named("dhp-train/3/batches/1/2")))
-    from dhp_deploy.benchmarks import _generator
+    from dhp_deploy.tasks import _generator
     assert torch.equal(torch.randperm(50, generator=_generator(7, 2, 4)),
                        torch.randperm(50, generator=named("dhp/7/2/4")))

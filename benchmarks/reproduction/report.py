@@ -19,7 +19,7 @@ CHOICES = """\
   only; the `paper` protocol uses 10 for the permuted benchmarks too. Where a table's protocol is
   not `paper` (e.g. `e1`: 1 epoch per task), that was forced by this machine's time budget: it
   is said at the table.
-- **Imbalance scheme.** The paper gives none. Ours (`dhp_deploy/benchmarks.py`): for each task a
+- **Imbalance scheme.** The paper gives none. Ours (`dhp_deploy/tasks.py`): for each task a
   seeded order of the 10 classes; the class at rank r keeps `0.1 ** (r / 9)` of its training
   examples (1.0 down to 0.1, imbalance ratio 10); validation and test sets stay balanced.
 - **Permutations.** Task 1 is the identity (as in the authors' figure), task t ≥ 2 a seeded

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from dhp_deploy.benchmarks import build_benchmark
+from dhp_deploy.tasks import build_benchmark
 from dhp_deploy.metrics import format_duration
 from dhp_deploy.run_dir import (CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, atomic_write_json,
                                 is_finished, read_config)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from dhp_deploy.benchmarks import BENCHMARKS
+from dhp_deploy.tasks import BENCHMARKS
 from dhp_deploy.layer import WEIGHT_INITS
 from dhp_deploy.regularizers import METHODS
 from dhp_deploy.train import TrainConfig
@@ -208,7 +208,7 @@ def _describe_run_dir(run_dir: Path) -> str:
 def _benchmark_builder(data_dir, download: bool, device: str):
     r"""``config → Benchmark`` for :func:`dhp_deploy.train.start_or_resume`; data errors → one line."""
     def build(config):
-        from dhp_deploy.benchmarks import build_benchmark
+        from dhp_deploy.tasks import build_benchmark
         from dhp_deploy.data import DataError
 
         arguments = {**config.data_arguments(), "download": download or config.download}

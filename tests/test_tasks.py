@@ -1,10 +1,10 @@
-r"""dhp_deploy.benchmarks on the real MNIST files: task facts, seeding, imbalance, batching."""
+r"""dhp_deploy.tasks on the real MNIST files: task facts, seeding, imbalance, batching."""
 import json
 
 import pytest
 import torch
 
-from dhp_deploy import benchmarks as B
+from dhp_deploy import tasks as B
 from dhp_deploy.data import DataError, load_split
 
 SMALL = dict(train_limit=2000, test_limit=300)
