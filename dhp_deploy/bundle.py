@@ -12,7 +12,8 @@ from pathlib import Path
 
 __all__ = ["BundleError", "BUNDLE_FORMAT", "BUNDLE_VERSION", "MANIFEST_NAME", "INPUT_NAME",
            "OUTPUT_NAME", "FORMATS", "ARTIFACT_FILES", "GOLDEN_FILES", "ATOL", "RTOL",
-           "sha256_file", "read_manifest"]
+           "sha256_file", "read_manifest", "LABELS_NAME", "HEBB_NAME", "HEBB_OUT_NAME", "NO_LABEL",
+           "HEBB_FILE", "PLASTIC_GOLDEN_FILES"]
 
 BUNDLE_FORMAT = "dhp-deploy-bundle"
 BUNDLE_VERSION = 1
@@ -22,6 +23,16 @@ FORMATS = ("torchscript", "onnx")
 ARTIFACT_FILES = {"torchscript": "model.ts", "onnx": "model.onnx"}
 GOLDEN_FILES = {"inputs": "golden_inputs.npy", "logits": "golden_logits.npy",
                 "tasks": "golden_tasks.npy", "labels": "golden_labels.npy"}
+# A plastic bundle (dhp-export --plastic): the trace is explicit state, an input and an output.
+LABELS_NAME, HEBB_NAME, HEBB_OUT_NAME = "labels", "hebb", "hebb_out"
+NO_LABEL = -1
+HEBB_FILE = "hebb.npy"  # the trace at export: a plastic session's initial state
+# Its goldens are a stream of calls: the batches' rows, labels (some -1) and sizes, the logits of
+# every row and the trace after every call, all from the eager layer.
+PLASTIC_GOLDEN_FILES = {"inputs": "golden_inputs.npy", "labels": "golden_stream_labels.npy",
+                        "tasks": "golden_tasks.npy",
+                        "batch_sizes": "golden_stream_batch_sizes.npy",
+                        "logits": "golden_logits.npy", "traces": "golden_stream_traces.npy"}
 # Parity tolerance for fp32 runtimes against the eager goldens, numpy.allclose semantics:
 # |runtime − golden| ≤ ATOL + RTOL·|golden| elementwise. Measured errors here are ~1e-6 or less
 # (a different GEMM summation order); these bounds leave headroom without hiding a wrong weight.

@@ -35,15 +35,17 @@ import torch
 from torch import Tensor, nn
 
 from dhp_deploy.bundle import (ARTIFACT_FILES, ATOL, BUNDLE_FORMAT, BUNDLE_VERSION, FORMATS,
-                               GOLDEN_FILES, INPUT_NAME, MANIFEST_NAME, OUTPUT_NAME, RTOL,
-                               sha256_file)
+                               GOLDEN_FILES, HEBB_FILE, HEBB_NAME, HEBB_OUT_NAME, INPUT_NAME,
+                               LABELS_NAME, MANIFEST_NAME, NO_LABEL, OUTPUT_NAME,
+                               PLASTIC_GOLDEN_FILES, RTOL, sha256_file)
 from dhp_deploy.run_dir import METRICS_NAME, CheckpointError, load_model
 from dhp_deploy.layer import DHPSoftmax, dhp_logits
 from dhp_deploy.network import DHPNet, PlainHead, predicted_classes
+from dhp_deploy.plastic import PlasticMLP, plastic_model, reference_step
 from dhp_deploy.train import TrainConfig
 
 __all__ = ["ExportError", "FrozenMLP", "fold_model", "export_run", "write_torchscript",
-           "write_onnx", "benchmark_of_run", "evaluate_accuracy", "sha256_file",
+           "write_onnx", "write_plastic_onnx", "benchmark_of_run", "evaluate_accuracy", "sha256_file",
            "BUNDLE_FORMAT", "BUNDLE_VERSION", "FORMATS", "ATOL", "RTOL", "INPUT_NAME",
            "OUTPUT_NAME", "MANIFEST_NAME", "GOLDEN_FILES", "ARTIFACT_FILES"]
 
@@ -123,20 +125,35 @@ def write_onnx(module: nn.Module, path, in_features: int) -> int:
 
     Returns the file's ONNX IR version (readers such as onnxruntime support a maximum).
     """
+    batch = torch.export.Dim("batch", min=1)
+    return _export_onnx(module, path, (torch.rand(2, in_features),), [INPUT_NAME],
+                        [OUTPUT_NAME], {"x": {0: batch}})
+
+
+def write_plastic_onnx(module: PlasticMLP, path) -> int:
+    r"""The plastic model as ONNX: inputs ``input``/``labels`` with a dynamic batch, ``hebb`` fixed."""
+    batch = torch.export.Dim("batch", min=1)
+    hebb = module.w.new_zeros(module.w.shape)
+    example = (torch.rand(2, module.trunk[0].in_features), torch.tensor([0, NO_LABEL]), hebb)
+    return _export_onnx(module, path, example, [INPUT_NAME, LABELS_NAME, HEBB_NAME],
+                        [OUTPUT_NAME, HEBB_OUT_NAME],
+                        {"x": {0: batch}, "labels": {0: batch}, "hebb": None})
+
+
+def _export_onnx(module: nn.Module, path, example: tuple, input_names, output_names,
+                 dynamic_shapes) -> int:
     try:
         import onnx
         import onnxscript  # noqa: F401  (the dynamo exporter's backend)
     except ImportError as err:
         raise ExportError(f"--format onnx needs onnx and onnxscript ({err}): "
                           f"pip install 'dhp-deploy[onnx]'") from None
-    example = (torch.rand(2, in_features),)
-    batch = torch.export.Dim("batch", min=1)
     with _quiet_onnx_logs(), warnings.catch_warnings():
         # torch.export's own pytree code trips its LeafSpec deprecation; nothing for us to fix.
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
         program = torch.onnx.export(module.eval(), example, None, dynamo=True,
-                                    input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                                    dynamic_shapes={"x": {0: batch}}, opset_version=ONNX_OPSET,
+                                    input_names=input_names, output_names=output_names,
+                                    dynamic_shapes=dynamic_shapes, opset_version=ONNX_OPSET,
                                     external_data=False, verbose=False)
     program.save(str(path), external_data=False)
     written = onnx.load(str(path))
@@ -271,13 +288,15 @@ def _manifest(model: DHPNet, frozen: FrozenMLP, payload: dict, metrics: dict, fo
                  "dynamic_axes": {"input": {"0": "batch"}, "logits": {"0": "batch"}}}
         if "onnx" in formats else None,
         "golden": golden,
+        "plastic": False,  # a plastic bundle says True and documents its I/O under plastic_io
         "files": {},
     }
 
 
 def export_run(run_dir, out_dir, formats: Sequence[str] = FORMATS, *, overwrite: bool = False,
                golden_count: int = 64, data_dir=None, allow_unfinished: bool = False,
-               verify: Optional[Callable] = None, _before_commit=None) -> Path:
+               plastic: bool = False, verify: Optional[Callable] = None,
+               _before_commit=None) -> Path:
     r"""Export the trained model of ``run_dir`` as a bundle at ``out_dir``; returns its path.
 
     Args:
@@ -287,6 +306,8 @@ def export_run(run_dir, out_dir, formats: Sequence[str] = FORMATS, *, overwrite:
         golden_count: how many real test images to store as golden vectors.
         data_dir: MNIST root to rebuild the test sets (None → ``$DHP_DATA_DIR`` → ``./data``).
         allow_unfinished: export a run whose training has not finished.
+        plastic: export the plastic model (:mod:`dhp_deploy.plastic`: the trace is an input
+            and an output, ``hebb.npy`` the initial state) instead of the folded frozen one.
         verify: called as ``verify(bundle_dir, formats)`` on the complete temporary bundle
             before it is committed; whatever it raises stops the export and nothing is written.
             ``dhp-export`` passes :func:`dhp_deploy.runtime.verify_bundle` (every artifact loaded
@@ -309,9 +330,13 @@ def export_run(run_dir, out_dir, formats: Sequence[str] = FORMATS, *, overwrite:
     if not (payload.get("position") or {}).get("finished") and not allow_unfinished:
         raise ExportError(f"{run_dir}: training has not finished (pass --allow-unfinished to "
                           f"export the latest checkpoint anyway)")
+    if plastic and not isinstance(model.head, DHPSoftmax):
+        raise ExportError(f"{run_dir}: --plastic needs a run with a DHP head; this one's head "
+                          f"is plain (nothing to keep learning)")
     metrics = _read_metrics(run_dir, payload)
     benchmark = benchmark_of_run(payload, data_dir)
     frozen = fold_model(model)
+    served = plastic_model(model) if plastic else frozen
 
     parent = out_dir.parent
     try:
@@ -325,14 +350,25 @@ def export_run(run_dir, out_dir, formats: Sequence[str] = FORMATS, *, overwrite:
             from None
     try:
         ir_version = None
-        golden = _write_goldens(tmp, model, benchmark, golden_count)
+        golden = (_write_plastic_goldens(tmp, model, benchmark, golden_count) if plastic
+                  else _write_goldens(tmp, model, benchmark, golden_count))
         for fmt in formats:
             if fmt == "torchscript":
-                write_torchscript(frozen, tmp / ARTIFACT_FILES[fmt])
+                write_torchscript(served, tmp / ARTIFACT_FILES[fmt])
+            elif plastic:
+                ir_version = write_plastic_onnx(served, tmp / ARTIFACT_FILES[fmt])
             else:
                 ir_version = write_onnx(frozen, tmp / ARTIFACT_FILES[fmt],
                                         model.trunk[0].in_features)
         manifest = _manifest(model, frozen, payload, metrics, formats, golden)
+        if plastic:
+            _save_npy(tmp / HEBB_FILE, model.head.hebb.numpy().astype(np.float32))
+            manifest["plastic"], manifest["plastic_io"] = True, _plastic_manifest(model)
+            manifest["model"]["head"] = "dhp-plastic"
+            if manifest["onnx"] is not None:
+                manifest["onnx"]["dynamic_axes"] = {INPUT_NAME: {"0": "batch"},
+                                                    LABELS_NAME: {"0": "batch"},
+                                                    OUTPUT_NAME: {"0": "batch"}}
         if manifest["onnx"] is not None:
             manifest["onnx"]["ir_version"] = ir_version
         for path in sorted(tmp.iterdir()):
@@ -375,6 +411,70 @@ def _write_goldens(tmp: Path, model: DHPNet, benchmark, count: int) -> dict:
         golden[key] = {"file": name, "dtype": str(arrays[key].dtype),
                        "shape": list(arrays[key].shape)}
     return golden
+
+
+# The golden stream's batch sizes, repeated until the golden rows run out: batch-1 calls and
+# larger ones; labels are the true classes with every third row unlabelled, and one whole batch
+# unlabelled (the trace must come back unchanged).
+STREAM_BATCH_SIZES = (1, 2, 3, 5, 4)
+UNLABELLED_BATCH = 3
+MIN_STREAM_ROWS = 60  # 20 calls: a stream long enough for the trace to drift if anything is off
+
+
+def _write_plastic_goldens(tmp: Path, model: DHPNet, benchmark, count: int) -> dict:
+    if count < MIN_STREAM_ROWS:
+        raise ExportError(f"--golden {count}: a plastic bundle's golden stream needs at least "
+                          f"{MIN_STREAM_ROWS} rows (20 calls)")
+    x, y, tasks = _golden_rows(benchmark, count)
+    labels = y.clone()
+    labels[2::3] = NO_LABEL
+    sizes, start = [], 0
+    while start < len(x):
+        sizes.append(min(STREAM_BATCH_SIZES[len(sizes) % len(STREAM_BATCH_SIZES)],
+                         len(x) - start))
+        start += sizes[-1]
+    bounds = np.cumsum([0, *sizes])
+    labels[bounds[UNLABELLED_BATCH]:bounds[UNLABELLED_BATCH + 1]] = NO_LABEL
+    hebb, logits, traces = model.head.hebb.clone(), [], []
+    for low, high in zip(bounds[:-1], bounds[1:]):
+        out, hebb = reference_step(model.eval(), x[low:high], labels[low:high], hebb)
+        logits.append(out)
+        traces.append(hebb)
+    arrays = {"inputs": x.numpy().astype(np.float32), "labels": labels.numpy(),
+              "tasks": tasks.numpy(), "batch_sizes": np.asarray(sizes, dtype=np.int64),
+              "logits": torch.cat(logits).numpy().astype(np.float32),
+              "traces": torch.stack(traces).numpy().astype(np.float32)}
+    golden = {"source": "a stream of calls through the eager DHP layer (eval-mode logits with the "
+                        "trace given, then Algorithm 1 on the labelled rows), starting from "
+                        "hebb.npy, on real test images of the run's benchmark",
+              "tolerance": {"atol": ATOL, "rtol": RTOL, "rule": "|out - golden| <= atol + "
+                                                              "rtol * |golden| elementwise"}}
+    for key, name in PLASTIC_GOLDEN_FILES.items():
+        _save_npy(tmp / name, arrays[key])
+        golden[key] = {"file": name, "dtype": str(arrays[key].dtype),
+                       "shape": list(arrays[key].shape)}
+    return golden
+
+
+def _plastic_manifest(model: DHPNet) -> dict:
+    head = model.head
+    shape = [head.in_features, head.out_features]
+    return {
+        "inputs": [{"name": INPUT_NAME, "dtype": "float32", "shape": ["N", model.trunk[0].in_features]},
+                   {"name": LABELS_NAME, "dtype": "int64", "shape": ["N"],
+                    "meaning": f"each row's class id, {NO_LABEL} = no label (predict only)"},
+                   {"name": HEBB_NAME, "dtype": "float32", "shape": shape,
+                    "meaning": "the Hebbian trace to predict with and to update"}],
+        "outputs": [{"name": OUTPUT_NAME, "dtype": "float32", "shape": ["N", head.out_features]},
+                    {"name": HEBB_OUT_NAME, "dtype": "float32", "shape": shape}],
+        "initial_state": {"file": HEBB_FILE, "dtype": "float32", "shape": shape},
+        "semantics": "predict, then learn: logits use the trace given in hebb (eval-mode layer); "
+                     "hebb_out is that trace after one Algorithm-1 step on the labelled rows "
+                     "only: (1 - eta) * hebb[:, c] + eta * mean(h[labels == c]) for each class c "
+                     "with a labelled row, every other column unchanged (an all-unlabelled call "
+                     "returns hebb bit for bit). theta, alpha, eta and the trunk are frozen.",
+        "eta": head.eta.item(),
+    }
 
 
 def _fsync_tree(directory: Path) -> None:

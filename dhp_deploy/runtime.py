@@ -188,6 +188,9 @@ def open_bundle(bundle_dir, backend: str = "torchscript", device: str = "cpu",
         raise BundleError(f"unknown device {device!r}, expected one of {', '.join(DEVICES)}")
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir, verify=verify)
+    if manifest.get("plastic"):
+        raise BundleError(f"{bundle_dir} is a plastic bundle (its trace is an input); open it "
+                          f"with dhp_deploy.plastic_session.PlasticSession")
     if backend not in (manifest.get("artifacts") or {}):
         have = ", ".join(manifest.get("artifacts") or {}) or "none"
         raise BundleError(f"{bundle_dir} has no {backend} artifact (it has: {have}); "

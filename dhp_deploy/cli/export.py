@@ -1,4 +1,5 @@
-r"""``dhp-export RUN_DIR --format torchscript|onnx|all --out BUNDLE_DIR``: write a frozen bundle."""
+r"""``dhp-export RUN_DIR --format torchscript|onnx|all [--plastic] --out BUNDLE_DIR``: write a
+frozen bundle, or with ``--plastic`` one whose trace keeps learning."""
 
 from pathlib import Path
 
@@ -29,7 +30,11 @@ class ExportFailed(click.ClickException):
               help="Export the latest checkpoint of a run whose training has not finished.")
 @click.option("--no-verify", is_flag=True,
               help="Skip the check of every artifact against the goldens before committing.")
-def main(run_dir, fmt, out_dir, overwrite, golden_count, data_dir, allow_unfinished, no_verify):
+@click.option("--plastic", is_flag=True,
+              help="Export the plastic model instead: the trace is an input and an output "
+                   "(labels -1 = predict only), hebb.npy the initial state; it keeps learning.")
+def main(run_dir, fmt, out_dir, overwrite, golden_count, data_dir, allow_unfinished, no_verify,
+         plastic):
     r"""Fold the trained model of RUN_DIR and write a self-checking bundle.
 
     The DHP head's latest trace is folded into one matrix (θ + α⊙Hebb), so the bundle is a
@@ -37,18 +42,20 @@ def main(run_dir, fmt, out_dir, overwrite, golden_count, data_dir, allow_unfinis
     verified: a failed export leaves nothing at --out.
     """
     from dhp_deploy.export import FORMATS, ExportError, export_run
+    from dhp_deploy.plastic_session import verify_plastic_bundle
     from dhp_deploy.runtime import verify_bundle
 
     formats = FORMATS if fmt == "all" else (fmt,)
+    verify = None if no_verify else verify_plastic_bundle if plastic else verify_bundle
     out_dir = out_dir or Path("export") / "bundles" / run_dir.resolve().name
     try:
         path = export_run(run_dir, out_dir, formats, overwrite=overwrite,
                           golden_count=golden_count, data_dir=data_dir,
-                          allow_unfinished=allow_unfinished,
-                          verify=None if no_verify else verify_bundle)
+                          allow_unfinished=allow_unfinished, plastic=plastic, verify=verify)
     except ExportError as err:
         raise ExportFailed(str(err)) from None
-    click.echo(f"wrote bundle {path} ({', '.join(formats)}; "
+    kind = "plastic bundle" if plastic else "bundle"
+    click.echo(f"wrote {kind} {path} ({', '.join(formats)}; "
                f"{'verified against' if not no_verify else 'with'} {golden_count} goldens)")
 
 

@@ -59,6 +59,14 @@ def check(bundle, backend, device, atol, rtol):
     Passes when |out − golden| ≤ atol + rtol·|golden| everywhere and every argmax (all classes
     and within each row's task head) agrees; exit status 1 otherwise.
     """
+    from dhp_deploy.runtime import BundleError, read_manifest
+
+    try:
+        plastic = bool(read_manifest(bundle, verify=False).get("plastic"))
+    except BundleError as err:
+        raise ServeFailed(str(err)) from None
+    if plastic:
+        return _check_plastic(bundle, _backends(bundle, backend), device, atol, rtol)
     failed = []
     for name in _backends(bundle, backend):
         runtime = _open(bundle, name, device)
@@ -80,6 +88,31 @@ def check(bundle, backend, device, atol, rtol):
             failed.append(name)
     if failed:
         raise ServeFailed(f"parity check failed for {', '.join(failed)}")
+
+
+def _check_plastic(bundle: Path, backends: list, device: str, atol, rtol) -> None:
+    r"""Replay a plastic bundle's golden stream on each backend: every call's logits and trace."""
+    from dhp_deploy.bundle import ATOL, RTOL, BundleError
+    from dhp_deploy.plastic_session import PlasticSession
+
+    a, r = (ATOL if atol is None else atol), (RTOL if rtol is None else rtol)
+    failed = []
+    for name in backends:
+        try:
+            report = PlasticSession(bundle, backend=name, device=device).check(atol=a, rtol=r)
+        except BundleError as err:
+            raise ServeFailed(str(err)) from None
+        verdict = "OK" if report["ok"] else "FAIL"
+        click.echo(f"{name}/{device} (plastic): {report['calls']} calls, "
+                   f"max_abs_error={report['max_abs_error']:.3e} "
+                   f"max_trace_error={report['max_trace_error']:.3e} "
+                   f"argmax_agree={report['argmax_agree']}/{report['rows']} "
+                   f"unlabelled_call_exact={report['unlabelled_call_exact']} atol={a:g} "
+                   f"rtol={r:g} {verdict}")
+        if not report["ok"]:
+            failed.append(name)
+    if failed:
+        raise ServeFailed(f"plastic parity check failed for {', '.join(failed)}")
 
 
 @main.command()

@@ -1,0 +1,190 @@
+r"""Serving a plastic bundle: a session that holds the Hebbian trace and keeps learning.
+
+    >>> session = PlasticSession("bundle", backend="onnx")
+    >>> logits = session.predict(x)            # the trace is read, never moved
+    >>> logits = session.step(x, labels)       # predict with the trace, then learn the labelled rows
+    >>> session.learn(x, labels)               # the same, logits discarded
+    >>> session.hebb                           # float32 (H, C): the state, e.g. to persist
+    >>> session.reset()                        # back to the bundle's hebb.npy
+
+Every call goes through the bundle's plastic model (``logits, hebb_out = model(input, labels,
+hebb)``, see dhp_deploy/plastic.py): the session passes its trace in and keeps ``hebb_out``. With
+onnxruntime the ONNX path imports no torch. ``check()`` replays the bundle's golden stream (calls
+of mixed sizes, some rows and one whole call unlabelled) and compares every call's logits and
+trace with the eager layer's.
+"""
+
+from pathlib import Path
+import numpy as np
+
+from dhp_deploy.bundle import (ARTIFACT_FILES, ATOL, FORMATS, HEBB_FILE, HEBB_NAME,
+                               HEBB_OUT_NAME, INPUT_NAME, LABELS_NAME, NO_LABEL, OUTPUT_NAME,
+                               PLASTIC_GOLDEN_FILES, RTOL, BundleError, read_manifest)
+from dhp_deploy.runtime import DEVICES, InputError, check_input, compare
+
+__all__ = ["PlasticSession", "verify_plastic_bundle"]
+
+
+class PlasticSession:
+    r"""A plastic bundle opened with one backend; holds the trace between calls."""
+
+    def __init__(self, bundle_dir, backend: str = "torchscript", device: str = "cpu",
+                 verify: bool = True) -> None:
+        if backend not in FORMATS:
+            raise BundleError(f"unknown backend {backend!r}, expected one of "
+                              f"{', '.join(FORMATS)}")
+        if device not in DEVICES:
+            raise BundleError(f"unknown device {device!r}, expected one of {', '.join(DEVICES)}")
+        self.path = Path(bundle_dir)
+        self.manifest = read_manifest(self.path, verify=verify)
+        if not self.manifest.get("plastic"):
+            raise BundleError(f"{self.path} is a frozen bundle (its trace is folded in); a "
+                              f"plastic session needs one exported with dhp-export --plastic")
+        if backend not in (self.manifest.get("artifacts") or {}):
+            raise BundleError(f"{self.path} has no {backend} artifact; re-export with "
+                              f"--format {backend} or all")
+        self.backend, self.device = backend, device
+        self.in_features = int(self.manifest["input"]["shape"][1])
+        self.num_classes = int(self.manifest["output"]["shape"][1])
+        self.initial = _load(self.path / HEBB_FILE)
+        self.hebb = self.initial.copy()
+        artifact = self.path / ARTIFACT_FILES[backend]
+        self._call = (_torchscript(artifact, device) if backend == "torchscript"
+                      else _onnxruntime(artifact, device))
+
+    def step(self, x, labels=None, allow_nonfinite: bool = False) -> np.ndarray:
+        r"""Logits of ``x`` with the current trace, then the trace learns the labelled rows.
+
+        ``labels`` int64 ``(N,)``: a class id per row or -1 (no label); None = all unlabelled.
+        """
+        x = check_input(x, self.in_features, allow_nonfinite)
+        labels = self._check_labels(labels, len(x))
+        logits, self.hebb = self._call(x, labels, self.hebb)
+        return logits
+
+    def predict(self, x, allow_nonfinite: bool = False) -> np.ndarray:
+        r"""Logits with the current trace; the trace does not move."""
+        return self.step(x, None, allow_nonfinite)
+
+    def learn(self, x, labels, allow_nonfinite: bool = False) -> None:
+        r"""Move the trace towards the labelled rows of ``x`` (Algorithm 1, one step)."""
+        self.step(x, labels, allow_nonfinite)
+
+    def reset(self) -> None:
+        r"""Back to the trace the bundle was exported with."""
+        self.hebb = self.initial.copy()
+
+    def set_state(self, hebb) -> None:
+        r"""Continue from a saved trace (e.g. one persisted from :attr:`hebb`)."""
+        hebb = np.asarray(hebb)
+        if hebb.dtype != np.float32 or hebb.shape != self.initial.shape:
+            raise InputError(f"hebb must be float32 {list(self.initial.shape)}, got "
+                             f"{hebb.dtype} {list(hebb.shape)}")
+        self.hebb = np.ascontiguousarray(hebb)
+
+    def check(self, atol: float = ATOL, rtol: float = RTOL) -> dict:
+        r"""Replay the golden stream from the exported trace; compare logits and every trace."""
+        golden = {key: _load(self.path / name) for key, name in PLASTIC_GOLDEN_FILES.items()}
+        saved, self.hebb = self.hebb, self.initial.copy()
+        logits, worst_trace, start = [], 0.0, 0
+        traces_ok = unlabelled_exact = True
+        try:
+            for index, size in enumerate(golden["batch_sizes"].tolist()):
+                rows = slice(start, start + size)
+                before = self.hebb
+                logits.append(self.step(golden["inputs"][rows], golden["labels"][rows]))
+                if (golden["labels"][rows] == NO_LABEL).all():
+                    unlabelled_exact &= bool(np.array_equal(self.hebb, before))
+                expected = golden["traces"][index]
+                worst_trace = max(worst_trace, float(np.abs(self.hebb - expected).max()))
+                traces_ok &= bool(np.all(np.abs(self.hebb - expected)
+                                         <= atol + rtol * np.abs(expected)))
+                start += size
+        finally:
+            self.hebb = saved
+        report = compare(np.concatenate(logits), golden["logits"], atol, rtol)
+        report.update(calls=len(golden["batch_sizes"]), max_trace_error=worst_trace,
+                      traces_ok=traces_ok, unlabelled_call_exact=unlabelled_exact)
+        report["ok"] = report["ok"] and traces_ok and unlabelled_exact
+        return report
+
+    def _check_labels(self, labels, rows: int) -> np.ndarray:
+        if labels is None:
+            return np.full(rows, NO_LABEL, dtype=np.int64)
+        if type(labels).__module__.split(".")[0] == "torch":
+            labels = labels.detach().cpu().numpy()
+        labels = np.asarray(labels)
+        if labels.dtype != np.int64 or labels.shape != (rows,):
+            raise InputError(f"labels must be int64 ({rows},), got {labels.dtype} "
+                             f"{list(labels.shape)}")
+        bad = (labels < NO_LABEL) | (labels >= self.num_classes)
+        if bad.any():
+            raise InputError(f"labels must be class ids in [0, {self.num_classes}) or {NO_LABEL} "
+                             f"(no label); got {int(labels[bad][0])}")
+        return np.ascontiguousarray(labels)
+
+
+def _load(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise BundleError(f"{path} is not a readable .npy ({err})") from None
+
+
+def _torchscript(path: Path, device: str):
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BundleError("device cuda requested but torch.cuda.is_available() is False")
+    try:
+        module = torch.jit.load(str(path), map_location=device).eval()
+    except (RuntimeError, ValueError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise BundleError(f"{path} is not a loadable TorchScript module ({first[:200]})") \
+            from None
+
+    def call(x, labels, hebb):
+        with torch.inference_mode():
+            logits, hebb_out = module(torch.from_numpy(x).to(device),
+                                      torch.from_numpy(labels).to(device),
+                                      torch.from_numpy(hebb).to(device))
+        return logits.cpu().numpy(), hebb_out.cpu().numpy()
+
+    return call
+
+
+def _onnxruntime(path: Path, device: str):
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise BundleError("backend onnx needs onnxruntime: pip install 'dhp-deploy[onnx]'") \
+            from None
+    if device != "cpu":
+        raise BundleError("the plastic onnx session runs on CPU for now (use --backend "
+                          "torchscript for CUDA)")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(str(path), sess_options=options,
+                                       providers=["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime raises its own exception types
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise BundleError(f"{path} cannot be loaded by onnxruntime ({first[:200]})") from None
+
+    def call(x, labels, hebb):
+        logits, hebb_out = session.run([OUTPUT_NAME, HEBB_OUT_NAME],
+                                       {INPUT_NAME: x, LABELS_NAME: labels, HEBB_NAME: hebb})
+        return logits, hebb_out
+
+    return call
+
+
+def verify_plastic_bundle(bundle_dir, formats) -> None:
+    r"""Open each of ``formats`` on CPU and replay the golden stream; BundleError if one fails
+    (what ``dhp-export --plastic`` runs before it commits a bundle)."""
+    for fmt in formats:
+        report = PlasticSession(bundle_dir, backend=fmt).check()
+        if not report["ok"]:
+            raise BundleError(f"the plastic {fmt} artifact does not match the eager stream (max "
+                              f"logit error {report['max_abs_error']:.3g}, max trace error "
+                              f"{report['max_trace_error']:.3g})")

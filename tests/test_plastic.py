@@ -1,0 +1,156 @@
+"""The plastic model and its bundle: the trace as explicit state, a session that keeps learning.
+
+Unit tests on a random network (no MNIST) for the maths; then one real run (the session's
+``served`` DHP run, trained on MNIST) exported with ``--plastic`` and served on every backend.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dhp_deploy.bundle import BundleError
+from dhp_deploy.export import benchmark_of_run, export_run
+from dhp_deploy.network import DHPNet
+from dhp_deploy.plastic import plastic_model, reference_step
+from dhp_deploy.plastic_session import PlasticSession, verify_plastic_bundle
+from dhp_deploy.run_dir import load_model
+from dhp_deploy.runtime import InputError, open_bundle
+
+from cli_helpers import assert_one_line_error, run_cli
+
+
+def random_net() -> DHPNet:
+    torch.manual_seed(0)
+    net = DHPNet(hidden=(32, 16), dhp=True).eval()
+    with torch.no_grad():
+        net.head.hebb.uniform_(0.0, 1.0)
+        net.head.alpha.uniform_(-0.3, 0.3)
+        net.head.eta.fill_(0.2)
+    return net
+
+
+@pytest.mark.parametrize("labels", [[0, 3, -1, 3, 9, -1, 0], [5] * 7, [-1, 2, -1, -1, -1, -1, -1]])
+def test_plastic_model_is_the_eager_layer_on_labelled_rows(labels):
+    net = random_net()
+    x, y, hebb = torch.rand(7, 784), torch.tensor(labels), net.head.hebb.clone()
+    expected = reference_step(net, x, y, hebb)
+    for model in (plastic_model(net), torch.jit.script(plastic_model(net))):
+        logits, hebb_out = model(x, y, hebb)
+        torch.testing.assert_close(logits, expected[0], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(hebb_out, expected[1], rtol=1e-6, atol=1e-7)
+        absent = [c for c in range(10) if c not in labels]
+        assert torch.equal(hebb_out[:, absent], hebb[:, absent])  # classes without a label
+
+
+def test_an_unlabelled_call_returns_the_trace_bit_for_bit():
+    net = random_net()
+    hebb = net.head.hebb.clone()
+    _, hebb_out = plastic_model(net)(torch.rand(4, 784), torch.full((4,), -1), hebb)
+    assert torch.equal(hebb_out, hebb)
+
+
+def test_a_plain_head_has_no_plastic_model():
+    with pytest.raises(ValueError, match="DHP head"):
+        plastic_model(DHPNet(hidden=(8,), dhp=False))
+
+
+# ----------------------------------------------------------------- a real run, exported plastic
+
+
+@pytest.fixture(scope="module")
+def plastic_bundle(served, tmp_path_factory, data_dir):
+    run, _ = served
+    out = tmp_path_factory.mktemp("plastic") / "bundle"
+    export_run(run, out, ("torchscript", "onnx"), data_dir=data_dir, plastic=True,
+               verify=verify_plastic_bundle)
+    return out
+
+
+def test_the_manifest_says_plastic_and_documents_the_io(plastic_bundle):
+    manifest = json.loads((plastic_bundle / "manifest.json").read_text())
+    assert manifest["plastic"] is True and manifest["model"]["head"] == "dhp-plastic"
+    io = manifest["plastic_io"]
+    assert [i["name"] for i in io["inputs"]] == ["input", "labels", "hebb"]
+    assert [o["name"] for o in io["outputs"]] == ["logits", "hebb_out"]
+    assert np.load(plastic_bundle / "hebb.npy").shape == tuple(io["initial_state"]["shape"])
+
+
+@pytest.mark.parametrize("backend", ["torchscript", "onnx"])
+def test_a_stream_of_real_batches_matches_the_eager_layer(served, plastic_bundle, data_dir,
+                                                          backend):
+    # 24 calls on real test images: sizes 1..64, every fourth row unlabelled, one call all
+    # unlabelled; logits and the trace after every call against the eager layer.
+    run, _ = served
+    model, payload = load_model(run)
+    tasks = benchmark_of_run(payload, data_dir).tasks
+    x = torch.cat([t.x_test[:80] for t in tasks])
+    y = torch.cat([t.y_test[:80] for t in tasks])
+    y[3::4] = -1
+    session = PlasticSession(plastic_bundle, backend=backend)
+    hebb, start = model.head.hebb.clone(), 0
+    for call, size in enumerate([1, 7, 64, 2, 13, 5, 33, 1] * 3):
+        rows = slice(start, start + size)
+        labels = y[rows].clone()
+        if call == 5:
+            labels[:] = -1
+        before = session.hebb.copy()
+        logits = session.step(x[rows].numpy(), labels.numpy())
+        expected_logits, hebb = reference_step(model, x[rows], labels, hebb)
+        np.testing.assert_allclose(logits, expected_logits.numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(session.hebb, hebb.numpy(), rtol=1e-4, atol=1e-6)
+        if call == 5:
+            assert np.array_equal(session.hebb, before)
+        start += size
+    assert not np.allclose(session.hebb, session.initial)  # the trace did learn
+    assert session.check()["ok"]
+
+
+def test_predict_never_moves_the_trace_and_reset_restores_it(plastic_bundle):
+    session = PlasticSession(plastic_bundle, backend="onnx")
+    x = np.load(plastic_bundle / "golden_inputs.npy")[:8]
+    session.predict(x)
+    assert np.array_equal(session.hebb, session.initial)
+    session.learn(x, np.arange(8, dtype=np.int64) % 10)
+    assert not np.array_equal(session.hebb, session.initial)
+    session.reset()
+    assert np.array_equal(session.hebb, session.initial)
+
+
+@pytest.mark.parametrize("labels, message", [
+    (np.array([0, 10]), r"labels must be class ids in \[0, 10\) or -1 \(no label\); got 10"),
+    (np.array([0, -2]), "got -2"),
+    (np.array([0.0, 1.0]), r"labels must be int64 \(2,\), got float64"),
+    (np.array([0, 1, 2]), r"labels must be int64 \(2,\), got int64 \[3\]"),
+])
+def test_bad_labels_give_one_line_errors(plastic_bundle, labels, message):
+    session = PlasticSession(plastic_bundle, backend="onnx")
+    with pytest.raises(InputError, match=message):
+        session.step(np.zeros((2, 784), np.float32), labels)
+
+
+def test_a_wrong_trace_and_the_wrong_bundle_kind_are_refused(served, plastic_bundle):
+    session = PlasticSession(plastic_bundle, backend="torchscript")
+    with pytest.raises(InputError, match=r"hebb must be float32 \[64, 10\]"):
+        session.set_state(np.zeros((10, 64), np.float32))
+    _, frozen = served
+    with pytest.raises(BundleError, match="frozen bundle"):
+        PlasticSession(frozen)
+    with pytest.raises(BundleError, match="plastic bundle"):
+        open_bundle(plastic_bundle)
+
+
+def test_cli_exports_and_checks_a_plastic_bundle(served, tmp_path, data_dir):
+    run, _ = served
+    out = tmp_path / "bundle"
+    exported = run_cli("export", run, "--plastic", "--format", "onnx", "--out", out,
+                       "--data-dir", data_dir)
+    assert exported.returncode == 0, exported.stderr
+    checked = run_cli("serve", "check", out)
+    assert checked.returncode == 0, checked.stderr
+    assert "onnx/cpu (plastic): 23 calls" in checked.stdout and "OK" in checked.stdout
+    too_few = run_cli("export", run, "--plastic", "--golden", "10", "--out", tmp_path / "b2",
+                      "--data-dir", data_dir)
+    assert_one_line_error(too_few, "at least 60 rows")
+    assert not (tmp_path / "b2").exists()
