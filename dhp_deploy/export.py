@@ -151,6 +151,8 @@ def _export_onnx(module: nn.Module, path, example: tuple, input_names, output_na
     with _quiet_onnx_logs(), warnings.catch_warnings():
         # torch.export's own pytree code trips its LeafSpec deprecation; nothing for us to fix.
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        # Inputs sharing one batch dimension (the plastic model's input and labels): expected.
+        warnings.filterwarnings("ignore", message=".*axis name.*will not be used.*")
         program = torch.onnx.export(module.eval(), example, None, dynamo=True,
                                     input_names=input_names, output_names=output_names,
                                     dynamic_shapes=dynamic_shapes, opset_version=ONNX_OPSET,

@@ -154,3 +154,68 @@ def test_cli_exports_and_checks_a_plastic_bundle(served, tmp_path, data_dir):
                       "--data-dir", data_dir)
     assert_one_line_error(too_few, "at least 60 rows")
     assert not (tmp_path / "b2").exists()
+
+
+# ----------------------------------------------------------------- a Triton model repository
+
+
+@pytest.fixture(scope="module")
+def triton_repo(served, tmp_path_factory, data_dir):
+    from dhp_deploy.runtime import verify_bundle
+    from dhp_deploy.triton import write_triton_repository
+
+    run, _ = served
+    return write_triton_repository(run, tmp_path_factory.mktemp("triton") / "repo",
+                                   data_dir=data_dir, verify_frozen=verify_bundle,
+                                   verify_plastic=verify_plastic_bundle)
+
+
+def test_every_generated_config_parses_with_tritons_schema_and_fits_its_model(served,
+                                                                              triton_repo):
+    from dhp_deploy.triton import validate_repository
+
+    configs = validate_repository(triton_repo)
+    frozen, plastic = configs["dhp"], configs["dhp_plastic"]
+    assert frozen.max_batch_size > 0 and frozen.dynamic_batching.max_queue_delay_microseconds > 0
+    assert frozen.instance_group[0].kind == frozen.instance_group[0].KIND_GPU
+    (state,) = plastic.sequence_batching.state
+    assert (state.input_name, state.output_name) == ("hebb", "hebb_out")
+    trace = np.fromfile(triton_repo / "dhp_plastic" / "initial_state" / "hebb", np.float32)
+    model, _ = load_model(served[0])
+    assert np.array_equal(trace.reshape(list(state.dims)), model.head.hebb.numpy())
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (lambda text: text.replace("max_batch_size", "max_batch"), "not a Triton ModelConfig"),
+    (lambda text: text.replace('name: "labels"', 'name: "label"'), "'label' is not in the ONNX"),
+    (lambda text: text.replace("TYPE_INT64", "TYPE_INT32"), "TYPE_INT64 in the model"),
+    (lambda text: text.replace('output_name: "hebb_out"', 'output_name: "hebb"'),
+     "state output 'hebb' is not in the ONNX"),
+])
+def test_a_broken_config_is_refused(triton_repo, tmp_path, edit, problem):
+    import shutil
+
+    from dhp_deploy.export import ExportError
+    from dhp_deploy.triton import validate_repository
+
+    broken = tmp_path / "repo"
+    shutil.copytree(triton_repo, broken)
+    config = broken / "dhp_plastic" / "config.pbtxt"
+    config.write_text(edit(config.read_text()))
+    record = json.loads((broken / "repository.json").read_text())
+    record["sha256"].pop("dhp_plastic/config.pbtxt")  # the edit, not the checksum, is tested
+    (broken / "repository.json").write_text(json.dumps(record))
+    with pytest.raises(ExportError, match=problem):
+        validate_repository(broken)
+
+
+def test_cli_writes_a_triton_repository_or_nothing(served, tmp_path, data_dir):
+    run, _ = served
+    result = run_cli("export", run, "--format", "triton", "--triton-cpu", "--out",
+                     tmp_path / "repo", "--data-dir", data_dir)
+    assert result.returncode == 0, result.stderr
+    assert "KIND_CPU" in (tmp_path / "repo" / "dhp" / "config.pbtxt").read_text()
+    again = run_cli("export", run, "--format", "triton", "--out", tmp_path / "repo",
+                    "--data-dir", data_dir)
+    assert_one_line_error(again, "already exists")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]  # no temporary left behind

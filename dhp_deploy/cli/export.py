@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-FORMAT_CHOICES = ("torchscript", "onnx", "all")
+FORMAT_CHOICES = ("torchscript", "onnx", "all", "triton")
 
 
 class ExportFailed(click.ClickException):
@@ -16,7 +16,8 @@ class ExportFailed(click.ClickException):
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(FORMAT_CHOICES), default="all",
               show_default=True, help="Artifacts to write: TorchScript model.ts, ONNX model.onnx, "
-                                      "or both.")
+                                      "or both; triton: a Triton model repository with the "
+                                      "frozen and the plastic model.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
               help="Bundle directory to create (default: export/bundles/<RUN_DIR name>).")
 @click.option("--overwrite", is_flag=True,
@@ -33,8 +34,10 @@ class ExportFailed(click.ClickException):
 @click.option("--plastic", is_flag=True,
               help="Export the plastic model instead: the trace is an input and an output "
                    "(labels -1 = predict only), hebb.npy the initial state; it keeps learning.")
+@click.option("--triton-cpu", is_flag=True,
+              help="--format triton: instance_group KIND_CPU instead of KIND_GPU.")
 def main(run_dir, fmt, out_dir, overwrite, golden_count, data_dir, allow_unfinished, no_verify,
-         plastic):
+         plastic, triton_cpu):
     r"""Fold the trained model of RUN_DIR and write a self-checking bundle.
 
     The DHP head's latest trace is folded into one matrix (θ + α⊙Hebb), so the bundle is a
@@ -45,6 +48,9 @@ def main(run_dir, fmt, out_dir, overwrite, golden_count, data_dir, allow_unfinis
     from dhp_deploy.plastic_session import verify_plastic_bundle
     from dhp_deploy.runtime import verify_bundle
 
+    if fmt == "triton":
+        return _triton(run_dir, out_dir, overwrite, golden_count, data_dir, allow_unfinished,
+                       no_verify, triton_cpu)
     formats = FORMATS if fmt == "all" else (fmt,)
     verify = None if no_verify else verify_plastic_bundle if plastic else verify_bundle
     out_dir = out_dir or Path("export") / "bundles" / run_dir.resolve().name
@@ -57,6 +63,27 @@ def main(run_dir, fmt, out_dir, overwrite, golden_count, data_dir, allow_unfinis
     kind = "plastic bundle" if plastic else "bundle"
     click.echo(f"wrote {kind} {path} ({', '.join(formats)}; "
                f"{'verified against' if not no_verify else 'with'} {golden_count} goldens)")
+
+
+def _triton(run_dir, out_dir, overwrite, golden_count, data_dir, allow_unfinished, no_verify,
+            cpu) -> None:
+    from dhp_deploy.export import ExportError
+    from dhp_deploy.plastic_session import verify_plastic_bundle
+    from dhp_deploy.runtime import verify_bundle
+    from dhp_deploy.triton import write_triton_repository
+
+    out_dir = out_dir or Path("export") / "triton" / run_dir.resolve().name
+    try:
+        path = write_triton_repository(
+            run_dir, out_dir, overwrite=overwrite, data_dir=data_dir, golden_count=golden_count,
+            allow_unfinished=allow_unfinished, gpu=not cpu,
+            verify_frozen=None if no_verify else verify_bundle,
+            verify_plastic=None if no_verify else verify_plastic_bundle)
+    except ExportError as err:
+        raise ExportFailed(str(err)) from None
+    click.echo(f"wrote Triton model repository {path} (dhp: frozen, dhp_plastic: sequence "
+               f"batching with the trace as implicit state; "
+               f"{'KIND_CPU' if cpu else 'KIND_GPU'})")
 
 
 if __name__ == "__main__":  # pragma: no cover
