@@ -2,8 +2,8 @@ r"""docs/PERFORMANCE.md: every benchmark script's figures, with the machine and 
 
     python benchmarks/performance.py [--quick] [--out docs/PERFORMANCE.md]
 
-Runs ``bench_layer.py``, ``bench_data.py``, ``bench_train.py``, ``bench_grid.py`` and
-``bench_serve.py`` (those that exist) one after another as subprocesses, captures what they
+Runs ``bench_layer.py``, ``bench_data.py``, ``bench_train.py``, ``bench_grid.py``,
+``bench_serve.py`` and ``bench_plastic.py`` (those that exist) one after another as subprocesses, captures what they
 print, and writes one report: a
 header (CPU, cores, torch, the fp32 matmul peak measured here, benchmarks/timing.py), the key
 figures each script reports in its ``--json`` file (DHP/plain step, loop/vectorised layer,
@@ -42,6 +42,8 @@ SCRIPTS = (
      {"--runs": "4", "--epochs": "1", "--tasks": "2"}),
     ("bench_serve.py", "export/serving: folded vs plain, runtimes vs peak",
      {"--iters": "50", "--repeats": "3", "--rounds": "2", "--peak-size": "1024"}),
+    ("bench_plastic.py", "plastic inference: a predict-then-learn call vs the frozen call",
+     {"--iters": "50", "--rounds": "3"}),
 )
 
 
