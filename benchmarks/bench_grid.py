@@ -48,7 +48,8 @@ def main() -> dict:
         with tempfile.TemporaryDirectory() as root:
             seconds = grid_seconds(jobs, args, Path(root))
         results[jobs] = {"seconds": seconds, "runs_per_hour": args.runs * 3600 / seconds}
-        figures.key(f"--jobs {jobs}: {args.runs} runs (Split MNIST, {args.tasks} tasks × {args.epochs} "
+        figures.key(f"--jobs {jobs}: {args.runs} runs (Split MNIST, {args.tasks} tasks × "
+                    f"{args.epochs} "
                     f"epochs) in {seconds:.1f} s = {results[jobs]['runs_per_hour']:.0f} runs/hour")
     ratio = results[args.jobs]["runs_per_hour"] / results[1]["runs_per_hour"]
     figures.key(f"--jobs {args.jobs} / sequential throughput: {ratio:.2f} (target ≥ 1.6 on 2 "

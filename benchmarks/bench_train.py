@@ -56,7 +56,8 @@ def run_variant(method: str, dhp: bool, args, data_dir, step: str) -> dict:
 
 def report(threads: int, peak: dict, rows: list, flops: dict, figures: Figures) -> None:
     figures.key(f"== {threads} thread(s): {describe_peak(peak)}")
-    figures.key(f"{'variant':<28}{'wall s':>8}{'train s':>9}{'samples/s':>11}{'GFLOP/s':>9}{'% peak':>8}"
+    figures.key(f"{'variant':<28}{'wall s':>8}{'train s':>9}{'samples/s':>11}{'GFLOP/s':>9}"
+                f"{'% peak':>8}"
           f"{'exec GF/s':>10}{'overhead':>9}{'avg acc':>9}")
     for row in rows:
         base = next((r for r in rows if r["method"] == "finetune" and r["dhp"]
@@ -69,7 +70,8 @@ def report(threads: int, peak: dict, rows: list, flops: dict, figures: Figures) 
             row["overhead"] = row["train_s"] / base["train_s"] - 1
             overhead = f"{100 * row['overhead']:+.0f}%"
         name = row["method"] + (" + DHP" if row["dhp"] else "") + f" [{row['step']}]"
-        figures.key(f"{name:<28}{row['wall_s']:8.1f}{row['train_s']:9.1f}{row['samples_per_s']:11.0f}"
+        figures.key(f"{name:<28}{row['wall_s']:8.1f}{row['train_s']:9.1f}"
+                    f"{row['samples_per_s']:11.0f}"
               f"{nominal:9.1f}{row['percent_of_peak']:7.1f}%{executed:10.1f}{overhead:>9}"
               f"{100 * row['avg_acc']:8.2f}%")
     print_ratios(rows, figures)

@@ -3,14 +3,13 @@ r"""docs/PERFORMANCE.md: every benchmark script's figures, with the machine and 
     python benchmarks/performance.py [--quick] [--out docs/PERFORMANCE.md]
 
 Runs ``bench_layer.py``, ``bench_data.py``, ``bench_train.py``, ``bench_grid.py``,
-``bench_serve.py`` and ``bench_plastic.py`` (those that exist) one after another as subprocesses, captures what they
-print, and writes one report: a
-header (CPU, cores, torch, the fp32 matmul peak measured here, benchmarks/timing.py), the key
-figures each script reports in its ``--json`` file (DHP/plain step, loop/vectorised layer,
-folded/plain inference, runtime latencies and throughputs side by side, training throughput as
-% of peak, grid throughput), the reproduce runs' own throughput, then each script's output
-verbatim. A missing or failing script is
-reported, never fatal. ``--quick`` passes each script its smaller-iteration flags (where its
+``bench_serve.py`` and ``bench_plastic.py`` (those that exist) one after another as
+subprocesses and writes one report: a header (CPU, cores, torch, the fp32 matmul peak measured
+here, benchmarks/timing.py), the key figures each script reports in its ``--json`` file
+(DHP/plain step, loop/vectorised layer, folded/plain inference, runtime latencies and throughputs
+side by side, training throughput as % of peak, grid throughput, plastic vs frozen calls), the
+reproduce runs' own throughput, then each script's output verbatim. A missing or failing script
+is reported, never fatal. ``--quick`` passes each script its smaller-iteration flags (where its
 ``--help`` lists them): for checking the pipeline, not for publishing numbers.
 """
 

@@ -93,8 +93,8 @@ def summarize_run(run_dir, command: str | None = None, device: str = "cpu") -> d
 
 
 def plastic_heads(state: dict, model_config: dict) -> list[dict]:
-    r"""η and max |Hebb| of each DHP head in a model ``state`` dict: what a diverged run's last good
-    checkpoint says about its trace (η outside [0, 1] makes the trace grow geometrically)."""
+    r"""η and max |Hebb| of each DHP head in a model ``state`` dict: what a diverged run's last
+    good checkpoint says about its trace (η outside [0, 1] makes the trace grow geometrically)."""
     names = [name for name, module in build_model(model_config).named_modules()
              if isinstance(module, DHPSoftmax)]
     return [{"eta": float(state[f"{name}.eta"]),
