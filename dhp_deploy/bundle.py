@@ -2,7 +2,8 @@ r"""The bundle format, shared by the exporter and the runtime: names, version, t
 checksums and manifest reading. Numpy-free and torch-free, so serving imports no training code.
 
 A bundle is a directory: ``manifest.json`` (the format name and version, the model's I/O, the
-task heads, the sha256 of every file), the artifacts (``model.ts``, ``model.onnx``) and golden
+task heads, the sha256 of every file), the artifacts (``model.ts``, ``model.onnx``, ``model.pt2``)
+and golden
 vectors (real test images with the eager model's logits). export/README.md documents it.
 """
 
@@ -19,8 +20,8 @@ BUNDLE_FORMAT = "dhp-deploy-bundle"
 BUNDLE_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
-FORMATS = ("torchscript", "onnx")
-ARTIFACT_FILES = {"torchscript": "model.ts", "onnx": "model.onnx"}
+FORMATS = ("torchscript", "onnx", "pt2")
+ARTIFACT_FILES = {"torchscript": "model.ts", "onnx": "model.onnx", "pt2": "model.pt2"}
 GOLDEN_FILES = {"inputs": "golden_inputs.npy", "logits": "golden_logits.npy",
                 "tasks": "golden_tasks.npy", "labels": "golden_labels.npy"}
 # A plastic bundle (dhp-export --plastic): the trace is explicit state, an input and an output.

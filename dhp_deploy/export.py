@@ -7,6 +7,7 @@ target, renamed into place at the end)::
       manifest.json        what the bundle holds, how to feed it, sha256 of every other file
       model.ts             torch.jit.script of the folded eval model (Python and LibTorch)
       model.onnx           torch.onnx.export(dynamo=True) of the same model, one file
+      model.pt2            torch.export + AOTInductor: the same model compiled for this CPU
       golden_inputs.npy    float32 [G, 784] real test images of the run's benchmark
       golden_logits.npy    float32 [G, C]  the eager (unfolded, from checkpoint) model's logits
       golden_tasks.npy     int64 [G]       the task each golden image was drawn from
@@ -45,7 +46,7 @@ from dhp_deploy.plastic import PlasticMLP, plastic_model, reference_step
 from dhp_deploy.train import TrainConfig
 
 __all__ = ["ExportError", "FrozenMLP", "fold_model", "export_run", "write_torchscript",
-           "write_onnx", "write_plastic_onnx", "benchmark_of_run", "evaluate_accuracy", "sha256_file",
+           "write_onnx", "write_plastic_onnx", "write_pt2", "benchmark_of_run", "evaluate_accuracy", "sha256_file",
            "BUNDLE_FORMAT", "BUNDLE_VERSION", "FORMATS", "ATOL", "RTOL", "INPUT_NAME",
            "OUTPUT_NAME", "MANIFEST_NAME", "GOLDEN_FILES", "ARTIFACT_FILES"]
 
@@ -138,6 +139,28 @@ def write_plastic_onnx(module: PlasticMLP, path) -> int:
     return _export_onnx(module, path, example, [INPUT_NAME, LABELS_NAME, HEBB_NAME],
                         [OUTPUT_NAME, HEBB_OUT_NAME],
                         {"x": {0: batch}, "labels": {0: batch}, "hebb": None})
+
+
+def write_pt2(module: nn.Module, path, plastic: bool) -> None:
+    r"""``torch.export`` + AOTInductor: a package of code compiled for this CPU, loaded by
+    ``torch._inductor.aoti_load_package`` in Python and ``AOTIModelPackageLoader`` in C++. It needs
+    a C++ compiler here, and runs only with the torch version that compiled it."""
+    batch = torch.export.Dim("batch", min=1)
+    if plastic:
+        example = (torch.rand(2, module.trunk[0].in_features), torch.tensor([0, NO_LABEL]),
+                   module.w.new_zeros(module.w.shape))
+        dynamic = {"x": {0: batch}, "labels": {0: batch}, "hebb": None}
+    else:
+        example, dynamic = (torch.rand(2, module.trunk[0].in_features),), {"x": {0: batch}}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        try:
+            program = torch.export.export(module.eval(), example, dynamic_shapes=dynamic)
+            torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+        except Exception as err:  # inductor raises many types, e.g. for a missing compiler
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise ExportError(f"--format pt2 failed to compile ({first[:200]}); it needs a "
+                              f"working C++ compiler") from None
 
 
 def _export_onnx(module: nn.Module, path, example: tuple, input_names, output_names,
@@ -289,6 +312,10 @@ def _manifest(model: DHPNet, frozen: FrozenMLP, payload: dict, metrics: dict, fo
         "onnx": {"opset": ONNX_OPSET, "exporter": "torch.onnx.export(dynamo=True)",
                  "dynamic_axes": {"input": {"0": "batch"}, "logits": {"0": "batch"}}}
         if "onnx" in formats else None,
+        "pt2": {"exporter": "torch.export + torch._inductor.aoti_compile_and_package",
+                "device": "cpu", "torch": torch.__version__,
+                "note": "AOTInductor code compiled for this CPU: it loads only with the same torch "
+                        "version"} if "pt2" in formats else None,
         "golden": golden,
         "plastic": False,  # a plastic bundle says True and documents its I/O under plastic_io
         "files": {},
@@ -357,6 +384,8 @@ def export_run(run_dir, out_dir, formats: Sequence[str] = FORMATS, *, overwrite:
         for fmt in formats:
             if fmt == "torchscript":
                 write_torchscript(served, tmp / ARTIFACT_FILES[fmt])
+            elif fmt == "pt2":
+                write_pt2(served, tmp / ARTIFACT_FILES[fmt], plastic)
             elif plastic:
                 ir_version = write_plastic_onnx(served, tmp / ARTIFACT_FILES[fmt])
             else:

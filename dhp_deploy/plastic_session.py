@@ -20,7 +20,7 @@ import numpy as np
 from dhp_deploy.bundle import (ARTIFACT_FILES, ATOL, FORMATS, HEBB_FILE, HEBB_NAME,
                                HEBB_OUT_NAME, INPUT_NAME, LABELS_NAME, NO_LABEL, OUTPUT_NAME,
                                PLASTIC_GOLDEN_FILES, RTOL, BundleError, read_manifest)
-from dhp_deploy.runtime import DEVICES, InputError, check_input, compare
+from dhp_deploy.runtime import DEVICES, InputError, check_input, compare, load_pt2
 
 __all__ = ["PlasticSession", "verify_plastic_bundle"]
 
@@ -49,8 +49,10 @@ class PlasticSession:
         self.initial = _load(self.path / HEBB_FILE)
         self.hebb = self.initial.copy()
         artifact = self.path / ARTIFACT_FILES[backend]
-        self._call = (_torchscript(artifact, device) if backend == "torchscript"
-                      else _onnxruntime(artifact, device))
+        loaders = {"torchscript": lambda: _torchscript(artifact, device),
+                   "onnx": lambda: _onnxruntime(artifact, device),
+                   "pt2": lambda: _pt2(artifact, device, self.manifest)}
+        self._call = loaders[backend]()
 
     def step(self, x, labels=None, allow_nonfinite: bool = False) -> np.ndarray:
         r"""Logits of ``x`` with the current trace, then the trace learns the labelled rows.
@@ -149,6 +151,22 @@ def _torchscript(path: Path, device: str):
                                       torch.from_numpy(labels).to(device),
                                       torch.from_numpy(hebb).to(device))
         return logits.cpu().numpy(), hebb_out.cpu().numpy()
+
+    return call
+
+
+def _pt2(path: Path, device: str, manifest: dict):
+    import torch
+
+    model = load_pt2(path, device, manifest)
+
+    def call(x, labels, hebb):
+        with torch.inference_mode():
+            logits, hebb_out = model(torch.from_numpy(x), torch.from_numpy(labels),
+                                     torch.from_numpy(hebb))
+        # Copies: the package may reuse its output buffers on the next call, and the trace
+        # returned here is the next call's input.
+        return logits.numpy().copy(), hebb_out.numpy().copy()
 
     return call
 

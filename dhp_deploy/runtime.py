@@ -29,7 +29,8 @@ from dhp_deploy.bundle import (ARTIFACT_FILES, ATOL, FORMATS, GOLDEN_FILES, RTOL
                                read_manifest)
 
 __all__ = ["BundleError", "InputError", "Prediction", "Runtime", "open_bundle", "read_manifest",
-           "verify_bundle", "compare", "check_input", "time_calls", "BACKENDS", "DEVICES"]
+           "verify_bundle", "compare", "check_input", "load_pt2", "time_calls", "BACKENDS",
+           "DEVICES"]
 
 BACKENDS = FORMATS
 DEVICES = ("cpu", "cuda")
@@ -91,8 +92,10 @@ class Runtime:
         self._heads = {int(h["task_id"]): np.asarray(h["classes"], dtype=np.int64)
                        for h in manifest.get("task_heads") or []}
         artifact = path / ARTIFACT_FILES[backend]
-        self._run = _torchscript(artifact, device) if backend == "torchscript" \
-            else _onnxruntime(artifact, device, manifest)
+        loaders = {"torchscript": lambda: _torchscript(artifact, device),
+                   "onnx": lambda: _onnxruntime(artifact, device, manifest),
+                   "pt2": lambda: _pt2(artifact, device, manifest)}
+        self._run = loaders[backend]()
 
     @property
     def tasks(self) -> list[int]:
@@ -228,6 +231,38 @@ def _torchscript(path: Path, device: str):
         with torch.inference_mode():
             out = module(torch.from_numpy(x).to(device))
         return out.float().cpu().numpy()
+
+    return run
+
+
+def load_pt2(path: Path, device: str, manifest: dict):
+    r"""An AOTInductor package as a callable on tensors; one-line errors for what cannot load."""
+    import torch
+
+    compiled_for = (manifest.get("pt2") or {}).get("device", "cpu")
+    if device != compiled_for:
+        raise BundleError(f"{path} was compiled for {compiled_for}; re-export on a {device} host "
+                          f"to run it there")
+    built_with = (manifest.get("pt2") or {}).get("torch")
+    if built_with and built_with != torch.__version__:
+        raise BundleError(f"{path} was compiled with torch {built_with}; this is torch "
+                          f"{torch.__version__} (an AOTInductor package needs the same version)")
+    try:
+        return torch._inductor.aoti_load_package(str(path))
+    except Exception as err:  # the loader raises RuntimeError and others
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise BundleError(f"{path} is not a loadable .pt2 package ({first[:200]})") from None
+
+
+def _pt2(path: Path, device: str, manifest: dict):
+    import torch
+
+    model = load_pt2(path, device, manifest)
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            out = model(torch.from_numpy(x))
+        return out.float().numpy().copy()  # the package may reuse its output buffer next call
 
     return run
 

@@ -54,7 +54,7 @@ def test_run_is_trained_with_nonzero_trace(served):
 def test_bundle_holds_every_file_with_its_checksum(served):
     _, bundle = served
     manifest = manifest_of(bundle)
-    expected = {"model.ts", "model.onnx", "golden_inputs.npy", "golden_logits.npy",
+    expected = {"model.ts", "model.onnx", "model.pt2", "golden_inputs.npy", "golden_logits.npy",
                 "golden_tasks.npy", "golden_labels.npy"}
     assert set(manifest["files"]) == expected
     assert {p.name for p in bundle.iterdir()} == expected | {"manifest.json"}, "one-file ONNX"
@@ -224,7 +224,7 @@ def test_folded_bundle_is_structurally_a_plain_mlp(served, tmp_path):
 def _runtimes(bundle):
     from dhp_deploy.runtime import open_bundle
 
-    return {backend: open_bundle(bundle, backend=backend) for backend in ("torchscript", "onnx")}
+    return {backend: open_bundle(bundle, backend=backend) for backend in ("torchscript", "onnx", "pt2")}
 
 
 def test_parity_eager_torchscript_onnx_large_batch_and_batch_one(served, test_sets):

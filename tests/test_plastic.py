@@ -63,7 +63,7 @@ def test_a_plain_head_has_no_plastic_model():
 def plastic_bundle(served, tmp_path_factory, data_dir):
     run, _ = served
     out = tmp_path_factory.mktemp("plastic") / "bundle"
-    export_run(run, out, ("torchscript", "onnx"), data_dir=data_dir, plastic=True,
+    export_run(run, out, ("torchscript", "onnx", "pt2"), data_dir=data_dir, plastic=True,
                verify=verify_plastic_bundle)
     return out
 
@@ -77,7 +77,7 @@ def test_the_manifest_says_plastic_and_documents_the_io(plastic_bundle):
     assert np.load(plastic_bundle / "hebb.npy").shape == tuple(io["initial_state"]["shape"])
 
 
-@pytest.mark.parametrize("backend", ["torchscript", "onnx"])
+@pytest.mark.parametrize("backend", ["torchscript", "onnx", "pt2"])
 def test_a_stream_of_real_batches_matches_the_eager_layer(served, plastic_bundle, data_dir,
                                                           backend):
     # 24 calls on real test images: sizes 1..64, every fourth row unlabelled, one call all
@@ -219,3 +219,18 @@ def test_cli_writes_a_triton_repository_or_nothing(served, tmp_path, data_dir):
                     "--data-dir", data_dir)
     assert_one_line_error(again, "already exists")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]  # no temporary left behind
+
+
+def test_the_pt2_state_moves_and_outputs_are_not_reused_buffers(plastic_bundle):
+    # An AOTInductor package may reuse its output buffers: a trace kept from one call must not
+    # change under the next call (the stream check caught exactly that before the copy).
+    session = PlasticSession(plastic_bundle, backend="pt2")
+    x = np.load(plastic_bundle / "golden_inputs.npy")[:6]
+    labels = np.array([0, 1, 2, 3, -1, 1], dtype=np.int64)
+    first_logits = session.step(x, labels)
+    first_trace, kept = session.hebb, session.hebb.copy()
+    session.step(x, labels)
+    assert np.array_equal(first_trace, kept) and not np.array_equal(session.hebb, kept)
+    kept_logits = first_logits.copy()
+    session.step(x, labels)
+    assert np.array_equal(first_logits, kept_logits)

@@ -11,7 +11,7 @@ from dhp_deploy.run_dir import load_model
 from dhp_deploy.export import ATOL, RTOL, sha256_file
 from dhp_deploy.runtime import BundleError, InputError, check_input, open_bundle, read_manifest
 
-BACKENDS = ("torchscript", "onnx")
+BACKENDS = ("torchscript", "onnx", "pt2")
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ def test_check_reports_errors_and_agreement_per_backend(served):
     result = serve("check", served[1])
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
-    assert [line.split(":")[0] for line in lines] == ["torchscript/cpu", "onnx/cpu"]
+    assert [line.split(":")[0] for line in lines] == ["torchscript/cpu", "onnx/cpu", "pt2/cpu"]
     for line in lines:
         fields = dict(re.findall(r"(\w+)=(\S+)", line))
         assert float(fields["max_abs_error"]) <= ATOL and "max_rel_error" in fields
@@ -44,8 +44,8 @@ def test_check_fails_on_a_parity_error(copy):
     manifest["files"]["golden_logits.npy"]["sha256"] = sha256_file(copy / "golden_logits.npy")
     (copy / "manifest.json").write_text(json.dumps(manifest))
     result = serve("check", copy)
-    assert result.returncode == 1 and result.stdout.count(" FAIL") == 2
-    assert_one_line_error(result, "parity check failed for torchscript, onnx")
+    assert result.returncode == 1 and result.stdout.count(" FAIL") == 3
+    assert_one_line_error(result, "parity check failed for torchscript, onnx, pt2")
     loose = serve("check", copy, "--atol", "0.02")  # the stated tolerance is what decides
     assert loose.returncode == 0, loose.stdout + loose.stderr
 
@@ -78,8 +78,8 @@ def test_bench_prints_latency_and_throughput(served):
     result = serve("bench", served[1], "--iters", 20, "--batch-size", 512, "--repeats", 2)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
-    assert len(lines) == 2
-    for line, backend in zip(lines, ("torchscript", "onnx")):
+    assert len(lines) == 3
+    for line, backend in zip(lines, ("torchscript", "onnx", "pt2")):
         assert re.match(rf"{backend}/cpu: batch 1 p50=[\d.]+ ms p99=[\d.]+ ms; batch 512 "
                         r"[\d,]+ samples/s = [\d.]+ GFLOP/s$", line), line
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-FORMAT_CHOICES = ("torchscript", "onnx", "all", "triton")
+FORMAT_CHOICES = ("torchscript", "onnx", "pt2", "all", "triton")
 
 
 class ExportFailed(click.ClickException):
@@ -15,8 +15,8 @@ class ExportFailed(click.ClickException):
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(FORMAT_CHOICES), default="all",
-              show_default=True, help="Artifacts to write: TorchScript model.ts, ONNX model.onnx, "
-                                      "or both; triton: a Triton model repository with the "
+              show_default=True, help="Artifacts to write: TorchScript model.ts, ONNX model.onnx, AOTInductor model.pt2, "
+                                      "or all three; triton: a Triton model repository with the "
                                       "frozen and the plastic model.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
               help="Bundle directory to create (default: export/bundles/<RUN_DIR name>).")

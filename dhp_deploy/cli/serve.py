@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-BACKEND_CHOICES = ("torchscript", "onnx", "all")
+BACKEND_CHOICES = ("torchscript", "onnx", "pt2", "all")
 DEVICE_CHOICES = ("cpu", "cuda")
 
 
@@ -125,7 +125,7 @@ def _check_plastic(bundle: Path, backends: list, device: str, atol, rtol) -> Non
                    "any other name an .npz of logits, classes and labels.")
 @click.option("--task", type=int, default=None,
               help="Task head: logits of the task's classes only, argmax within them.")
-@click.option("--backend", type=click.Choice(BACKEND_CHOICES[:2]), default="torchscript",
+@click.option("--backend", type=click.Choice(BACKEND_CHOICES[:3]), default="torchscript",
               show_default=True, help="Runtime to use.")
 @device_option
 @click.option("--allow-nonfinite", is_flag=True,
