@@ -164,8 +164,9 @@ def _pt2(path: Path, device: str, manifest: dict):
         with torch.inference_mode():
             logits, hebb_out = model(torch.from_numpy(x), torch.from_numpy(labels),
                                      torch.from_numpy(hebb))
-        # Copies: the package may reuse its output buffers on the next call, and the trace
-        # returned here is the next call's input.
+        # Copies: the package may reuse its output buffers on the next call, and it returns the
+        # trace column-major while it reads its inputs as row-major without checking strides;
+        # numpy's copy is row-major, so the trace fed back next call is read right.
         return logits.numpy().copy(), hebb_out.numpy().copy()
 
     return call

@@ -98,3 +98,27 @@ def test_cpp_errors_are_one_line_with_exit_2(dhp_check, served, tmp_path):
     if not torch.cuda.is_available():
         cuda = run(dhp_check, served[1], "--device", "cuda")
         assert cuda.returncode == 2 and "no CUDA device" in cuda.stderr
+
+
+def test_cpp_pt2_loader_matches_eager_on_the_goldens(dhp_check, served):
+    result = run(dhp_check, served[1], "--backend", "pt2")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith(f"aoti {torch.__version__.split('+')[0]}/cpu:")
+    assert result.stdout.rstrip().endswith("OK")
+
+
+@pytest.mark.parametrize("backend", ["torchscript", "pt2"])
+def test_cpp_replays_the_plastic_golden_stream(dhp_check, served, tmp_path_factory, data_dir,
+                                                backend):
+    # Every call's logits and returned trace from C++, fed back call after call; the .pt2
+    # returns its trace column-major and reads inputs as row-major, which the loader handles.
+    from dhp_deploy.export import export_run
+
+    bundle = tmp_path_factory.getbasetemp() / "cpp-plastic"
+    if not bundle.exists():
+        export_run(served[0], bundle, ("torchscript", "pt2"), data_dir=data_dir, plastic=True)
+    result = run(dhp_check, bundle, "--backend", backend)
+    assert result.returncode == 0, result.stdout + result.stderr
+    values = fields(result.stdout)
+    assert "(plastic): 23 calls" in result.stdout and values["argmax_agree"] == "64/64"
+    assert float(values["max_trace_error"]) <= 1e-5 and result.stdout.rstrip().endswith("OK")
