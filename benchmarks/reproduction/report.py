@@ -408,10 +408,11 @@ def protocol_section(groups: dict) -> list[str]:
 
 def time_section(records, groups: dict) -> list[str]:
     lines = ["## Wall time", ""]
-    machines = sorted({(r["machine"]["cpu"], r["machine"]["cores"], r["machine"]["torch"])
-                       for r in records})
-    for cpu, cores, torch_version in machines:
-        lines.append(f"Machine: {cpu}, {cores} logical cores, torch {torch_version} (CPU); "
+    machines = sorted({(r["machine"]["cpu"], r["machine"]["cores"], r["machine"]["torch"],
+                        r["machine"].get("device", "cpu")) for r in records})
+    for cpu, cores, torch_version, device in machines:
+        where = "CPU" if device == "cpu" else f"trained on {device}"
+        lines.append(f"Machine: {cpu}, {cores} logical cores, torch {torch_version} ({where}); "
                      f"shared with other jobs, so times are indicative only.")
     lines += ["", "Wall time = training + consolidation + evaluation of a run, summed over its "
               "sittings (data loading excluded).", "",
