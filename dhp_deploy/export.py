@@ -433,11 +433,17 @@ def _write_goldens(tmp: Path, model: DHPNet, benchmark, count: int) -> dict:
         logits = model.eval()(x)  # the eager, unfolded model: θ + α⊙Hebb computed per call
     arrays = {"inputs": x.numpy().astype(np.float32), "logits": logits.numpy().astype(np.float32),
               "tasks": tasks.numpy(), "labels": y.numpy()}
-    golden = {"source": "eager unfolded model from the checkpoint (eval mode, latest trace), "
-                        "real test images of the run's benchmark",
+    return _save_goldens(tmp, arrays, GOLDEN_FILES,
+                         "eager unfolded model from the checkpoint (eval mode, latest trace), "
+                         "real test images of the run's benchmark")
+
+
+def _save_goldens(tmp: Path, arrays: dict, files: dict, source: str) -> dict:
+    r"""Write ``arrays[key]`` to ``files[key]``; the manifest's ``golden`` entry describing them."""
+    golden = {"source": source,
               "tolerance": {"atol": ATOL, "rtol": RTOL, "rule": "|out - golden| <= atol + "
                                                               "rtol * |golden| elementwise"}}
-    for key, name in GOLDEN_FILES.items():
+    for key, name in files.items():
         _save_npy(tmp / name, arrays[key])
         golden[key] = {"file": name, "dtype": str(arrays[key].dtype),
                        "shape": list(arrays[key].shape)}
@@ -475,16 +481,10 @@ def _write_plastic_goldens(tmp: Path, model: DHPNet, benchmark, count: int) -> d
               "tasks": tasks.numpy(), "batch_sizes": np.asarray(sizes, dtype=np.int64),
               "logits": torch.cat(logits).numpy().astype(np.float32),
               "traces": torch.stack(traces).numpy().astype(np.float32)}
-    golden = {"source": "a stream of calls through the eager DHP layer (eval-mode logits with the "
-                        "trace given, then Algorithm 1 on the labelled rows), starting from "
-                        "hebb.npy, on real test images of the run's benchmark",
-              "tolerance": {"atol": ATOL, "rtol": RTOL, "rule": "|out - golden| <= atol + "
-                                                              "rtol * |golden| elementwise"}}
-    for key, name in PLASTIC_GOLDEN_FILES.items():
-        _save_npy(tmp / name, arrays[key])
-        golden[key] = {"file": name, "dtype": str(arrays[key].dtype),
-                       "shape": list(arrays[key].shape)}
-    return golden
+    return _save_goldens(tmp, arrays, PLASTIC_GOLDEN_FILES,
+                         "a stream of calls through the eager DHP layer (eval-mode logits with "
+                         "the trace given, then Algorithm 1 on the labelled rows), starting from "
+                         "hebb.npy, on real test images of the run's benchmark")
 
 
 def _plastic_manifest(model: DHPNet) -> dict:
