@@ -11,12 +11,15 @@
 # strengths.json, the same files a CPU grid writes, to unpack over docs/results).
 #
 #   OUT=/tmp/gpu DHP_DATA_DIR=/path/to/data bash benchmarks/gpu_session.sh
+# PARTS (default "tests bench search grid") picks the sections, e.g. PARTS=grid for grid runs only.
 set -u
 OUT=${OUT:?set OUT to the folder for the results}
 PY=${PYTHON:-python3}
 GRID_MINUTES=${GRID_MINUTES:-5}
 GRID_JOBS=${GRID_JOBS:-12}
 GRID_VARIANTS=${GRID_VARIANTS:-ewc,dhp+ewc,online-ewc,dhp+online-ewc,si,dhp+si,mas,dhp+mas}
+GRID_BENCHMARKS=${GRID_BENCHMARKS:-permuted-mnist,imbalanced-permuted-mnist}
+PARTS=${PARTS:-tests bench search grid}
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 exec > >(tee -a "$OUT/log.txt") 2>&1
 
@@ -29,9 +32,13 @@ $PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cu
 # The console scripts the tests call (dhp-train, dhp-export, dhp-serve), without dependencies.
 $PY -m pip install -q --no-deps --no-build-isolation --no-index -e . || echo "pip install failed"
 
+wants() { case " $PARTS " in *" $1 "*) return 0;; esac; return 1; }
+if wants tests; then
 section "CUDA tests"
 timeout 240 $PY -m pytest -q -rs -m gpu -p no:cacheprovider tests
 
+fi
+if wants bench; then
 section "bench_layer --device cuda"
 timeout 120 $PY benchmarks/bench_layer.py --device cuda --iters 200 --rounds 9
 
@@ -43,10 +50,11 @@ section "dhp-train --device cuda (deterministic kernels, CUDA graphs), Split MNI
 timeout 60 dhp-train --benchmark split-mnist --method finetune --dhp --device cuda \
   --out /tmp/dhp-gpu-run --overwrite 2>&1 | grep -v "^task" | tail -8
 $PY -c 'import json; t = json.load(open("/tmp/dhp-gpu-run/metrics.json"))["timings"]; print(t)'
+fi
 
 minutes_left() { echo $(( (deadline - $(date +%s)) / 60 )); }
 section "Permuted MNIST strength search, paper protocol ($(minutes_left) min left)"
-if [ "$(minutes_left)" -ge 2 ]; then
+if wants search && [ "$(minutes_left)" -ge 2 ]; then
   timeout $(( deadline - $(date +%s) )) $PY benchmarks/reproduce.py search \
     --benchmark permuted-mnist --device cuda --jobs "$GRID_JOBS"
 fi
@@ -54,9 +62,9 @@ section "grid: $GRID_VARIANTS ($(minutes_left) min left)"
 # Only with the paper protocol's own strengths (else the grid would borrow another protocol's).
 searched=$($PY -c 'import json; print(len(json.load(open("docs/results/strengths.json"))
                                           .get("permuted-mnist", {})))')
-if [ "$searched" = 4 ] && [ "$(minutes_left)" -ge 2 ]; then
+if wants grid && [ "$searched" = 4 ] && [ "$(minutes_left)" -ge 2 ]; then
   timeout $(( deadline - $(date +%s) )) $PY benchmarks/reproduce.py grid \
-    --benchmarks permuted-mnist,imbalanced-permuted-mnist --variants "$GRID_VARIANTS" \
+    --benchmarks "$GRID_BENCHMARKS" --variants "$GRID_VARIANTS" \
     --device cuda --jobs "$GRID_JOBS" --stop-after $(( $(minutes_left) - 1 ))
 fi
 section "done"
