@@ -19,8 +19,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import init
 
-__all__ = ["DHPSoftmax", "WEIGHT_INITS", "init_slow_weights_", "class_means", "hebbian_update",
-           "dhp_logits"]
+__all__ = ["DHPSoftmax", "WEIGHT_INITS", "init_slow_weights_", "class_sums", "class_means",
+           "hebbian_update", "dhp_logits"]
 
 # How θ, stored (in_features, out_features), is initialised:
 # - "authors": the DHP authors' literal code, ``init.kaiming_uniform_(w, a=math.sqrt(5))`` on the
@@ -44,14 +44,20 @@ def init_slow_weights_(w: Tensor, scheme: str) -> Tensor:
     raise ValueError(f"unknown weight init {scheme!r}, expected one of {', '.join(WEIGHT_INITS)}")
 
 
+def class_sums(h: Tensor, y: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+    r"""Per-class sums of the rows of ``h`` ``(num_classes, in_features)`` and class counts."""
+    sums = torch.zeros(num_classes, h.shape[1], dtype=h.dtype, device=h.device).index_add(0, y, h)
+    ones = torch.ones(y.shape[0], dtype=h.dtype, device=h.device)
+    counts = torch.zeros(num_classes, dtype=h.dtype, device=h.device).index_add(0, y, ones)
+    return sums, counts
+
+
 def class_means(h: Tensor, y: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
     r"""Per-class mean rows of ``h`` ``(num_classes, in_features)`` and class counts, by ``index_add``.
 
     Absent classes get a zero mean (the count is clamped to 1 only to avoid 0/0).
     """
-    sums = torch.zeros(num_classes, h.shape[1], dtype=h.dtype, device=h.device).index_add(0, y, h)
-    ones = torch.ones(y.shape[0], dtype=h.dtype, device=h.device)
-    counts = torch.zeros(num_classes, dtype=h.dtype, device=h.device).index_add(0, y, ones)
+    sums, counts = class_sums(h, y, num_classes)
     return sums / counts.clamp_min(1.0).unsqueeze(1), counts
 
 

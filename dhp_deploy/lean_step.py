@@ -17,6 +17,12 @@ the updated trace (``M`` the per-class means of ``h``), ``W = θ + α ⊙ H'`` a
 and for each trunk layer ``a = h_in Aᵀ + b``, ``h_out = relu(a)``: ``da = dh_out ⊙ [h_out > 0]``,
 ``dA = daᵀ h_in``, ``db = Σ_rows da``, ``dh_in = da A``. Floating-point rounding differs from the
 autograd step (other op order), so the two are equal to rounding, not bit for bit.
+
+Data-parallel (:mod:`dhp_deploy.distributed`): each rank passes its slice of the global batch and
+the global batch size. The class sums and counts are all-reduced before the trace update, ``dW``
+mid-backward (so ``dα``, ``dη`` and the class means' backward are the global batch's on every
+rank), and the trunk's gradients at the end: three collectives per step, and every rank ends with
+the one-process gradients up to rounding.
 """
 
 from typing import Optional
@@ -24,7 +30,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from dhp_deploy.layer import DHPSoftmax, class_means
+from dhp_deploy.distributed import SINGLE, Replicas
+from dhp_deploy.layer import DHPSoftmax, class_sums
 from dhp_deploy.network import DHPNet, PlainHead
 
 __all__ = ["supports_lean_step", "lean_gradients"]
@@ -41,7 +48,8 @@ def supports_lean_step(model: nn.Module) -> bool:
 
 
 def lean_gradients(model: DHPNet, x: Tensor, y: Tensor, head: Optional[Tensor],
-                   targets: Tensor) -> tuple[dict, Tensor, Tensor, Tensor]:
+                   targets: Tensor, replicas: Replicas = SINGLE,
+                   batch_size: Optional[int] = None) -> tuple[dict, Tensor, Tensor, Tensor]:
     r"""One training forward and backward of ``model`` on ``(x, y)``, without autograd.
 
     ``head`` holds the task's class ids (multi-head: the loss covers those logits, ``targets``
@@ -49,7 +57,12 @@ def lean_gradients(model: DHPNet, x: Tensor, y: Tensor, head: Optional[Tensor],
     trace is updated (stored, as in a training forward). Returns ``(grads, loss, logits, hits)``:
     the gradient of the mean cross-entropy for every parameter (keyed by the parameter object's
     ``id``), the loss, the logits the loss used, and the number of correct predictions.
+
+    Data-parallel, ``(x, y)`` is this rank's slice of a global batch of ``batch_size`` rows (one
+    process: ``len(x)``, the default); the gradients are the global batch's, the loss and the hits
+    this slice's share of them (their sums over the ranks are the global ones).
     """
+    batch_size = len(x) if batch_size is None else batch_size
     with torch.no_grad():
         linears = list(model.trunk)[0::2]
         activations = [x]
@@ -58,11 +71,11 @@ def lean_gradients(model: DHPNet, x: Tensor, y: Tensor, head: Optional[Tensor],
                                .clamp_min_(0))
         h = activations[-1]
         if isinstance(model.head, DHPSoftmax):
-            logits_all, head_backward = _dhp_head(model.head, h, y)
+            logits_all, head_backward = _dhp_head(model.head, h, y, replicas)
         else:
             logits_all, head_backward = _plain_head(model.head, h)
         logits = logits_all if head is None else logits_all.index_select(1, head)
-        loss, dlogits = _cross_entropy_and_gradient(logits, targets)
+        loss, dlogits = _cross_entropy_and_gradient(logits, targets, batch_size)
         dz = dlogits if head is None else \
             torch.zeros_like(logits_all).index_copy_(1, head, dlogits)
         dh, grads = head_backward(dz)
@@ -74,13 +87,29 @@ def lean_gradients(model: DHPNet, x: Tensor, y: Tensor, head: Optional[Tensor],
             grads[id(linear.bias)] = da.sum(0)
             if index > 0:  # the input needs no gradient
                 dh = da.matmul(linear.weight)
+        if replicas.distributed:  # the DHP head's are already the global batch's gradients
+            replicas.all_reduce_flat(_per_rank_gradients(model, grads))
         hits = (logits.argmax(1) == targets).sum()
     return grads, loss, logits, hits
 
 
-def _dhp_head(layer: DHPSoftmax, h: Tensor, y: Tensor):
-    r"""The DHP head's training forward (trace stored) and a closure for its backward."""
-    means, counts = class_means(h, y, layer.out_features)
+def _per_rank_gradients(model: DHPNet, grads: dict) -> list:
+    r"""The gradients that are sums over this rank's rows only: all but the DHP head's."""
+    synced = set(map(id, model.head.parameters())) if isinstance(model.head, DHPSoftmax) else set()
+    return [grads[id(p)] for p in model.parameters() if id(p) not in synced]
+
+
+def _dhp_head(layer: DHPSoftmax, h: Tensor, y: Tensor, replicas: Replicas):
+    r"""The DHP head's training forward (trace stored) and a closure for its backward.
+
+    Data-parallel, the class statistics and ``dW`` are all-reduced: the trace update and the head's
+    gradients are the global batch's on every rank.
+    """
+    sums, counts = class_sums(h, y, layer.out_features)
+    if replicas.distributed:  # one collective for both: [sums | counts]
+        stats = replicas.all_reduce(torch.cat([sums, counts.unsqueeze(1)], dim=1))
+        sums, counts = stats[:, :-1], stats[:, -1]
+    means = sums / counts.clamp_min(1.0).unsqueeze(1)
     present = (counts > 0).to(h.dtype)
     rate = layer.eta * present  # η for the classes in the batch, 0 for the others
     old = layer.hebb
@@ -90,7 +119,7 @@ def _dhp_head(layer: DHPSoftmax, h: Tensor, y: Tensor):
     logits = h.matmul(effective)
 
     def backward(dz: Tensor):
-        d_effective = h.t().matmul(dz)
+        d_effective = replicas.all_reduce(h.t().matmul(dz))
         d_hebb = d_effective * layer.alpha
         d_eta = (d_hebb * (means_t - old)).matmul(present).sum().reshape(1)
         d_means = (d_hebb * rate).t().div_(counts.clamp_min(1.0).unsqueeze(1))
@@ -115,11 +144,13 @@ def _plain_head(layer: PlainHead, h: Tensor):
     return logits, backward
 
 
-def _cross_entropy_and_gradient(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-    r"""Mean cross-entropy and its gradient with respect to ``logits``: (softmax − onehot) / B."""
+def _cross_entropy_and_gradient(logits: Tensor, targets: Tensor,
+                                batch_size: int) -> tuple[Tensor, Tensor]:
+    r"""The rows' cross-entropy summed and divided by ``batch_size`` (their share of the global
+    batch's mean), and its gradient with respect to ``logits``: (softmax − onehot) / batch_size."""
     log_probs = torch.log_softmax(logits, dim=1)
     rows = torch.arange(len(targets), device=logits.device)
-    loss = -log_probs[rows, targets].mean()
+    loss = -log_probs[rows, targets].sum() / batch_size
     gradient = log_probs.exp_()
     gradient[rows, targets] -= 1.0
-    return loss, gradient.div_(len(targets))
+    return loss, gradient.div_(batch_size)

@@ -24,8 +24,8 @@ from dhp_deploy.run_dir import (METRICS_CSV_NAME, METRICS_NAME, PLOT_NAME, atomi
                                 atomic_write_json, atomic_write_text)
 
 __all__ = ["average_accuracies", "final_accuracy", "backward_transfer", "forgetting_per_task",
-           "forgetting", "summarize", "write_run_metrics", "format_duration", "METRICS_JSON", "METRICS_CSV",
-           "ACCURACY_PLOT"]
+           "forgetting", "summarize", "run_metrics", "write_run_metrics", "format_duration",
+           "METRICS_JSON", "METRICS_CSV", "ACCURACY_PLOT"]
 
 METRICS_JSON, METRICS_CSV, ACCURACY_PLOT = METRICS_NAME, METRICS_CSV_NAME, PLOT_NAME
 
@@ -133,6 +133,12 @@ def accuracy_plot_png(acc_matrix: Matrix, title: str = "") -> bytes:
     return buffer.getvalue()
 
 
+def run_metrics(acc_matrix: Matrix, config: dict, timings: dict,
+                extra: Optional[dict] = None) -> dict:
+    r"""``metrics.json``'s content: the summary of ``acc_matrix``, ``extra``, config and timings."""
+    return {**summarize(acc_matrix), **(extra or {}), "config": config, "timings": timings}
+
+
 def write_run_metrics(run_dir, acc_matrix: Matrix, config: dict, timings: dict,
                       title: str = "", extra: Optional[dict] = None) -> dict:
     r"""Write ``metrics.json``, ``metrics.csv`` and ``accuracy.png`` atomically; return the JSON.
@@ -140,7 +146,7 @@ def write_run_metrics(run_dir, acc_matrix: Matrix, config: dict, timings: dict,
     ``extra`` adds keys to ``metrics.json`` (e.g. validation accuracies).
     """
     run_dir = Path(run_dir)
-    metrics = {**summarize(acc_matrix), **(extra or {}), "config": config, "timings": timings}
+    metrics = run_metrics(acc_matrix, config, timings, extra)
     atomic_write_json(run_dir / METRICS_JSON, metrics)
     atomic_write_text(run_dir / METRICS_CSV, metrics_csv(acc_matrix))
     atomic_write_bytes(run_dir / ACCURACY_PLOT, accuracy_plot_png(acc_matrix, title))

@@ -8,8 +8,11 @@ training loop (``dhp_deploy.train``):
   gradient comes from autograd. Returns the float ``0.0`` while there is nothing to consolidate yet
   (the first task), so that task's step does no extra work.
 - ``after_step(model)``: after ``optimizer.step()`` (SI's path integral).
-- ``after_task(model, inputs, classes, generator)``: the task is learned; estimate importances on at
-  most ``fisher_samples`` of its training ``inputs`` (a subset drawn with ``generator``) and anchor.
+- ``after_task(model, inputs, classes, generator, replicas)``: the task is learned; estimate
+  importances on at most ``fisher_samples`` of its training ``inputs`` (a subset drawn with
+  ``generator``) and anchor. Data-parallel, each rank takes its shard of that subset and the sums
+  are all-reduced (``replicas``, :mod:`dhp_deploy.distributed`): every rank gets the one-process
+  importances. SI needs no collective: its path integral uses the all-reduced gradients.
 - ``state_dict()`` / ``load_state_dict(state)``: tensors, lists and numbers only, so checkpoints load
   with ``weights_only=True`` and a resumed run continues bit for bit.
 
@@ -26,6 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+from dhp_deploy.distributed import SINGLE, Replicas
 from dhp_deploy.network import plastic_parameters, task_logits
 
 __all__ = ["METHODS", "DEFAULTS", "STRENGTH_OPTION", "SEARCHED_STRENGTHS", "build_regularizer",
@@ -86,13 +90,15 @@ def sample_subset(inputs: Tensor, count: int, generator: torch.Generator) -> Ten
 
 def mean_per_sample_gradient(model: nn.Module, inputs: Tensor, classes: Optional[Tensor],
                              sample_loss: Callable[[Tensor], Tensor],
-                             transform: Callable[[Tensor], Tensor]) -> Tensor:
+                             transform: Callable[[Tensor], Tensor],
+                             replicas: Replicas = SINGLE) -> Tensor:
     r"""``mean_k transform(∇_θ sample_loss(logits(x_k)))`` over the rows of ``inputs``, flat.
 
     Per-sample gradients come from ``torch.func`` (``vmap`` over ``grad``) with respect to the slow
     weights only. The model runs in eval mode, so the DHP head uses its current trace and does not
     update it; the previous mode is restored afterwards. ``classes`` restricts the logits to one
-    task's head (task-incremental), ``None`` keeps all of them.
+    task's head (task-incremental), ``None`` keeps all of them. Data-parallel, each rank sums
+    over its shard of ``inputs`` and the sums are all-reduced.
     """
     was_training = model.training
     model.eval()
@@ -109,11 +115,11 @@ def mean_per_sample_gradient(model: nn.Module, inputs: Tensor, classes: Optional
 
         per_sample_grads = vmap(grad(loss_of_one), in_dims=(None, 0))
         total = torch.zeros(sum(p.numel() for p in slow.values()), device=inputs.device)
-        for chunk in inputs.split(PER_SAMPLE_CHUNK):
+        for chunk in replicas.shard(inputs).split(PER_SAMPLE_CHUNK):
             grads = per_sample_grads(slow, chunk)
             flat = torch.cat([g.reshape(len(chunk), -1) for g in grads.values()], dim=1)
             total += transform(flat).sum(0)
-        return total / max(len(inputs), 1)
+        return replicas.all_reduce(total) / max(len(inputs), 1)
     finally:
         model.train(was_training)
 
@@ -138,7 +144,7 @@ class Regularizer:
     def after_step(self, model: nn.Module) -> None:
         pass
 
-    def after_task(self, model, inputs, classes, generator) -> None:
+    def after_task(self, model, inputs, classes, generator, replicas: Replicas = SINGLE) -> None:
         pass
 
     def penalty_gradients(self, model: nn.Module) -> dict:
@@ -286,10 +292,10 @@ class ElasticWeightConsolidation(QuadraticAnchors):
         self.online_gamma = online_gamma
         self.fisher_samples = fisher_samples
 
-    def after_task(self, model, inputs, classes, generator) -> None:
+    def after_task(self, model, inputs, classes, generator, replicas: Replicas = SINGLE) -> None:
         samples = sample_subset(inputs, self.fisher_samples, generator)
         fisher = mean_per_sample_gradient(model, samples, classes, _predicted_label_nll,
-                                          torch.square)
+                                          torch.square, replicas)
         online = self.online_gamma is not None
         if online and self.importances is not None:
             fisher = self.online_gamma * self.importances[0] + fisher
@@ -323,10 +329,10 @@ class MemoryAwareSynapses(QuadraticAnchors):
         self.mas_lambda = mas_lambda
         self.fisher_samples = fisher_samples
 
-    def after_task(self, model, inputs, classes, generator) -> None:
+    def after_task(self, model, inputs, classes, generator, replicas: Replicas = SINGLE) -> None:
         samples = sample_subset(inputs, self.fisher_samples, generator)
         importance = mean_per_sample_gradient(model, samples, classes, _squared_output_norm,
-                                              torch.abs)
+                                              torch.abs, replicas)
         if self.importances is not None:
             importance = self.importances[0] + importance
         self.add_anchor(importance, _detached_flat(model), keep_previous=False)
@@ -384,7 +390,7 @@ class SynapticIntelligence(QuadraticAnchors):
         torch._foreach_copy_(before, params)
 
     @torch.no_grad()
-    def after_task(self, model, inputs, classes, generator) -> None:
+    def after_task(self, model, inputs, classes, generator, replicas: Replicas = SINGLE) -> None:
         now = _detached_flat(model)
         change = now - self.task_start
         importance = (self.path_integral / (change.square() + self.si_epsilon)).clamp_min(0)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -317,8 +317,12 @@ def batches(
     batch_size: int,
     generator: torch.Generator,
     shuffle: bool = True,
+    part: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     r"""One epoch of ``(xb, yb)`` minibatches; the last one may be smaller.
+
+    ``part`` (data-parallel training: :meth:`dhp_deploy.distributed.Replicas.shard`) picks this
+    process's rows of each batch's indices before they are gathered.
 
     The epoch's order is one ``torch.randperm(n, generator=generator)``, drawn when this is
     called (not lazily at the first ``next``), so the generator's state right after the call
@@ -333,13 +337,16 @@ def batches(
     if shuffle:
         order = torch.randperm(len(x), generator=generator, device=generator.device)
         order = order.to(x.device)
-    return _slices(x, y, batch_size, order)
+    return _slices(x, y, batch_size, order, part)
 
 
-def _slices(x, y, batch_size, order) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _slices(x, y, batch_size, order, part) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     for start in range(0, len(x), batch_size):
-        if order is None:
+        if order is None and part is None:
             yield x[start : start + batch_size], y[start : start + batch_size]
-        else:
-            index = order[start : start + batch_size]
-            yield x[index], y[index]
+            continue
+        index = (torch.arange(start, min(start + batch_size, len(x)), device=x.device)
+                 if order is None else order[start : start + batch_size])
+        if part is not None:
+            index = part(index)
+        yield x[index], y[index]

@@ -11,6 +11,10 @@ completed epoch, ``{"task": t, "epoch": e}`` (``e = -1``: nothing of task t done
 step and evaluation of task t happen before the checkpoint of its last epoch. Every random draw comes
 from a ``torch.Generator`` derived from ``(seed, purpose, task, epoch)``, so a resumed run needs only
 the position and the saved states to continue bit for bit like an uninterrupted one.
+
+Data-parallel (launched by ``torchrun``, :mod:`dhp_deploy.distributed`): every rank runs this loop
+on its slice of each global batch, with the lean step's collectives; rank 0 alone writes the run's
+files, and every rank computes the same weights, trace, accuracies and checks.
 """
 
 import math
@@ -27,9 +31,10 @@ from torch import Tensor, nn
 import dhp_deploy
 from dhp_deploy.tasks import Benchmark, batches, seeded_generator
 from dhp_deploy.cuda_graph import GraphedStep, warm_up
+from dhp_deploy.distributed import SINGLE, Replicas
 from dhp_deploy.run_dir import (CHECKPOINT_NAME, CONFIG_NAME, CheckpointError, atomic_write_json,
                                 build_model, load_checkpoint, save_checkpoint)
-from dhp_deploy.metrics import average_accuracies, format_duration, write_run_metrics
+from dhp_deploy.metrics import average_accuracies, format_duration, run_metrics, write_run_metrics
 from dhp_deploy.layer import WEIGHT_INITS, DHPSoftmax
 from dhp_deploy.lean_step import lean_gradients, supports_lean_step
 from dhp_deploy.network import default_head_init, predicted_classes, task_logits
@@ -146,23 +151,26 @@ def _task_heads(benchmark: Benchmark, device) -> list[Optional[Tensor]]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, benchmark: Benchmark, split: str = "test") -> list[float]:
+def evaluate(model: nn.Module, benchmark: Benchmark, split: str = "test",
+             replicas: Replicas = SINGLE) -> list[float]:
     r"""Accuracy (a fraction) on every task's ``split`` ("test" or "val"), in eval mode.
 
     Multi-head (scenario "task"): argmax within the task's classes. Otherwise over all classes.
-    The model's mode is restored; the DHP trace is read, never updated.
+    The model's mode is restored; the DHP trace is read, never updated. Data-parallel, each rank
+    counts on its shard and one all-reduce sums the counts: every rank returns the same figures.
     """
     was_training = model.training
     model.eval()
-    accuracies = []
-    for task, head in zip(benchmark.tasks, _task_heads(benchmark, None)):
-        x, y = getattr(task, f"x_{split}"), getattr(task, f"y_{split}")
-        correct = torch.zeros((), dtype=torch.int64, device=x.device)
+    tasks = benchmark.tasks
+    correct = torch.zeros(len(tasks), dtype=torch.int64, device=tasks[0].y_train.device)
+    for index, (task, head) in enumerate(zip(tasks, _task_heads(benchmark, None))):
+        x = replicas.shard(getattr(task, f"x_{split}"))
+        y = replicas.shard(getattr(task, f"y_{split}"))
         for xb, yb in zip(x.split(EVAL_BATCH), y.split(EVAL_BATCH)):
-            correct += (predicted_classes(model(xb), head) == yb).sum()
-        accuracies.append(correct.item() / max(len(y), 1))
+            correct[index] += (predicted_classes(model(xb), head) == yb).sum()
     model.train(was_training)
-    return accuracies
+    counts = replicas.all_reduce(correct).tolist()
+    return [count / max(len(getattr(task, f"y_{split}")), 1) for count, task in zip(counts, tasks)]
 
 
 @dataclass
@@ -181,17 +189,19 @@ class TrainingRun:
 
     Build with :meth:`start` (fresh) or :meth:`resume` (from a checkpoint payload), then call
     :meth:`run`. ``log`` receives one progress line per epoch; ``on_step`` is called with the number
-    of optimiser steps taken in this process after each step (a test hook).
+    of optimiser steps taken in this process after each step (a test hook). ``replicas``: this
+    process's rank among the data-parallel processes of the run (default: the only one).
     """
 
     def __init__(self, config: TrainConfig, benchmark: Benchmark, run_dir, device,
                  log: Optional[Callable[[str], None]] = None,
                  on_step: Optional[Callable[[int], None]] = None, lean: bool = True,
-                 cuda_graphs: bool = True) -> None:
+                 cuda_graphs: bool = True, replicas: Replicas = SINGLE) -> None:
         self.config, self.benchmark, self.run_dir = config, benchmark, Path(run_dir)
         self.device = torch.device(device)
         self.log, self.on_step = log or (lambda line: None), on_step
-        self.config_json = config.to_json(benchmark)
+        self.replicas = replicas
+        self.config_json = {**config.to_json(benchmark), **replicas.describe()}
         torch.manual_seed(config.seed)  # the initial weights
         self.model = build_model(self.config_json["model"]).to(self.device).train()
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr,
@@ -201,10 +211,14 @@ class TrainingRun:
         # The lean step computes the same gradients with far less overhead; autograd serves any
         # other model (lean=False forces it, e.g. to compare the two).
         self.lean = lean and supports_lean_step(self.model)
+        if replicas.distributed and not self.lean:
+            raise TrainingError("data-parallel training needs the lean step (a Linear+ReLU trunk "
+                                "and a DHP-Softmax or plain head), which synchronises the trace")
         # On a GPU the lean plain-SGD step replays as one CUDA graph per task (launches, not
         # arithmetic, bound a batch-64 step there); cuda_graphs=False keeps every step eager.
+        # Not data-parallel: the collectives stay outside graphs.
         self.cuda_graphs = (cuda_graphs and self.lean and self.device.type == "cuda"
-                            and config.momentum == 0)
+                            and config.momentum == 0 and not replicas.distributed)
         self._graphs: dict = {}  # task id → "warm" after its eager first step, then GraphedStep
         self.heads = _task_heads(benchmark, self.device)
         self.position = {"task": 0, "epoch": -1, "finished": False}
@@ -214,8 +228,9 @@ class TrainingRun:
     @classmethod
     def start(cls, config, benchmark, run_dir, device="cpu", **hooks) -> "TrainingRun":
         run = cls(config, benchmark, run_dir, device, **hooks)
-        run.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(run.run_dir / CONFIG_NAME, run.config_json)
+        if run.replicas.is_main:
+            run.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(run.run_dir / CONFIG_NAME, run.config_json)
         run.save()  # a resumable, loadable starting point before any step
         return run
 
@@ -229,6 +244,8 @@ class TrainingRun:
         run.position = dict(payload["position"])
         run.progress = Progress(**payload["metrics"])
         _restore_rng(payload["rng"])
+        if run.replicas.is_main:  # it may continue with another world size than it started with
+            atomic_write_json(run.run_dir / CONFIG_NAME, run.config_json)
         return run
 
     # ------------------------------------------------------------------ the loop
@@ -269,17 +286,22 @@ class TrainingRun:
         started = time.perf_counter()
         targets_of = _target_map(head, self.benchmark.num_classes, self.device)
         generator = derived_generator(self.config.seed, "batches", task_id, epoch)
-        loss_sum = torch.zeros((), device=self.device)  # summed on device: no per-step host sync
-        correct = torch.zeros((), dtype=torch.int64, device=self.device)
-        for xb, yb in batches(task.x_train, task.y_train, self.config.batch_size, generator):
-            loss, hits = self._step(task_id, xb, yb, head, targets_of)
-            loss_sum += loss * len(yb)
-            correct += hits
+        # [loss sum, correct], summed on device (no per-step host sync), then over the ranks.
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)
+        size = self.config.batch_size
+        sizes = [min(size, len(task.y_train) - start) for start in range(0, len(task.y_train), size)]
+        part = self.replicas.shard if self.replicas.distributed else None
+        for (xb, yb), global_size in zip(batches(task.x_train, task.y_train, size, generator,
+                                                 part=part), sizes):
+            loss, hits = self._step(task_id, xb, yb, head, targets_of, global_size)
+            totals[0] += loss * global_size
+            totals[1] += hits
             self.steps_this_process += 1
             if self.on_step is not None:
                 self.on_step(self.steps_this_process)
         count = max(len(task.y_train), 1)
-        mean_loss, accuracy = loss_sum.item() / count, correct.item() / count
+        loss_sum, correct = self.replicas.all_reduce(totals).tolist()
+        mean_loss, accuracy = loss_sum / count, correct / count
         self._check_finite(mean_loss, task_id, epoch)
         seconds = time.perf_counter() - started
         self.progress.timings["train_s"] += seconds
@@ -287,14 +309,14 @@ class TrainingRun:
         return mean_loss, accuracy, seconds
 
     def _step(self, task_id: int, xb: Tensor, yb: Tensor, head: Optional[Tensor],
-              targets_of: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+              targets_of: Optional[Tensor], global_size: int) -> tuple[Tensor, Tensor]:
         r"""One training step: replayed as the task's CUDA graph where it can be, else eager.
 
         A task's first full batch runs eagerly on a side stream (capture's warm-up), the second
         is captured and replayed; the epoch's shorter last batch always runs eagerly.
         """
         if not self.cuda_graphs or len(yb) != self.config.batch_size:
-            return self.train_step(xb, yb, head, targets_of)
+            return self.train_step(xb, yb, head, targets_of, global_size)
         graphed = self._graphs.get(task_id)
         if graphed is None:
             self._graphs[task_id] = "warm"
@@ -311,15 +333,19 @@ class TrainingRun:
         return graphed(xb, yb)
 
     def train_step(self, xb: Tensor, yb: Tensor, head: Optional[Tensor],
-                   targets_of: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+                   targets_of: Optional[Tensor],
+                   global_size: Optional[int] = None) -> tuple[Tensor, Tensor]:
         r"""One SGD step on ``loss = ce + penalty``; returns the detached ce and the hit count.
 
         The lean step (:mod:`dhp_deploy.lean_step`) where the model allows it, else autograd.
+        Data-parallel, ``(xb, yb)`` is this rank's slice of a batch of ``global_size`` rows, and
+        the ce and hits returned are the slice's share (the penalty is every rank's: not reduced).
         """
         if not self.lean:
             return self.autograd_step(xb, yb, head, targets_of)
         targets = yb if head is None else targets_of[yb]
-        grads, task_loss, _, hits = lean_gradients(self.model, xb, yb, head, targets)
+        grads, task_loss, _, hits = lean_gradients(self.model, xb, yb, head, targets,
+                                                   self.replicas, global_size)
         for key, gradient in self.regularizer.penalty_gradients(self.model).items():
             grads[key].add_(gradient)
         ordered = [grads[id(param)] for param in self.parameters]
@@ -353,17 +379,23 @@ class TrainingRun:
         r"""The regulariser's end-of-task step, then one row of test (and val) accuracies."""
         task, started = self.benchmark.tasks[task_id], time.perf_counter()
         generator = derived_generator(self.config.seed, "consolidation", task_id)
-        self.regularizer.after_task(self.model, task.x_train, self.heads[task_id], generator)
+        self.regularizer.after_task(self.model, task.x_train, self.heads[task_id], generator,
+                                    self.replicas)
         consolidated = time.perf_counter()
-        self.progress.acc_matrix.append(evaluate(self.model, self.benchmark, "test"))
+        self.progress.acc_matrix.append(evaluate(self.model, self.benchmark, "test",
+                                                 self.replicas))
         if any(len(t.y_val) for t in self.benchmark.tasks):
-            self.progress.val_acc_matrix.append(evaluate(self.model, self.benchmark, "val"))
+            self.progress.val_acc_matrix.append(evaluate(self.model, self.benchmark, "val",
+                                                         self.replicas))
         self.progress.timings["consolidate_s"] += consolidated - started
         self.progress.timings["evaluate_s"] += time.perf_counter() - consolidated
 
     # ------------------------------------------------------------------ state on disk
 
     def save(self) -> None:
+        r"""The checkpoint, written by rank 0 only (every rank holds the same state)."""
+        if not self.replicas.is_main:
+            return
         save_checkpoint(self.run_dir / CHECKPOINT_NAME, {
             "config": self.config_json,
             "benchmark": _benchmark_summary(self.benchmark),
@@ -385,8 +417,10 @@ class TrainingRun:
         if heads:  # how much plasticity the trained model uses
             extra["plasticity"] = heads[0].plasticity_summary()
         if self.progress.val_acc_matrix:  # for tuning strengths (never tune on test)
-            extra = {"val_acc_matrix": self.progress.val_acc_matrix,
-                     "val_avg_acc": average_accuracies(self.progress.val_acc_matrix)}
+            extra.update(val_acc_matrix=self.progress.val_acc_matrix,
+                         val_avg_acc=average_accuracies(self.progress.val_acc_matrix))
+        if not self.replicas.is_main:  # rank 0 writes the files
+            return run_metrics(self.progress.acc_matrix, self.config_json, timings, extra)
         return write_run_metrics(self.run_dir, self.progress.acc_matrix, self.config_json,
                                  timings, title, extra)
 

@@ -5,6 +5,11 @@ Examples::
     dhp-train --benchmark split-mnist --method finetune --out runs/split-dhp
     dhp-train --benchmark permuted-mnist --method ewc --no-dhp --num-tasks 3 --out runs/pm-ewc
     dhp-train --resume runs/pm-ewc          # continue an interrupted run, bit for bit
+    torchrun --nproc-per-node 2 -m dhp_deploy.cli.train --benchmark split-mnist --out runs/ddp
+
+Under ``torchrun`` (or any launcher that sets RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) the run
+is data-parallel: gloo on CPU, NCCL on CUDA, ``--batch-size`` the global batch, the Hebbian trace
+synchronised (``dhp_deploy.distributed``); rank 0 writes the run directory.
 
 A run directory holds ``config.json``, ``checkpoint.pt`` (after every epoch) and, when finished,
 ``metrics.json``, ``metrics.csv`` and ``accuracy.png``.
@@ -16,6 +21,7 @@ from pathlib import Path
 
 import click
 
+from dhp_deploy.distributed import DEFAULT_TIMEOUT_S
 from dhp_deploy.tasks import BENCHMARKS
 from dhp_deploy.layer import WEIGHT_INITS
 from dhp_deploy.regularizers import METHODS
@@ -122,31 +128,79 @@ class HiddenSizes(click.ParamType):
               help="CPU threads for torch (default: torch's choice). On a busy machine 1 can be "
                    "several times faster than 2. Resume with the same count for identical bits.")
 @click.option("--quiet", is_flag=True, help="No progress lines and no summary.")
+@click.option("--dist-timeout", type=click.FloatRange(min=1), default=DEFAULT_TIMEOUT_S,
+              show_default=True, help="Under torchrun: seconds a rank waits for the others in a "
+              "collective before it fails (a dead rank never hangs the run).")
 @click.pass_context
 def main(ctx, out_dir, resume_dir, overwrite, data_dir, download, device, cuda_graphs, threads,
-         quiet, **training):
+         quiet, dist_timeout, **training):
     r"""Train a DHP network on a continual-learning benchmark, one task after another."""
     if (out_dir is None) == (resume_dir is None):
         raise click.UsageError("give exactly one of --out RUN_DIR (a new run) and --resume RUN_DIR")
+    if resume_dir is not None:
+        _refuse_training_options_on_resume(ctx)
+    elif training["benchmark"] is None:
+        raise click.UsageError("missing option --benchmark (required unless --resume)")
     if threads is not None:
         import torch
 
         torch.set_num_threads(threads)
-    device = _resolve_device(device)
+    replicas, device = _join_replicas(_resolve_device(device), dist_timeout)
+    quiet = quiet or not replicas.is_main  # rank 0 speaks for the run
     log = (lambda line: None) if quiet else (lambda line: click.echo(line, err=True))
-    if resume_dir is not None:
-        _refuse_training_options_on_resume(ctx)
-        run = _resume_run(resume_dir, data_dir, download, device, log, cuda_graphs)
-        run_dir = resume_dir
-    else:
-        if training["benchmark"] is None:
-            raise click.UsageError("missing option --benchmark (required unless --resume)")
-        _prepare_run_dir(out_dir, overwrite)
-        run = _start_run(training, out_dir, data_dir, download, device, log, cuda_graphs)
-        run_dir = out_dir
-    metrics = _run_to_the_end(run)
+    options = {"data_dir": data_dir, "download": download, "device": device, "log": log,
+               "cuda_graphs": cuda_graphs, "replicas": replicas}
+    try:
+        if resume_dir is not None:
+            run, run_dir = _resume_run(resume_dir, **options), resume_dir
+        else:
+            _on_main_then_shared(replicas, lambda: _prepare_run_dir(out_dir, overwrite))
+            run, run_dir = _start_run(training, out_dir, **options), out_dir
+        metrics = _run_to_the_end(run)
+    except RuntimeError as err:  # a collective failed: another rank died or stopped answering
+        if not replicas.distributed:
+            raise
+        raise TrainCommandError(
+            f"rank {replicas.rank} of {replicas.world_size}: lost the other ranks "
+            f"({str(err).splitlines()[0][:160]}); the last checkpoint in "
+            f"{resume_dir or out_dir} is intact: continue with torchrun ... --resume") from None
+    finally:
+        _leave_replicas(replicas)
     if not quiet:
         click.echo(summary_table(metrics, run_dir))
+
+
+def _join_replicas(device: str, timeout_s: float):
+    r"""``(replicas, device)``: this process's place in a torchrun group (or the only process)."""
+    from dhp_deploy.distributed import DistributedError, from_environment
+
+    try:
+        return from_environment(device, timeout_s)
+    except DistributedError as err:
+        raise TrainCommandError(str(err)) from None
+
+
+def _leave_replicas(replicas) -> None:
+    from dhp_deploy.distributed import shutdown
+
+    shutdown(replicas)
+
+
+def _on_main_then_shared(replicas, action) -> None:
+    r"""``action()`` on rank 0 alone; its failure stops every rank (the others with one line)."""
+    import torch
+
+    failed = torch.zeros(1)
+    try:
+        if replicas.is_main:
+            action()
+    except click.ClickException:
+        failed += 1
+        replicas.all_reduce(failed)
+        raise
+    if replicas.all_reduce(failed).item():
+        raise TrainCommandError(f"rank {replicas.rank}: rank 0 refused the run directory (its "
+                                f"error says why)")
 
 
 def _resolve_device(device: str) -> str:
@@ -221,29 +275,32 @@ def _benchmark_builder(data_dir, download: bool, device: str):
 
 
 def _start_run(training: dict, out_dir: Path, data_dir, download: bool, device: str, log,
-               cuda_graphs: bool):
+               cuda_graphs: bool, replicas):
     from dhp_deploy.train import TrainConfig, TrainingError, start_or_resume
 
     config = TrainConfig(**training, download=download)
     try:  # the directory holds no run files (checked by _prepare_run_dir): this starts
         run, _ = start_or_resume(out_dir, _benchmark_builder(data_dir, download, device), config,
                                  device, log=log, on_step=_fault_hook(),
-                                 cuda_graphs=cuda_graphs)
+                                 cuda_graphs=cuda_graphs, replicas=replicas)
     except TrainingError as err:
         raise TrainCommandError(str(err)) from None
+    where = device if not replicas.distributed else \
+        f"{replicas.world_size} {replicas.backend} ranks ({device} on rank 0)"
     log(f"training {config.method}{' + DHP' if config.dhp else ''} on {run.benchmark.name} "
-        f"({len(run.benchmark.tasks)} tasks, scenario {run.benchmark.scenario}) on {device}; "
+        f"({len(run.benchmark.tasks)} tasks, scenario {run.benchmark.scenario}) on {where}; "
         f"run directory {out_dir}")
     return run
 
 
-def _resume_run(run_dir: Path, data_dir, download: bool, device: str, log, cuda_graphs: bool):
+def _resume_run(run_dir: Path, data_dir, download: bool, device: str, log, cuda_graphs: bool,
+                replicas):
     from dhp_deploy.train import TrainingError, start_or_resume
 
     try:
         run, _ = start_or_resume(run_dir, _benchmark_builder(data_dir, download, device),
                                  device=device, log=log, on_step=_fault_hook(),
-                                 cuda_graphs=cuda_graphs)
+                                 cuda_graphs=cuda_graphs, replicas=replicas)
     except TrainingError as err:
         raise TrainCommandError(str(err)) from None
     position = run.position
