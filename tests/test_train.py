@@ -173,7 +173,9 @@ def test_checkpoint_layout_feeds_load_model_and_rebuilds_the_test_sets(tmp_path,
     assert payload["benchmark"]["tasks"][1]["classes"] == [2, 3]
     assert set(payload["config"]["model"]) == {"in_features", "num_classes", "hidden", "dhp",
                                                "eta_init", "head_init"}
-    assert set(payload["config"]) == {"training", "model", "versions"}  # each setting once
+    # Each setting once; how many processes trained it (data-parallel) is not a setting.
+    assert set(payload["config"]) == {"training", "model", "versions", "world_size", "backend"}
+    assert (payload["config"]["world_size"], payload["config"]["backend"]) == (1, None)
     rebuilt = build_benchmark(**TrainConfig.from_json(payload["config"]).data_arguments(),
                               data_dir=data_dir)
     for original, again in zip(run.benchmark.tasks, rebuilt.tasks):

@@ -160,9 +160,10 @@ def main(ctx, out_dir, resume_dir, overwrite, data_dir, download, device, cuda_g
     except RuntimeError as err:  # a collective failed: another rank died or stopped answering
         if not replicas.distributed:
             raise
+        detail = str(err).splitlines()[0].rsplit("] ", 1)[-1]  # gloo prefixes a source path
         raise TrainCommandError(
             f"rank {replicas.rank} of {replicas.world_size}: lost the other ranks "
-            f"({str(err).splitlines()[0][:160]}); the last checkpoint in "
+            f"({detail[:160]}); the last checkpoint in "
             f"{resume_dir or out_dir} is intact: continue with torchrun ... --resume") from None
     finally:
         _leave_replicas(replicas)
