@@ -35,7 +35,7 @@ $PY -m pip install -q --no-deps --no-build-isolation --no-index -e . || echo "pi
 wants() { case " $PARTS " in *" $1 "*) return 0;; esac; return 1; }
 if wants tests; then
 section "CUDA tests"
-timeout 240 $PY -m pytest -q -rs -m gpu -p no:cacheprovider tests
+timeout "${TESTS_TIMEOUT:-240}" $PY -m pytest -q -rsP -m gpu -p no:cacheprovider tests
 
 fi
 if wants bench; then

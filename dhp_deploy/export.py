@@ -141,17 +141,19 @@ def write_plastic_onnx(module: PlasticMLP, path) -> int:
                         {"x": {0: batch}, "labels": {0: batch}, "hebb": None})
 
 
-def write_pt2(module: nn.Module, path, plastic: bool) -> None:
-    r"""``torch.export`` + AOTInductor: a package of code compiled for this CPU, loaded by
-    ``torch._inductor.aoti_load_package`` in Python and ``AOTIModelPackageLoader`` in C++. It needs
-    a C++ compiler here, and runs only with the torch version that compiled it."""
+def write_pt2(module: nn.Module, path, plastic: bool, device: str = "cpu") -> None:
+    r"""``torch.export`` + AOTInductor: a package of code compiled for this host's CPU (or, with
+    ``device="cuda"``, its GPU), loaded by ``torch._inductor.aoti_load_package`` in Python and
+    ``AOTIModelPackageLoader`` in C++. It needs a C++ compiler here, and runs only on that kind of
+    device and with the torch version that compiled it."""
     batch = torch.export.Dim("batch", min=1)
+    module = copy.deepcopy(module).to(device)  # the other formats keep the CPU module
+    x = torch.rand(2, module.trunk[0].in_features, device=device)
     if plastic:
-        example = (torch.rand(2, module.trunk[0].in_features), torch.tensor([0, NO_LABEL]),
-                   module.w.new_zeros(module.w.shape))
+        example = (x, torch.tensor([0, NO_LABEL], device=device), module.w.new_zeros(module.w.shape))
         dynamic = {"x": {0: batch}, "labels": {0: batch}, "hebb": None}
     else:
-        example, dynamic = (torch.rand(2, module.trunk[0].in_features),), {"x": {0: batch}}
+        example, dynamic = (x,), {"x": {0: batch}}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
         try:
@@ -314,8 +316,8 @@ def _manifest(model: DHPNet, frozen: FrozenMLP, payload: dict, metrics: dict, fo
         if "onnx" in formats else None,
         "pt2": {"exporter": "torch.export + torch._inductor.aoti_compile_and_package",
                 "device": "cpu", "torch": torch.__version__,
-                "note": "AOTInductor code compiled for this CPU: it loads only with the same torch "
-                        "version"} if "pt2" in formats else None,
+                "note": "AOTInductor code compiled for one kind of device: it loads only there "
+                        "and with the same torch version"} if "pt2" in formats else None,
         "golden": golden,
         "plastic": False,  # a plastic bundle says True and documents its I/O under plastic_io
         "files": {},
@@ -325,7 +327,7 @@ def _manifest(model: DHPNet, frozen: FrozenMLP, payload: dict, metrics: dict, fo
 def export_run(run_dir, out_dir, formats: Sequence[str] = FORMATS, *, overwrite: bool = False,
                golden_count: int = 64, data_dir=None, allow_unfinished: bool = False,
                plastic: bool = False, verify: Optional[Callable] = None,
-               _before_commit=None) -> Path:
+               pt2_device: str = "cpu", _before_commit=None) -> Path:
     r"""Export the trained model of ``run_dir`` as a bundle at ``out_dir``; returns its path.
 
     Args:
@@ -341,6 +343,7 @@ def export_run(run_dir, out_dir, formats: Sequence[str] = FORMATS, *, overwrite:
             before it is committed; whatever it raises stops the export and nothing is written.
             ``dhp-export`` passes :func:`dhp_deploy.runtime.verify_bundle` (every artifact loaded
             and checked against the goldens); the exporter itself knows nothing of runtimes.
+        pt2_device: ``"cpu"`` or ``"cuda"``: the device the ``.pt2`` package is compiled for.
 
     Raises:
         ExportError: nothing was written at ``out_dir``.
@@ -385,13 +388,15 @@ def export_run(run_dir, out_dir, formats: Sequence[str] = FORMATS, *, overwrite:
             if fmt == "torchscript":
                 write_torchscript(served, tmp / ARTIFACT_FILES[fmt])
             elif fmt == "pt2":
-                write_pt2(served, tmp / ARTIFACT_FILES[fmt], plastic)
+                write_pt2(served, tmp / ARTIFACT_FILES[fmt], plastic, pt2_device)
             elif plastic:
                 ir_version = write_plastic_onnx(served, tmp / ARTIFACT_FILES[fmt])
             else:
                 ir_version = write_onnx(frozen, tmp / ARTIFACT_FILES[fmt],
                                         model.trunk[0].in_features)
         manifest = _manifest(model, frozen, payload, metrics, formats, golden)
+        if manifest["pt2"] is not None:
+            manifest["pt2"]["device"] = pt2_device
         if plastic:
             _save_npy(tmp / HEBB_FILE, model.head.hebb.numpy().astype(np.float32))
             manifest["plastic"], manifest["plastic_io"] = True, _plastic_manifest(model)

@@ -20,7 +20,8 @@ import numpy as np
 from dhp_deploy.bundle import (ARTIFACT_FILES, ATOL, FORMATS, HEBB_FILE, HEBB_NAME,
                                HEBB_OUT_NAME, INPUT_NAME, LABELS_NAME, NO_LABEL, OUTPUT_NAME,
                                PLASTIC_GOLDEN_FILES, RTOL, BundleError, read_manifest)
-from dhp_deploy.runtime import DEVICES, InputError, check_input, compare, load_pt2
+from dhp_deploy.runtime import (DEVICES, InputError, artifact_device, check_input, compare,
+                                load_pt2)
 
 __all__ = ["PlasticSession", "verify_plastic_bundle"]
 
@@ -162,12 +163,13 @@ def _pt2(path: Path, device: str, manifest: dict):
 
     def call(x, labels, hebb):
         with torch.inference_mode():
-            logits, hebb_out = model(torch.from_numpy(x), torch.from_numpy(labels),
-                                     torch.from_numpy(hebb))
+            logits, hebb_out = model(torch.from_numpy(x).to(device),
+                                     torch.from_numpy(labels).to(device),
+                                     torch.from_numpy(hebb).to(device))
         # Copies: the package may reuse its output buffers on the next call, and it returns the
         # trace column-major while it reads its inputs as row-major without checking strides;
         # numpy's copy is row-major, so the trace fed back next call is read right.
-        return logits.numpy().copy(), hebb_out.numpy().copy()
+        return logits.cpu().numpy().copy(), hebb_out.cpu().numpy().copy()
 
     return call
 
@@ -199,10 +201,13 @@ def _onnxruntime(path: Path, device: str):
 
 
 def verify_plastic_bundle(bundle_dir, formats) -> None:
-    r"""Open each of ``formats`` on CPU and replay the golden stream; BundleError if one fails
-    (what ``dhp-export --plastic`` runs before it commits a bundle)."""
+    r"""Open each of ``formats`` (on CPU; a ``.pt2`` where it was compiled for) and replay the
+    golden stream; BundleError if one fails (what ``dhp-export --plastic`` runs before it commits
+    a bundle)."""
+    manifest = read_manifest(bundle_dir)
     for fmt in formats:
-        report = PlasticSession(bundle_dir, backend=fmt).check()
+        report = PlasticSession(bundle_dir, backend=fmt,
+                                device=artifact_device(manifest, fmt)).check()
         if not report["ok"]:
             raise BundleError(f"the plastic {fmt} artifact does not match the eager stream (max "
                               f"logit error {report['max_abs_error']:.3g}, max trace error "

@@ -29,8 +29,8 @@ from dhp_deploy.bundle import (ARTIFACT_FILES, ATOL, FORMATS, GOLDEN_FILES, RTOL
                                read_manifest)
 
 __all__ = ["BundleError", "InputError", "Prediction", "Runtime", "open_bundle", "read_manifest",
-           "verify_bundle", "compare", "check_input", "load_pt2", "time_calls", "BACKENDS",
-           "DEVICES"]
+           "artifact_device", "verify_bundle", "compare", "check_input", "load_pt2", "time_calls",
+           "BACKENDS", "DEVICES"]
 
 BACKENDS = FORMATS
 DEVICES = ("cpu", "cuda")
@@ -201,11 +201,20 @@ def open_bundle(bundle_dir, backend: str = "torchscript", device: str = "cpu",
     return Runtime(bundle_dir, manifest, backend, device)
 
 
+def artifact_device(manifest: dict, backend: str) -> str:
+    r"""Where ``backend``'s artifact runs by default: a ``.pt2`` on the device it was compiled
+    for, everything else on CPU."""
+    return (manifest.get("pt2") or {}).get("device", "cpu") if backend == "pt2" else "cpu"
+
+
 def verify_bundle(bundle_dir, formats) -> None:
-    r"""Open each of ``formats`` on CPU and check it against the goldens; BundleError if one fails."""
+    r"""Open each of ``formats`` (on CPU; a ``.pt2`` where it was compiled for) and check it
+    against the goldens; BundleError if one fails."""
+    manifest = read_manifest(bundle_dir)
     for fmt in formats:
         try:
-            report = open_bundle(bundle_dir, backend=fmt, device="cpu").check()
+            report = open_bundle(bundle_dir, backend=fmt,
+                                 device=artifact_device(manifest, fmt)).check()
         except BundleError as err:
             raise BundleError(f"the {fmt} artifact failed verification: {err}") from None
         if not report["ok"]:
@@ -261,8 +270,8 @@ def _pt2(path: Path, device: str, manifest: dict):
 
     def run(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            out = model(torch.from_numpy(x))
-        return out.float().numpy().copy()  # the package may reuse its output buffer next call
+            out = model(torch.from_numpy(x).to(device))
+        return out.float().cpu().numpy().copy()  # the package may reuse its output buffer
 
     return run
 

@@ -18,9 +18,9 @@ import torch
 
 from cli_helpers import assert_one_line_error, run_cli
 
-TORCHRUN = Path(sys.executable).parent / "torchrun"  # installed with torch, beside python
-pytestmark = pytest.mark.skipif(not (torch.distributed.is_available() and TORCHRUN.exists()),
-                                reason="needs torch.distributed and torchrun")
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]  # the torchrun command of this torch
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
+                                reason="needs torch.distributed")
 EWC_RUN = ["--benchmark", "split-mnist", "--method", "ewc", "--num-tasks", "2", "--epochs", "2",
            "--train-limit", "1985", "--test-limit", "500", "--fisher-samples", "201",
            "--threads", "1", "--quiet"]
@@ -38,7 +38,7 @@ def _env(data_dir, **extra) -> dict:
 
 def torchrun(data_dir, *args, nproc: int = 2, timeout: float = 300):
     r"""``torchrun --standalone --nproc-per-node nproc ARGS`` as a real subprocess."""
-    return subprocess.run([str(TORCHRUN), "--standalone", f"--nproc-per-node={nproc}", *map(str, args)],
+    return subprocess.run([*TORCHRUN, "--standalone", f"--nproc-per-node={nproc}", *map(str, args)],
                           capture_output=True, text=True, env=_env(data_dir), timeout=timeout)
 
 
@@ -145,3 +145,23 @@ def test_a_dead_rank_stops_the_other_and_resume_finishes_the_run(ewc_runs, tmp_p
     resumed, reference = checkpoint(run_dir)["model"], checkpoint(uninterrupted)["model"]
     for name in reference:
         assert torch.equal(resumed[name], reference[name]), name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_nccl_ranks_train_the_cpu_model(tmp_path, data_dir):
+    # One rank per GPU (all of them, at most 2) under torchrun with NCCL, against one CPU process.
+    ranks = min(torch.cuda.device_count(), 2)
+    one = run_cli("train", *FIRST_TASK, "--device", "cpu", "--out", tmp_path / "cpu",
+                  env={"DHP_DATA_DIR": str(data_dir)})
+    assert one.returncode == 0, one.stderr
+    result = torchrun(data_dir, "-m", "dhp_deploy.cli.train", *FIRST_TASK, "--device", "cuda",
+                      "--out", tmp_path / "nccl", nproc=ranks)
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = metrics(tmp_path / "nccl")["config"]
+    assert (config["world_size"], config["backend"]) == (ranks, "nccl")
+    cpu, gpu = checkpoint(tmp_path / "cpu")["model"], checkpoint(tmp_path / "nccl")["model"]
+    for name in cpu:
+        torch.testing.assert_close(gpu[name].cpu(), cpu[name], rtol=1e-3, atol=1e-5, msg=name)
+    print(f"{ranks} NCCL rank(s) vs CPU: max trace difference "
+          f"{(gpu['head.hebb'].cpu() - cpu['head.hebb']).abs().max().item():.3g}")

@@ -234,3 +234,29 @@ def test_the_pt2_state_moves_and_outputs_are_not_reused_buffers(plastic_bundle):
     kept_logits = first_logits.copy()
     session.step(x, labels)
     assert np.array_equal(first_logits, kept_logits)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_torchscript_and_a_cuda_pt2_replay_the_stream(served, plastic_bundle, tmp_path,
+                                                              data_dir):
+    # The plastic golden stream (23 calls, the trace fed back) on the GPU: TorchScript from the
+    # CPU bundle, and .pt2 packages compiled for CUDA, frozen and plastic (dhp-export
+    # --pt2-device cuda), each checked against the eager CPU goldens.
+    from dhp_deploy.runtime import verify_bundle
+
+    assert PlasticSession(plastic_bundle, backend="torchscript", device="cuda").check()["ok"]
+    run, _ = served
+    plastic = export_run(run, tmp_path / "plastic", ("pt2",), data_dir=data_dir, plastic=True,
+                         verify=verify_plastic_bundle, pt2_device="cuda")
+    session = PlasticSession(plastic, backend="pt2", device="cuda")
+    report = session.check()
+    assert report["ok"], report
+    print(f"cuda pt2 plastic stream: max logit error {report['max_abs_error']:.3g}, "
+          f"max trace error {report['max_trace_error']:.3g}")
+    with pytest.raises(BundleError, match="compiled for cuda"):
+        PlasticSession(plastic, backend="pt2", device="cpu")
+    frozen = export_run(run, tmp_path / "frozen", ("pt2",), data_dir=data_dir,
+                        verify=verify_bundle, pt2_device="cuda")
+    frozen_report = open_bundle(frozen, backend="pt2", device="cuda").check()
+    assert frozen_report["ok"], frozen_report

@@ -34,10 +34,13 @@ class ExportFailed(click.ClickException):
 @click.option("--plastic", is_flag=True,
               help="Export the plastic model instead: the trace is an input and an output "
                    "(labels -1 = predict only), hebb.npy the initial state; it keeps learning.")
+@click.option("--pt2-device", type=click.Choice(["cpu", "cuda"]), default="cpu",
+              show_default=True, help="The device the .pt2 package is compiled for (it runs only "
+              "there); cuda needs a CUDA GPU on this host.")
 @click.option("--triton-cpu", is_flag=True,
               help="--format triton: instance_group KIND_CPU instead of KIND_GPU.")
 def main(run_dir, fmt, out_dir, overwrite, golden_count, data_dir, allow_unfinished, no_verify,
-         plastic, triton_cpu):
+         plastic, pt2_device, triton_cpu):
     r"""Fold the trained model of RUN_DIR and write a self-checking bundle.
 
     The DHP head's latest trace is folded into one matrix (θ + α⊙Hebb), so the bundle is a
@@ -52,12 +55,19 @@ def main(run_dir, fmt, out_dir, overwrite, golden_count, data_dir, allow_unfinis
         return _triton(run_dir, out_dir, overwrite, golden_count, data_dir, allow_unfinished,
                        no_verify, triton_cpu)
     formats = FORMATS if fmt == "all" else (fmt,)
+    if pt2_device == "cuda" and "pt2" in formats:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise click.BadParameter("cuda: torch sees no CUDA device on this host",
+                                     param_hint="--pt2-device")
     verify = None if no_verify else verify_plastic_bundle if plastic else verify_bundle
     out_dir = out_dir or Path("export") / "bundles" / run_dir.resolve().name
     try:
         path = export_run(run_dir, out_dir, formats, overwrite=overwrite,
                           golden_count=golden_count, data_dir=data_dir,
-                          allow_unfinished=allow_unfinished, plastic=plastic, verify=verify)
+                          allow_unfinished=allow_unfinished, plastic=plastic, verify=verify,
+                          pt2_device=pt2_device)
     except ExportError as err:
         raise ExportFailed(str(err)) from None
     kind = "plastic bundle" if plastic else "bundle"

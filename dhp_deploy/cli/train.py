@@ -154,7 +154,7 @@ def main(ctx, out_dir, resume_dir, overwrite, data_dir, download, device, cuda_g
         if resume_dir is not None:
             run, run_dir = _resume_run(resume_dir, **options), resume_dir
         else:
-            _on_main_then_shared(replicas, lambda: _prepare_run_dir(out_dir, overwrite))
+            _on_main_then_shared(replicas, device, lambda: _prepare_run_dir(out_dir, overwrite))
             run, run_dir = _start_run(training, out_dir, **options), out_dir
         metrics = _run_to_the_end(run)
     except RuntimeError as err:  # a collective failed: another rank died or stopped answering
@@ -187,11 +187,11 @@ def _leave_replicas(replicas) -> None:
     shutdown(replicas)
 
 
-def _on_main_then_shared(replicas, action) -> None:
+def _on_main_then_shared(replicas, device: str, action) -> None:
     r"""``action()`` on rank 0 alone; its failure stops every rank (the others with one line)."""
     import torch
 
-    failed = torch.zeros(1)
+    failed = torch.zeros(1, device=device)  # on the GPU for NCCL
     try:
         if replicas.is_main:
             action()
