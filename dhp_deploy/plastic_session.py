@@ -8,8 +8,12 @@ r"""Serving a plastic bundle: a session that holds the Hebbian trace and keeps l
     >>> session.reset()                        # back to the bundle's hebb.npy
 
 Every call goes through the bundle's plastic model (``logits, hebb_out = model(input, labels,
-hebb)``, see dhp_deploy/plastic.py): the session passes its trace in and keeps ``hebb_out``. With
-onnxruntime the ONNX path imports no torch. ``check()`` replays the bundle's golden stream (calls
+hebb)``, see dhp_deploy/plastic.py): the session passes its trace in and keeps ``hebb_out``. The
+trace stays where the model runs between calls — a torch tensor on the session's device, or with
+onnxruntime two OrtValues on the device bound with IOBinding and swapped after each call (a
+binding copies at bind time) — so a call moves only ``input``, ``labels`` and ``logits`` between
+host and device; :attr:`PlasticSession.hebb` copies the trace out when asked. With onnxruntime
+the ONNX path imports no torch. ``check()`` replays the bundle's golden stream (calls
 of mixed sizes, some rows and one whole call unlabelled) and compares every call's logits and
 trace with the eager layer's.
 """
@@ -21,7 +25,7 @@ from dhp_deploy.bundle import (ARTIFACT_FILES, ATOL, FORMATS, HEBB_FILE, HEBB_NA
                                HEBB_OUT_NAME, INPUT_NAME, LABELS_NAME, NO_LABEL, OUTPUT_NAME,
                                PLASTIC_GOLDEN_FILES, RTOL, BundleError, read_manifest)
 from dhp_deploy.runtime import (DEVICES, InputError, artifact_device, check_input, compare,
-                                load_pt2)
+                                load_pt2, ort_session)
 
 __all__ = ["PlasticSession", "verify_plastic_bundle"]
 
@@ -48,12 +52,18 @@ class PlasticSession:
         self.in_features = int(self.manifest["input"]["shape"][1])
         self.num_classes = int(self.manifest["output"]["shape"][1])
         self.initial = _load(self.path / HEBB_FILE)
-        self.hebb = self.initial.copy()
         artifact = self.path / ARTIFACT_FILES[backend]
-        loaders = {"torchscript": lambda: _torchscript(artifact, device),
-                   "onnx": lambda: _onnxruntime(artifact, device),
-                   "pt2": lambda: _pt2(artifact, device, self.manifest)}
-        self._call = loaders[backend]()
+        loaders = {"torchscript": lambda: _TorchState(_torchscript(artifact, device), device),
+                   "onnx": lambda: _OrtState(artifact, device),
+                   "pt2": lambda: _TorchState(load_pt2(artifact, device, self.manifest), device,
+                                              copy_outputs=True)}
+        self._state = loaders[backend]()
+        self._state.load(self.initial)
+
+    @property
+    def hebb(self) -> np.ndarray:
+        r"""The current trace, float32 ``(H, C)``: a host copy (the state itself stays put)."""
+        return self._state.read()
 
     def step(self, x, labels=None, allow_nonfinite: bool = False) -> np.ndarray:
         r"""Logits of ``x`` with the current trace, then the trace learns the labelled rows.
@@ -62,8 +72,7 @@ class PlasticSession:
         """
         x = check_input(x, self.in_features, allow_nonfinite)
         labels = self._check_labels(labels, len(x))
-        logits, self.hebb = self._call(x, labels, self.hebb)
-        return logits
+        return self._state.step(x, labels)
 
     def predict(self, x, allow_nonfinite: bool = False) -> np.ndarray:
         r"""Logits with the current trace; the trace does not move."""
@@ -75,7 +84,7 @@ class PlasticSession:
 
     def reset(self) -> None:
         r"""Back to the trace the bundle was exported with."""
-        self.hebb = self.initial.copy()
+        self._state.load(self.initial)
 
     def set_state(self, hebb) -> None:
         r"""Continue from a saved trace (e.g. one persisted from :attr:`hebb`)."""
@@ -83,12 +92,13 @@ class PlasticSession:
         if hebb.dtype != np.float32 or hebb.shape != self.initial.shape:
             raise InputError(f"hebb must be float32 {list(self.initial.shape)}, got "
                              f"{hebb.dtype} {list(hebb.shape)}")
-        self.hebb = np.ascontiguousarray(hebb)
+        self._state.load(np.ascontiguousarray(hebb))
 
     def check(self, atol: float = ATOL, rtol: float = RTOL) -> dict:
         r"""Replay the golden stream from the exported trace; compare logits and every trace."""
         golden = {key: _load(self.path / name) for key, name in PLASTIC_GOLDEN_FILES.items()}
-        saved, self.hebb = self.hebb, self.initial.copy()
+        saved = self.hebb
+        self.reset()
         logits, worst_trace, start = [], 0.0, 0
         traces_ok = unlabelled_exact = True
         try:
@@ -104,7 +114,7 @@ class PlasticSession:
                                          <= atol + rtol * np.abs(expected)))
                 start += size
         finally:
-            self.hebb = saved
+            self._state.load(saved)
         report = compare(np.concatenate(logits), golden["logits"], atol, rtol)
         report.update(calls=len(golden["batch_sizes"]), max_trace_error=worst_trace,
                       traces_ok=traces_ok, unlabelled_call_exact=unlabelled_exact)
@@ -140,64 +150,77 @@ def _torchscript(path: Path, device: str):
     if device == "cuda" and not torch.cuda.is_available():
         raise BundleError("device cuda requested but torch.cuda.is_available() is False")
     try:
-        module = torch.jit.load(str(path), map_location=device).eval()
+        return torch.jit.load(str(path), map_location=device).eval()
     except (RuntimeError, ValueError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise BundleError(f"{path} is not a loadable TorchScript module ({first[:200]})") \
             from None
 
-    def call(x, labels, hebb):
+
+class _TorchState:
+    r"""The trace as a torch tensor on ``device``, fed to ``model`` (TorchScript or .pt2)."""
+
+    def __init__(self, model, device: str, copy_outputs: bool = False) -> None:
+        import torch
+
+        self.torch, self.model, self.device = torch, model, device
+        # An AOTInductor package may reuse its output buffers on the next call, and returns the
+        # trace column-major while it reads its inputs as row-major without checking strides:
+        # its outputs are cloned into fresh row-major tensors.
+        self.copy_outputs = copy_outputs
+        self.hebb = None
+
+    def load(self, hebb: np.ndarray) -> None:
+        self.hebb = self.torch.from_numpy(hebb.copy()).to(self.device)
+
+    def read(self) -> np.ndarray:
+        return self.hebb.cpu().numpy().copy()
+
+    def step(self, x: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        torch = self.torch
         with torch.inference_mode():
-            logits, hebb_out = module(torch.from_numpy(x).to(device),
-                                      torch.from_numpy(labels).to(device),
-                                      torch.from_numpy(hebb).to(device))
-        return logits.cpu().numpy(), hebb_out.cpu().numpy()
-
-    return call
-
-
-def _pt2(path: Path, device: str, manifest: dict):
-    import torch
-
-    model = load_pt2(path, device, manifest)
-
-    def call(x, labels, hebb):
-        with torch.inference_mode():
-            logits, hebb_out = model(torch.from_numpy(x).to(device),
-                                     torch.from_numpy(labels).to(device),
-                                     torch.from_numpy(hebb).to(device))
-        # Copies: the package may reuse its output buffers on the next call, and it returns the
-        # trace column-major while it reads its inputs as row-major without checking strides;
-        # numpy's copy is row-major, so the trace fed back next call is read right.
-        return logits.cpu().numpy().copy(), hebb_out.cpu().numpy().copy()
-
-    return call
+            logits, hebb = self.model(torch.from_numpy(x).to(self.device),
+                                      torch.from_numpy(labels).to(self.device), self.hebb)
+            if self.copy_outputs:
+                logits = logits.clone(memory_format=torch.contiguous_format)
+                hebb = hebb.clone(memory_format=torch.contiguous_format)
+        self.hebb = hebb
+        return logits.cpu().numpy()
 
 
-def _onnxruntime(path: Path, device: str):
-    try:
+class _OrtState:
+    r"""The trace in two onnxruntime OrtValues on the session's device, bound with IOBinding: the
+    call reads one and writes the other, then they swap. Inputs bind from host memory, the logits
+    come back to it."""
+
+    def __init__(self, path: Path, device: str) -> None:
         import onnxruntime as ort
-    except ImportError:
-        raise BundleError("backend onnx needs onnxruntime: pip install 'dhp-deploy[onnx]'") \
-            from None
-    if device != "cpu":
-        raise BundleError("the plastic onnx session runs on CPU for now (use --backend "
-                          "torchscript for CUDA)")
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    try:
-        session = ort.InferenceSession(str(path), sess_options=options,
-                                       providers=["CPUExecutionProvider"])
-    except Exception as err:  # onnxruntime raises its own exception types
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise BundleError(f"{path} cannot be loaded by onnxruntime ({first[:200]})") from None
 
-    def call(x, labels, hebb):
-        logits, hebb_out = session.run([OUTPUT_NAME, HEBB_OUT_NAME],
-                                       {INPUT_NAME: x, LABELS_NAME: labels, HEBB_NAME: hebb})
-        return logits, hebb_out
+        self.ort, self.session = ort, ort_session(path, device)
+        self.device = device
+        self.binding = self.session.io_binding()
+        self.buffers = None
 
-    return call
+    def load(self, hebb: np.ndarray) -> None:
+        make = self.ort.OrtValue.ortvalue_from_numpy
+        self.buffers = [make(hebb.copy(), self.device, 0), make(hebb.copy(), self.device, 0)]
+
+    def read(self) -> np.ndarray:
+        return np.array(self.buffers[0].numpy(), copy=True)
+
+    def step(self, x: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        binding = self.binding
+        binding.bind_cpu_input(INPUT_NAME, x)
+        binding.bind_cpu_input(LABELS_NAME, labels)
+        binding.bind_ortvalue_input(HEBB_NAME, self.buffers[0])
+        binding.bind_output(OUTPUT_NAME, "cpu")  # outputs come back in binding order
+        binding.bind_ortvalue_output(HEBB_OUT_NAME, self.buffers[1])
+        self.session.run_with_iobinding(binding)
+        logits = np.array(binding.get_outputs()[0].numpy(), copy=True)
+        binding.clear_binding_inputs()
+        binding.clear_binding_outputs()
+        self.buffers.reverse()
+        return logits
 
 
 def verify_plastic_bundle(bundle_dir, formats) -> None:

@@ -29,7 +29,7 @@ from dhp_deploy.bundle import (ARTIFACT_FILES, ATOL, FORMATS, GOLDEN_FILES, RTOL
                                read_manifest)
 
 __all__ = ["BundleError", "InputError", "Prediction", "Runtime", "open_bundle", "read_manifest",
-           "artifact_device", "verify_bundle", "compare", "check_input", "load_pt2", "time_calls",
+           "artifact_device", "ort_session", "verify_bundle", "compare", "check_input", "load_pt2", "time_calls",
            "BACKENDS", "DEVICES"]
 
 BACKENDS = FORMATS
@@ -276,7 +276,9 @@ def _pt2(path: Path, device: str, manifest: dict):
     return run
 
 
-def _onnxruntime(path: Path, device: str, manifest: dict):
+def ort_session(path: Path, device: str):
+    r"""An onnxruntime session of ``path`` on ``device``; CUDA must really be active (onnxruntime
+    falls back to CPU silently otherwise). One-line BundleErrors."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -297,6 +299,11 @@ def _onnxruntime(path: Path, device: str, manifest: dict):
     if device == "cuda" and (not active or active[0] != wanted):
         raise BundleError(f"device cuda requested but onnxruntime runs on {active} "
                           f"(CUDA could not start; no silent CPU fallback)")
+    return session
+
+
+def _onnxruntime(path: Path, device: str, manifest: dict):
+    session = ort_session(path, device)
     input_name = manifest["input"]["name"]
     output_name = manifest["output"]["name"]
 

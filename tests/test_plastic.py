@@ -260,3 +260,13 @@ def test_on_cuda_torchscript_and_a_cuda_pt2_replay_the_stream(served, plastic_bu
                         verify=verify_bundle, pt2_device="cuda")
     frozen_report = open_bundle(frozen, backend="pt2", device="cuda").check()
     assert frozen_report["ok"], frozen_report
+
+
+def test_the_onnx_session_refuses_cuda_without_the_cuda_provider(plastic_bundle):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA provider")
+    with pytest.raises(BundleError, match="no CUDAExecutionProvider") as caught:
+        PlasticSession(plastic_bundle, backend="onnx", device="cuda")
+    assert "\n" not in str(caught.value)
