@@ -189,7 +189,8 @@ def test_diverged_run_is_recorded_not_retried(tmp_path, data_dir, capsys):
     assert "1 diverged" in capsys.readouterr().out
     out = tmp_path / "RESULTS.md"
     assert results.main(["--from", str(tmp_path / "sum"), "--out", str(out)]) == 0
-    assert "- diverged (non-finite loss; no accuracy, not retried): split-mnist" in out.read_text()
+    assert ("- stopped without an accuracy (the loss or the weights became non-finite; not "
+            "retried): split-mnist") in out.read_text()
 
 
 def test_parallel_grid_equals_sequential_and_reports_progress(tiny, tmp_path, capsys):
@@ -242,9 +243,15 @@ def test_findings_name_the_diverged_dhp_runs_and_their_trace():
                 "variant": "dhp" if dhp else "finetune", "diverged": diverged,
                 "metrics": None if diverged else {"avg_acc": [0.5]}}
     records = [record(False, 0), record(False, 1), record(True, 0),
-               record(True, 1, {"last_good_plastic_heads": [{"eta": -0.02, "max_abs_hebb": 300.0}]})]
+               record(True, 1, {"error": "training diverged in task 3 epoch 2 ...",
+                                "last_good_plastic_heads": [{"eta": -0.02, "max_abs_hebb": 300.0}]}),
+               record(True, 2, {"error": "--si-c 1 is too strong for SGD at --lr 0.01 ...",
+                                "last_good_plastic_heads": [{"eta": 0.4, "max_abs_hebb": 2.0}]})]
     text = _divergences(records, "b", "paper")
-    assert "1 DHP run(s) diverged" in text
-    assert "DHP seed 1 (η -0.02, max abs(Hebb) 300)" in text
-    assert "None of the 2 plain-head runs here diverged" in text
+    assert "2 DHP run(s) stopped without an accuracy" in text
+    # Each named under its own cause: NaN after η left [0, 1], or the stability check's refusal.
+    non_finite, unstable = text.split("Non-finite: ")[1].split("Refused by the stability check")
+    assert "DHP seed 1 (η -0.02, max abs(Hebb) 300)" in non_finite and "seed 2" not in non_finite
+    assert "DHP seed 2 (η 0.4, max abs(Hebb) 2)" in unstable
+    assert "None of the 2 plain-head runs here stopped" in text
     assert _divergences(records[:3], "b", "paper") == ""

@@ -11,8 +11,9 @@ from reproduction.naming import (ABLATION_VARIANTS, BASE_METHODS, BENCHMARK_ORDE
                                  train_command, variant_name)
 from reproduction.plots import plot_curves
 from reproduction.records import _relative
-from reproduction.stats import (MIN_SEEDS_FOR_VERDICT, dhp_gain, diverged_seeds, grouped,
-                                is_beyond_noise, mean_std, paired, pm, verdict)
+from reproduction.stats import (MIN_SEEDS_FOR_VERDICT, STOP_KINDS, dhp_gain, diverged_seeds,
+                                grouped, is_beyond_noise, mean_std, paired, pm, stop_kind,
+                                verdict)
 
 CHOICES = """\
 - **Epochs on (Imbalanced) Permuted MNIST.** The paper states 10 epochs per task for Split MNIST
@@ -67,8 +68,12 @@ def benchmark_section(key, variants: dict, plot_name: str, diverged: dict) -> li
               "|---|---|---|---|---|---|---|"]
     for variant in VARIANTS + ABLATION_VARIANTS:
         runs = variants.get(variant)
-        lost = diverged.get((benchmark, protocol, variant), [])
-        note = f" (diverged: seed {', '.join(map(str, lost))})" if lost else ""
+        stops = {kind: diverged.get((benchmark, protocol, variant, kind), [])
+                 for kind in STOP_KINDS}
+        lost = [seed for seeds in stops.values() for seed in seeds]
+        note = "".join(f" ({'diverged' if kind == 'non-finite' else 'refused as unstable'}: "
+                       f"seed {', '.join(map(str, seeds))})" for kind, seeds in stops.items()
+                       if seeds)
         if not runs and variant in ABLATION_VARIANTS and not lost:
             continue  # the ablation rows appear where they were run
         if not runs:
@@ -214,7 +219,7 @@ def findings_section(groups: dict, records) -> list[str]:
                      + _divergences(records, benchmark, protocol))
     if not found:
         return []
-    return ["## What we found", "", FINDINGS_INTRO, ""] + found + ["", FINDINGS_OUTRO, ""]
+    return ["## What we found", "", FINDINGS_INTRO, ""] + found + ["", findings_outro(groups), ""]
 
 
 FINDINGS_INTRO = """\
@@ -227,9 +232,33 @@ causes DHP's gain" below):"""
 FINDINGS_OUTRO = """\
 Where the initialisation carries the difference, a reader should credit the paper's gain to the
 wider θ init of the authors' code (bound 1/√classes instead of 1/√inputs), which a plain head
-enjoys just as much; the Hebbian trace itself, whose term stays a few percent of θ (table of
-learned α, η below), adds nothing measurable. Why the wider head init forgets less is not
-established here; the numbers are what was measured."""
+enjoys just as much. Why the wider head init forgets less is not established here; the numbers
+are what was measured. How large the Hebbian term grows, ‖α⊙Hebb‖/‖θ‖ of the DHP head at the
+end of training (mean over seeds; tables of learned α, η below): {shares}. Where it is a few
+percent (Split MNIST: each task has its own classes, so a class's trace column is written only
+during its task), the trace cannot carry much either way. Where it rivals θ (the permuted
+benchmarks: ten tasks share one 10-class head, so every task rewrites every column with its own
+class means), the plastic term is large, follows the latest task, and no regulariser protects it
+(Hebb is a buffer; α and η are not slow weights): a plausible reason why DHP+X falls below X
+there ("DHP's gain over each base method"). That reading is a hypothesis; no experiment here
+isolates it."""
+
+
+def findings_outro(groups: dict) -> str:
+    shares = []
+    for (benchmark, protocol), variants in groups.items():
+        means = {}
+        for variant in VARIANTS:
+            stats = [r["metrics"]["plasticity"]["plastic_to_slow"]
+                     for r in variants.get(variant, []) if r["metrics"].get("plasticity")]
+            if variant.startswith("dhp") and stats:
+                means[variant] = statistics.fmean(stats)
+        if "dhp" in means:
+            combined = [value for variant, value in means.items() if variant != "dhp"]
+            shares.append(f"{benchmark} (`{protocol}`) DHP {means['dhp']:.2g}"
+                          + (f", DHP+X {min(combined):.2g}–{max(combined):.2g}" if combined
+                             else ""))
+    return FINDINGS_OUTRO.format(shares="; ".join(shares) or "not recorded")
 
 
 def _finding(benchmark, protocol, total, init, plastic, plastic_linear) -> str:
@@ -256,18 +285,27 @@ def _divergences(records, benchmark: str, protocol: str) -> str:
     plain = [r for r in records if r["role"] == "grid" and not r["dhp"]
              and (r["benchmark"], r["protocol"]) == (benchmark, protocol)]
     plain_diverged = sum(r["metrics"] is None for r in plain)
-    plain_note = (f"{plain_diverged} of the {len(plain)} plain-head runs here diverged."
-                  if plain_diverged else f"None of the {len(plain)} plain-head runs here diverged.")
-    parts = []
+    plain_note = (f"{plain_diverged} of the {len(plain)} plain-head runs here stopped."
+                  if plain_diverged else f"None of the {len(plain)} plain-head runs here stopped.")
+    parts = {kind: [] for kind in STOP_KINDS}
     for r in sorted(cases, key=lambda r: (r["variant"], r["seed"])):
         heads = r["diverged"].get("last_good_plastic_heads") or []
         state = "; ".join(f"η {h['eta']:.3g}, max abs(Hebb) {h['max_abs_hebb']:.3g}"
                           for h in heads) or "state not recorded"
-        parts.append(f"{display_name(r['variant'])} seed {r['seed']} ({state})")
-    return (f" **{len(cases)} DHP run(s) diverged** and are left out of these pairs: "
-            f"{', '.join(parts)} at the last good checkpoint. Algorithm 1 does not bound the "
-            f"learned rate η: once it leaves [0, 1] the update (1 − η)·Hebb + η·mean makes the "
-            f"trace grow geometrically until the loss is NaN. {plain_note}")
+        parts[stop_kind(r)].append(f"{display_name(r['variant'])} seed {r['seed']} ({state})")
+    text = (f" **{len(cases)} DHP run(s) stopped without an accuracy** and are left out of "
+            f"these pairs (the pairs are therefore of the runs that survived).")
+    if parts["non-finite"]:
+        text += (f" Non-finite: {', '.join(parts['non-finite'])} at the last good checkpoint. "
+                 f"Algorithm 1 does not bound the learned rate η: once it leaves [0, 1] the "
+                 f"update (1 − η)·Hebb + η·mean makes the trace grow geometrically until the "
+                 f"loss is NaN.")
+    if parts["unstable"]:
+        text += (f" Refused by the stability check before a task (lr · the penalty's "
+                 f"curvature > 2, at the strength searched for the plain head): "
+                 f"{', '.join(parts['unstable'])} at that point; the importances the regulariser "
+                 f"measured on the DHP network grew larger than on the plain one.")
+    return f"{text} {plain_note}"
 
 
 def _cause(total, init, plastic) -> str:
@@ -502,9 +540,10 @@ def render(records, strengths: dict, out: Path, sources) -> str:
                      f"{sum(1 for c in counts if c)} of {len(VARIANTS)} variants; seeds with all "
                      f"{len(VARIANTS)} variants: {_seed_list(complete)}; seeds started: "
                      f"{_seed_list(seeds)}.")
-    for (benchmark, protocol, variant), seeds in sorted(diverged_seeds(records).items()):
-        lines.append(f"- diverged (non-finite loss; no accuracy, not retried): {benchmark} "
-                     f"`{protocol}` {display_name(variant)}, seed {', '.join(map(str, seeds))}.")
+    for (benchmark, protocol, variant, kind), seeds in sorted(diverged_seeds(records).items()):
+        lines.append(f"- stopped without an accuracy ({STOP_KINDS[kind]}; not retried): "
+                     f"{benchmark} `{protocol}` {display_name(variant)}, seed "
+                     f"{', '.join(map(str, seeds))}.")
     if groups:
         lines += ["", "## Headline", "",
                   "Final average accuracy (mean ± std over seeds). A DHP gain is called beyond "

@@ -31,12 +31,24 @@ def grouped(records) -> dict:
     return dict(sorted(groups.items(), key=lambda item: (order.get(item[0][0], 99), item[0][1])))
 
 
+STOP_KINDS = {"non-finite": "the loss or the weights became non-finite",
+              "unstable": "refused by the stability check: the penalty grew too stiff for SGD"}
+
+
+def stop_kind(record) -> str:
+    r"""Why a run that recorded no accuracy stopped: ``"unstable"`` (dhp-train's stability check
+    refused a task: lr · the penalty's curvature > 2) or ``"non-finite"`` (NaN / inf)."""
+    return "unstable" if "too strong for SGD" in record["diverged"].get("error", "") \
+        else "non-finite"
+
+
 def diverged_seeds(records) -> dict:
-    r"""``{(benchmark, protocol, variant): [seeds]}`` of the grid's runs that diverged."""
+    r"""``{(benchmark, protocol, variant, stop kind): [seeds]}`` of the grid's runs that stopped
+    without an accuracy."""
     seeds = defaultdict(list)
     for r in records:
         if r["role"] == "grid" and r["metrics"] is None:
-            seeds[(r["benchmark"], r["protocol"], r["variant"])].append(r["seed"])
+            seeds[(r["benchmark"], r["protocol"], r["variant"], stop_kind(r))].append(r["seed"])
     return {key: sorted(value) for key, value in seeds.items()}
 
 
