@@ -11,10 +11,15 @@ r"""A Triton Inference Server model repository of a trained run: the frozen and 
         config.pbtxt                 sequence_batching with an implicit state hebb ↔ hebb_out
         1/model.onnx
         initial_state/hebb           the exported trace, raw float32 row-major (H × C)
+      dhp_torchscript/               the same two models as TorchScript for Triton's PyTorch
+      dhp_plastic_torchscript/       (LibTorch) backend: 1/model.pt, tensors named <name>__<index>
 
-Both ONNX files are the artifacts of bundles that were verified against their goldens (the
-frozen one-shot goldens, the plastic golden stream) before the repository was assembled, and
-the whole repository is written beside ``REPO`` and renamed into place, or not at all.
+Every model file is an artifact of a bundle that was verified against its goldens (the frozen
+one-shot goldens, the plastic golden stream) before the repository was assembled, and the whole
+repository is written beside ``REPO`` and renamed into place, or not at all. Triton's PyTorch
+backend addresses a TorchScript model's tensors by position, so there the names follow its
+convention ``<name>__<index>`` (``input__0``, ``labels__1``, ``hebb__2``; ``logits__0``,
+``hebb_out__1``): forward's argument order for inputs, the returned tuple's for outputs.
 
 The frozen model batches across requests (``max_batch_size``, dims without the batch axis). The
 plastic model takes ``max_batch_size: 0``: one request is one call of N rows of one sequence
@@ -38,51 +43,67 @@ from dhp_deploy.bundle import (ARTIFACT_FILES, HEBB_FILE, HEBB_NAME, HEBB_OUT_NA
 from dhp_deploy.export import ExportError, _commit, export_run
 
 __all__ = ["write_triton_repository", "validate_repository", "frozen_config", "plastic_config",
-           "FROZEN_MODEL",
-           "PLASTIC_MODEL", "REPOSITORY_FILE"]
+           "model_name", "FROZEN_MODEL", "PLASTIC_MODEL", "REPOSITORY_FILE", "TRITON_BACKENDS"]
 
 FROZEN_MODEL, PLASTIC_MODEL = "dhp", "dhp_plastic"
+# Triton backend → (the bundle artifact it serves, its file name in the model version folder).
+TRITON_BACKENDS = {"onnxruntime": ("onnx", "model.onnx"), "pytorch": ("torchscript", "model.pt")}
 REPOSITORY_FILE = "repository.json"
 INITIAL_STATE_DIR, INITIAL_STATE_FILE = "initial_state", "hebb"
 MAX_BATCH_SIZE = 4096  # the frozen model's largest server-side batch
 MAX_QUEUE_DELAY_US = 100  # dynamic batching: how long a request may wait for others
 
 
-def frozen_config(in_features: int, num_classes: int, gpu: bool = True) -> str:
+def model_name(plastic: bool, backend: str) -> str:
+    base = PLASTIC_MODEL if plastic else FROZEN_MODEL
+    return base if backend == "onnxruntime" else f"{base}_torchscript"
+
+
+def _names(backend: str, *names: str) -> list:
+    # The PyTorch backend's convention: <name>__<index>, the index being the tensor's position.
+    return list(names) if backend == "onnxruntime" else [f"{n}__{i}" for i, n in enumerate(names)]
+
+
+def frozen_config(in_features: int, num_classes: int, gpu: bool = True,
+                  backend: str = "onnxruntime") -> str:
     r"""config.pbtxt of the frozen model (Triton's ModelConfig in protobuf text format)."""
-    return f"""name: "{FROZEN_MODEL}"
-backend: "onnxruntime"
+    (x,), (logits,) = _names(backend, INPUT_NAME), _names(backend, OUTPUT_NAME)
+    return f"""name: "{model_name(False, backend)}"
+backend: "{backend}"
 max_batch_size: {MAX_BATCH_SIZE}
 input [
-  {{ name: "{INPUT_NAME}" data_type: TYPE_FP32 dims: [ {in_features} ] }}
+  {{ name: "{x}" data_type: TYPE_FP32 dims: [ {in_features} ] }}
 ]
 output [
-  {{ name: "{OUTPUT_NAME}" data_type: TYPE_FP32 dims: [ {num_classes} ] }}
+  {{ name: "{logits}" data_type: TYPE_FP32 dims: [ {num_classes} ] }}
 ]
 dynamic_batching {{ max_queue_delay_microseconds: {MAX_QUEUE_DELAY_US} }}
 instance_group [ {{ count: 1 kind: {"KIND_GPU" if gpu else "KIND_CPU"} }} ]
 """
 
 
-def plastic_config(in_features: int, hidden: int, num_classes: int, gpu: bool = True) -> str:
+def plastic_config(in_features: int, hidden: int, num_classes: int, gpu: bool = True,
+                   backend: str = "onnxruntime") -> str:
     r"""config.pbtxt of the plastic model: sequence batching, the trace as implicit state."""
-    return f"""name: "{PLASTIC_MODEL}"
-backend: "onnxruntime"
+    x, labels, hebb = _names(backend, INPUT_NAME, LABELS_NAME, HEBB_NAME)
+    logits, hebb_out = _names(backend, OUTPUT_NAME, HEBB_OUT_NAME)
+    return f"""name: "{model_name(True, backend)}"
+backend: "{backend}"
 max_batch_size: 0
 input [
-  {{ name: "{INPUT_NAME}" data_type: TYPE_FP32 dims: [ -1, {in_features} ] }},
-  {{ name: "{LABELS_NAME}" data_type: TYPE_INT64 dims: [ -1 ] }}
+  {{ name: "{x}" data_type: TYPE_FP32 dims: [ -1, {in_features} ] }},
+  {{ name: "{labels}" data_type: TYPE_INT64 dims: [ -1 ] }}
 ]
 output [
-  {{ name: "{OUTPUT_NAME}" data_type: TYPE_FP32 dims: [ -1, {num_classes} ] }}
+  {{ name: "{logits}" data_type: TYPE_FP32 dims: [ -1, {num_classes} ] }}
 ]
 sequence_batching {{
   max_sequence_idle_microseconds: 60000000
   direct {{ }}
   state [
     {{
-      input_name: "{HEBB_NAME}"
-      output_name: "{HEBB_OUT_NAME}"
+      input_name: "{hebb}"
+      output_name: "{hebb_out}"
       data_type: TYPE_FP32
       dims: [ {hidden}, {num_classes} ]
       initial_state [
@@ -119,7 +140,7 @@ def write_triton_repository(run_dir, out_dir, *, overwrite: bool = False, data_d
         bundles = {}
         for name, plastic, verify in ((FROZEN_MODEL, False, verify_frozen),
                                       (PLASTIC_MODEL, True, verify_plastic)):
-            bundles[name] = export_run(run_dir, work / f"bundle-{name}", ("onnx",),
+            bundles[name] = export_run(run_dir, work / f"bundle-{name}", ("onnx", "torchscript"),
                                        golden_count=golden_count, data_dir=data_dir,
                                        allow_unfinished=allow_unfinished, plastic=plastic,
                                        verify=verify)
@@ -139,20 +160,26 @@ def _assemble(repo: Path, bundles: dict, gpu: bool) -> None:
     in_features = int(frozen["input"]["shape"][1])
     num_classes = int(frozen["output"]["shape"][1])
     hebb = np.load(bundles[PLASTIC_MODEL] / HEBB_FILE, allow_pickle=False)
-    configs = {FROZEN_MODEL: frozen_config(in_features, num_classes, gpu),
-               PLASTIC_MODEL: plastic_config(in_features, hebb.shape[0], num_classes, gpu)}
-    for name, bundle in bundles.items():
-        (repo / name / "1").mkdir(parents=True)
-        shutil.copyfile(bundle / ARTIFACT_FILES["onnx"], repo / name / "1" / "model.onnx")
-        (repo / name / "config.pbtxt").write_text(configs[name])
-    state = repo / PLASTIC_MODEL / INITIAL_STATE_DIR
-    state.mkdir()
-    (state / INITIAL_STATE_FILE).write_bytes(np.ascontiguousarray(hebb, np.float32).tobytes())
+    for backend, (artifact, file_name) in TRITON_BACKENDS.items():
+        configs = {False: frozen_config(in_features, num_classes, gpu, backend),
+                   True: plastic_config(in_features, hebb.shape[0], num_classes, gpu, backend)}
+        for plastic, config in configs.items():
+            folder = repo / model_name(plastic, backend)
+            (folder / "1").mkdir(parents=True)
+            bundle = bundles[PLASTIC_MODEL if plastic else FROZEN_MODEL]
+            shutil.copyfile(bundle / ARTIFACT_FILES[artifact], folder / "1" / file_name)
+            (folder / "config.pbtxt").write_text(config)
+        state = repo / model_name(True, backend) / INITIAL_STATE_DIR
+        state.mkdir()
+        (state / INITIAL_STATE_FILE).write_bytes(np.ascontiguousarray(hebb, np.float32).tobytes())
     files = {str(path.relative_to(repo)): sha256_file(path)
              for path in sorted(repo.rglob("*")) if path.is_file()}
     record = {"format": "dhp-deploy-triton-repository", "version": 1,
-              "models": {FROZEN_MODEL: "frozen (folded trace), stateless",
-                         PLASTIC_MODEL: "plastic: sequence batching, implicit state hebb"},
+              "models": {model_name(plastic, backend): f"{kind}, {backend} backend"
+                         for backend in TRITON_BACKENDS
+                         for plastic, kind in ((False, "frozen (folded trace), stateless"),
+                                               (True, "plastic: sequence batching, implicit "
+                                                      "state hebb"))},
               "training": frozen["training"], "metrics": frozen["metrics"],
               "instance_kind": "KIND_GPU" if gpu else "KIND_CPU", "sha256": files}
     (repo / REPOSITORY_FILE).write_text(json.dumps(record, indent=2) + "\n")
@@ -175,8 +202,9 @@ def _fsync_all(root: Path) -> None:
 def validate_repository(repo) -> dict:
     r"""Parse every ``config.pbtxt`` of ``repo`` with Triton's own ModelConfig schema (from
     ``tritonclient``, strict: an unknown field or a wrong type fails) and check it against its
-    ONNX model: tensor names, element types and shapes, the implicit state pair, the initial
-    state file's size, and every file's sha256. Returns ``{model: ModelConfig}``; raises
+    model: for ONNX, tensor names, element types and shapes from the graph; for TorchScript, the
+    ``<name>__<index>`` names against forward's arguments and a call's results; the implicit
+    state pair, the initial state file's size, and every file's sha256. Returns ``{model: ModelConfig}``; raises
     :class:`ExportError` with the first problem."""
     try:
         from google.protobuf import text_format
@@ -192,16 +220,20 @@ def validate_repository(repo) -> dict:
         if sha256_file(repo / name) != digest:
             raise ExportError(f"{repo / name} fails its sha256 check")
     configs = {}
-    for name in (FROZEN_MODEL, PLASTIC_MODEL):
-        try:
-            config = text_format.Parse((repo / name / "config.pbtxt").read_text(),
-                                       model_config_pb2.ModelConfig())
-        except text_format.ParseError as err:
-            raise ExportError(f"{repo / name / 'config.pbtxt'}: not a Triton ModelConfig "
-                              f"({err})") from None
-        graph = onnx.load(str(repo / name / "1" / "model.onnx")).graph
-        _match(config, graph, model_config_pb2, repo / name)
-        configs[name] = config
+    for backend, (_, file_name) in TRITON_BACKENDS.items():
+        for name in (model_name(False, backend), model_name(True, backend)):
+            try:
+                config = text_format.Parse((repo / name / "config.pbtxt").read_text(),
+                                           model_config_pb2.ModelConfig())
+            except text_format.ParseError as err:
+                raise ExportError(f"{repo / name / 'config.pbtxt'}: not a Triton ModelConfig "
+                                  f"({err})") from None
+            model = repo / name / "1" / file_name
+            if backend == "onnxruntime":
+                _match(config, onnx.load(str(model)).graph, model_config_pb2, repo / name)
+            else:
+                _match_torchscript(config, model, model_config_pb2, repo / name)
+            configs[name] = config
     return configs
 
 
@@ -246,3 +278,68 @@ def _match(config, graph, pb2, where: Path) -> None:
     if declared != set(onnx_inputs):
         raise ExportError(f"{where}: the ONNX model's inputs {sorted(onnx_inputs)} are not "
                           f"all fed by config.pbtxt ({sorted(declared)})")
+
+
+_TRITON_TO_TORCH = {"TYPE_FP32": "float32", "TYPE_INT64": "int64"}
+
+
+def _match_torchscript(config, path: Path, pb2, where: Path) -> None:
+    r"""The PyTorch backend's view of a TorchScript model: every tensor named ``<name>__<index>``,
+    the inputs (and state input) covering forward's arguments, and the outputs the model returns
+    on a call shaped by config.pbtxt (batch 2 where a dimension is variable)."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript's, on every call
+        module = torch.jit.load(str(path), map_location="cpu").eval()
+    batch = [2] if config.max_batch_size > 0 else []  # Triton's batch axis, not in dims
+    state = list(config.sequence_batching.state)
+    feeds = [(t.name, t.data_type, batch + list(t.dims)) for t in config.input] + \
+        [(s.input_name, s.data_type, list(s.dims)) for s in state]
+    fetches = [(t.name, t.data_type, batch + list(t.dims)) for t in config.output] + \
+        [(s.output_name, s.data_type, list(s.dims)) for s in state]
+    arity = len(module.forward.schema.arguments) - 1  # without self
+    positions = [_position(name, where) for name, _, _ in feeds]
+    if sorted(positions) != list(range(arity)):
+        raise ExportError(f"{where}: the inputs' indices {sorted(positions)} do not cover the "
+                          f"model's {arity} forward arguments")
+
+    def dtype_of(data_type) -> str:
+        name = pb2.DataType.Name(data_type)
+        if name not in _TRITON_TO_TORCH:
+            raise ExportError(f"{where}: {name} is none of the model's types "
+                              f"({', '.join(_TRITON_TO_TORCH)})")
+        return _TRITON_TO_TORCH[name]
+
+    arguments = [None] * arity
+    for (name, data_type, dims), index in zip(feeds, positions):
+        arguments[index] = torch.zeros([2 if d == -1 else d for d in dims],
+                                       dtype=getattr(torch, dtype_of(data_type)))
+    try:
+        with torch.inference_mode():
+            returned = module(*arguments)
+    except RuntimeError as err:
+        raise ExportError(f"{where}: the model refuses inputs shaped as config.pbtxt says "
+                          f"({str(err).strip().splitlines()[0][:160]})") from None
+    returned = returned if isinstance(returned, tuple) else (returned,)
+    for name, data_type, dims in fetches:
+        index = _position(name, where)
+        if index >= len(returned):
+            raise ExportError(f"{where}: output {name!r} asks for result {index}; the model "
+                              f"returns {len(returned)}")
+        value = returned[index]
+        wanted = [2 if d == -1 else d for d in dims]
+        kind = dtype_of(data_type)
+        if list(value.shape) != wanted or str(value.dtype) != f"torch.{kind}":
+            raise ExportError(f"{where}: output {name!r} is {value.dtype} {list(value.shape)} "
+                              f"from the model, {kind} {wanted} by config.pbtxt")
+
+
+def _position(name: str, where: Path) -> int:
+    stem, _, index = name.rpartition("__")
+    if not stem or not index.isdigit():
+        raise ExportError(f"{where}: {name!r} does not follow the PyTorch backend's "
+                          f"<name>__<index> naming")
+    return int(index)

@@ -183,6 +183,36 @@ def test_every_generated_config_parses_with_tritons_schema_and_fits_its_model(se
     trace = np.fromfile(triton_repo / "dhp_plastic" / "initial_state" / "hebb", np.float32)
     model, _ = load_model(served[0])
     assert np.array_equal(trace.reshape(list(state.dims)), model.head.hebb.numpy())
+    # The same models for Triton's PyTorch backend, named by its <name>__<index> convention.
+    ts_frozen, ts_plastic = configs["dhp_torchscript"], configs["dhp_plastic_torchscript"]
+    assert (ts_frozen.backend, ts_frozen.input[0].name) == ("pytorch", "input__0")
+    assert [t.name for t in ts_plastic.input] == ["input__0", "labels__1"]
+    (ts_state,) = ts_plastic.sequence_batching.state
+    assert (ts_state.input_name, ts_state.output_name) == ("hebb__2", "hebb_out__1")
+    assert (triton_repo / "dhp_plastic_torchscript" / "initial_state" / "hebb").read_bytes() \
+        == trace.tobytes()
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (lambda text: text.replace('"labels__1"', '"labels__3"'), "do not cover the model's 3"),
+    (lambda text: text.replace('"hebb_out__1"', '"hebb_out"'), "<name>__<index> naming"),
+    (lambda text: text.replace('"hebb_out__1"', '"hebb_out__0"'), "from the model"),
+])
+def test_a_broken_torchscript_config_is_refused(triton_repo, tmp_path, edit, problem):
+    import shutil
+
+    from dhp_deploy.export import ExportError
+    from dhp_deploy.triton import validate_repository
+
+    broken = tmp_path / "repo"
+    shutil.copytree(triton_repo, broken)
+    config = broken / "dhp_plastic_torchscript" / "config.pbtxt"
+    config.write_text(edit(config.read_text()))
+    record = json.loads((broken / "repository.json").read_text())
+    record["sha256"].pop("dhp_plastic_torchscript/config.pbtxt")
+    (broken / "repository.json").write_text(json.dumps(record))
+    with pytest.raises(ExportError, match=problem):
+        validate_repository(broken)
 
 
 @pytest.mark.parametrize("edit, problem", [

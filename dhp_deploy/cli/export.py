@@ -92,8 +92,8 @@ def _triton(run_dir, out_dir, overwrite, golden_count, data_dir, allow_unfinishe
     except ExportError as err:
         raise ExportFailed(str(err)) from None
     click.echo(f"wrote Triton model repository {path} (dhp: frozen, dhp_plastic: sequence "
-               f"batching with the trace as implicit state; "
-               f"{'KIND_CPU' if cpu else 'KIND_GPU'})")
+               f"batching with the trace as implicit state; ONNX, and TorchScript as "
+               f"dhp_torchscript, dhp_plastic_torchscript; {'KIND_CPU' if cpu else 'KIND_GPU'})")
 
 
 if __name__ == "__main__":  # pragma: no cover
