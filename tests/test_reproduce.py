@@ -255,3 +255,11 @@ def test_findings_name_the_diverged_dhp_runs_and_their_trace():
     assert "DHP seed 2 (η 0.4, max abs(Hebb) 2)" in unstable
     assert "None of the 2 plain-head runs here stopped" in text
     assert _divergences(records[:3], "b", "paper") == ""
+
+
+def test_sign_test_counts_pairs_and_gives_the_exact_two_sided_p():
+    from reproduction.stats import sign_test
+
+    assert sign_test([-0.1] * 17 + [0.2] * 2) == (17, 19, pytest.approx(2 * 191 / 2 ** 19))
+    assert sign_test([0.1, -0.1, 0.0]) == (1, 2, 1.0)  # a zero difference is no sign
+    assert sign_test([]) == (0, 0, 1.0)

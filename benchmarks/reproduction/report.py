@@ -12,8 +12,8 @@ from reproduction.naming import (ABLATION_VARIANTS, BASE_METHODS, BENCHMARK_ORDE
 from reproduction.plots import plot_curves
 from reproduction.records import _relative
 from reproduction.stats import (MIN_SEEDS_FOR_VERDICT, STOP_KINDS, dhp_gain, diverged_seeds,
-                                grouped, is_beyond_noise, mean_std, paired, pm, stop_kind,
-                                verdict)
+                                grouped, is_beyond_noise, mean_std, paired, pm, sign_test,
+                                stop_kind, verdict)
 
 CHOICES = """\
 - **Epochs on (Imbalanced) Permuted MNIST.** The paper states 10 epochs per task for Split MNIST
@@ -139,15 +139,21 @@ def headline(key, variants: dict) -> str:
 def gains_section(groups: dict) -> list[str]:
     lines = ["## DHP's gain over each base method", "",
              "Final average accuracy of DHP+X minus X, in percentage points, mean ± std over "
-             "seeds paired by seed (n = seeds with both runs).", "",
-             "| Benchmark (protocol) | " + " | ".join(DISPLAY[m] for m in BASE_METHODS) + " |",
-             "|---|" + "---|" * len(BASE_METHODS)]
+             "seeds paired by seed (n = seeds with both runs). The last column pools the four "
+             "regularisers' seed pairs: how many have DHP+X below X, and the two-sided sign-test "
+             "p of that count (each pair taken as one independent draw).", "",
+             "| Benchmark (protocol) | " + " | ".join(DISPLAY[m] for m in BASE_METHODS)
+             + " | regularisers pooled: DHP+X < X |",
+             "|---|" + "---|" * (len(BASE_METHODS) + 1)]
     for (benchmark, protocol), variants in groups.items():
-        cells = []
+        cells, pooled = [], []
         for method in BASE_METHODS:
             diffs, seeds = dhp_gain(variants.get(method, []),
                                     variants.get(variant_name(method, True), []))
             cells.append(f"{pm(diffs)} (n={len(seeds)})" if seeds else "—")
+            pooled += diffs if method != "finetune" else []
+        negatives, pairs, p_value = sign_test(pooled)
+        cells.append(f"{negatives} of {pairs} pairs, p = {p_value:.2g}" if pairs else "—")
         lines.append(f"| {benchmark} (`{protocol}`) | " + " | ".join(cells) + " |")
     return lines + [""]
 

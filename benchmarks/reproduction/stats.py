@@ -1,5 +1,6 @@
 r"""Statistics over run records: mean ± std, grouping, paired differences, noise verdicts."""
 
+import math
 import statistics
 from collections import defaultdict
 
@@ -85,3 +86,12 @@ def is_beyond_noise(diffs) -> bool:
         return False
     mean, std = mean_std(diffs)
     return abs(mean) > 2 * std / len(diffs) ** 0.5
+
+
+def sign_test(diffs) -> tuple[int, int, float]:
+    r"""``(negatives, nonzero pairs, two-sided sign-test p)`` of paired differences: how unlikely
+    this many pairs of one sign would be if either sign were equally likely."""
+    signs = [d for d in diffs if d != 0]
+    n, k = len(signs), sum(d < 0 for d in signs)
+    tail = sum(math.comb(n, i) for i in range(max(k, n - k), n + 1)) / 2 ** n if n else 1.0
+    return k, n, min(1.0, 2 * tail)
