@@ -157,6 +157,7 @@ def main(ctx, out_dir, resume_dir, overwrite, data_dir, download, device, cuda_g
             _on_main_then_shared(replicas, device, lambda: _prepare_run_dir(out_dir, overwrite))
             run, run_dir = _start_run(training, out_dir, **options), out_dir
         metrics = _run_to_the_end(run)
+        replicas.barrier()  # leave together: a rank that exits early can abort a peer's teardown
     except RuntimeError as err:  # a collective failed: another rank died or stopped answering
         if not replicas.distributed:
             raise
