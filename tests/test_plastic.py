@@ -193,36 +193,23 @@ def test_every_generated_config_parses_with_tritons_schema_and_fits_its_model(se
         == trace.tobytes()
 
 
-@pytest.mark.parametrize("edit, problem", [
-    (lambda text: text.replace('"labels__1"', '"labels__3"'), "do not cover the model's 3"),
-    (lambda text: text.replace('"hebb_out__1"', '"hebb_out"'), "<name>__<index> naming"),
-    (lambda text: text.replace('"hebb_out__1"', '"hebb_out__0"'), "from the model"),
-])
-def test_a_broken_torchscript_config_is_refused(triton_repo, tmp_path, edit, problem):
-    import shutil
-
-    from dhp_deploy.export import ExportError
-    from dhp_deploy.triton import validate_repository
-
-    broken = tmp_path / "repo"
-    shutil.copytree(triton_repo, broken)
-    config = broken / "dhp_plastic_torchscript" / "config.pbtxt"
-    config.write_text(edit(config.read_text()))
-    record = json.loads((broken / "repository.json").read_text())
-    record["sha256"].pop("dhp_plastic_torchscript/config.pbtxt")
-    (broken / "repository.json").write_text(json.dumps(record))
-    with pytest.raises(ExportError, match=problem):
-        validate_repository(broken)
-
-
-@pytest.mark.parametrize("edit, problem", [
-    (lambda text: text.replace("max_batch_size", "max_batch"), "not a Triton ModelConfig"),
-    (lambda text: text.replace('name: "labels"', 'name: "label"'), "'label' is not in the ONNX"),
-    (lambda text: text.replace("TYPE_INT64", "TYPE_INT32"), "TYPE_INT64 in the model"),
-    (lambda text: text.replace('output_name: "hebb_out"', 'output_name: "hebb"'),
+@pytest.mark.parametrize("model, edit, problem", [
+    ("dhp_plastic", lambda text: text.replace("max_batch_size", "max_batch"),
+     "not a Triton ModelConfig"),
+    ("dhp_plastic", lambda text: text.replace('name: "labels"', 'name: "label"'),
+     "'label' is not in the ONNX"),
+    ("dhp_plastic", lambda text: text.replace("TYPE_INT64", "TYPE_INT32"),
+     "TYPE_INT64 in the model"),
+    ("dhp_plastic", lambda text: text.replace('output_name: "hebb_out"', 'output_name: "hebb"'),
      "state output 'hebb' is not in the ONNX"),
+    ("dhp_plastic_torchscript", lambda text: text.replace('"labels__1"', '"labels__3"'),
+     "do not cover the model's 3"),
+    ("dhp_plastic_torchscript", lambda text: text.replace('"hebb_out__1"', '"hebb_out"'),
+     "<name>__<index> naming"),
+    ("dhp_plastic_torchscript", lambda text: text.replace('"hebb_out__1"', '"hebb_out__0"'),
+     "from the model"),
 ])
-def test_a_broken_config_is_refused(triton_repo, tmp_path, edit, problem):
+def test_a_broken_config_is_refused(triton_repo, tmp_path, model, edit, problem):
     import shutil
 
     from dhp_deploy.export import ExportError
@@ -230,10 +217,10 @@ def test_a_broken_config_is_refused(triton_repo, tmp_path, edit, problem):
 
     broken = tmp_path / "repo"
     shutil.copytree(triton_repo, broken)
-    config = broken / "dhp_plastic" / "config.pbtxt"
+    config = broken / model / "config.pbtxt"
     config.write_text(edit(config.read_text()))
     record = json.loads((broken / "repository.json").read_text())
-    record["sha256"].pop("dhp_plastic/config.pbtxt")  # the edit, not the checksum, is tested
+    record["sha256"].pop(f"{model}/config.pbtxt")  # the edit, not the checksum, is tested
     (broken / "repository.json").write_text(json.dumps(record))
     with pytest.raises(ExportError, match=problem):
         validate_repository(broken)

@@ -59,7 +59,7 @@ def check(bundle, backend, device, atol, rtol):
     Passes when |out − golden| ≤ atol + rtol·|golden| everywhere and every argmax (all classes
     and within each row's task head) agrees; exit status 1 otherwise.
     """
-    from dhp_deploy.runtime import BundleError, read_manifest
+    from dhp_deploy.runtime import ATOL, RTOL, BundleError, read_manifest
 
     try:
         plastic = bool(read_manifest(bundle, verify=False).get("plastic"))
@@ -67,27 +67,37 @@ def check(bundle, backend, device, atol, rtol):
         raise ServeFailed(str(err)) from None
     if plastic:
         return _check_plastic(bundle, _backends(bundle, backend), device, atol, rtol)
-    failed = []
-    for name in _backends(bundle, backend):
+
+    def check_one(name: str) -> tuple[bool, str]:
         runtime = _open(bundle, name, device)
         tolerance = runtime.manifest.get("golden", {}).get("tolerance", {})
-        a = atol if atol is not None else float(tolerance.get("atol", 1e-5))
-        r = rtol if rtol is not None else float(tolerance.get("rtol", 1e-4))
+        a = atol if atol is not None else float(tolerance.get("atol", ATOL))
+        r = rtol if rtol is not None else float(tolerance.get("rtol", RTOL))
         try:
             report = runtime.check(atol=a, rtol=r)
         except Exception as err:  # a backend failing at run time (e.g. CUDA OOM)
             raise ServeFailed(f"{name}/{device}: {str(err).splitlines()[0][:300]}") from None
         rows = report["rows"]
-        verdict = "OK" if report["ok"] else "FAIL"
-        click.echo(f"{name}/{device}: max_abs_error={report['max_abs_error']:.3e} "
-                   f"max_rel_error={report['max_rel_error']:.3e} "
-                   f"argmax_agree={report['argmax_agree']}/{rows} "
-                   f"task_head_agree={report['task_agree']}/{rows} "
-                   f"batches={report['batch_sizes']} atol={a:g} rtol={r:g} {verdict}")
-        if not report["ok"]:
+        return report["ok"], (f"{name}/{device}: max_abs_error={report['max_abs_error']:.3e} "
+                              f"max_rel_error={report['max_rel_error']:.3e} "
+                              f"argmax_agree={report['argmax_agree']}/{rows} "
+                              f"task_head_agree={report['task_agree']}/{rows} "
+                              f"batches={report['batch_sizes']} atol={a:g} rtol={r:g}")
+
+    _report_each(_backends(bundle, backend), check_one, "parity check")
+
+
+def _report_each(backends: list, check_one, what: str) -> None:
+    r"""``check_one(name) → (ok, line)`` for every backend, one line each with its verdict; a
+    ServeFailed naming the backends that failed, after all of them ran."""
+    failed = []
+    for name in backends:
+        ok, line = check_one(name)
+        click.echo(f"{line} {'OK' if ok else 'FAIL'}")
+        if not ok:
             failed.append(name)
     if failed:
-        raise ServeFailed(f"parity check failed for {', '.join(failed)}")
+        raise ServeFailed(f"{what} failed for {', '.join(failed)}")
 
 
 def _check_plastic(bundle: Path, backends: list, device: str, atol, rtol) -> None:
@@ -96,23 +106,20 @@ def _check_plastic(bundle: Path, backends: list, device: str, atol, rtol) -> Non
     from dhp_deploy.plastic_session import PlasticSession
 
     a, r = (ATOL if atol is None else atol), (RTOL if rtol is None else rtol)
-    failed = []
-    for name in backends:
+
+    def check_one(name: str) -> tuple[bool, str]:
         try:
             report = PlasticSession(bundle, backend=name, device=device).check(atol=a, rtol=r)
         except BundleError as err:
             raise ServeFailed(str(err)) from None
-        verdict = "OK" if report["ok"] else "FAIL"
-        click.echo(f"{name}/{device} (plastic): {report['calls']} calls, "
-                   f"max_abs_error={report['max_abs_error']:.3e} "
-                   f"max_trace_error={report['max_trace_error']:.3e} "
-                   f"argmax_agree={report['argmax_agree']}/{report['rows']} "
-                   f"unlabelled_call_exact={report['unlabelled_call_exact']} atol={a:g} "
-                   f"rtol={r:g} {verdict}")
-        if not report["ok"]:
-            failed.append(name)
-    if failed:
-        raise ServeFailed(f"plastic parity check failed for {', '.join(failed)}")
+        return report["ok"], (f"{name}/{device} (plastic): {report['calls']} calls, "
+                              f"max_abs_error={report['max_abs_error']:.3e} "
+                              f"max_trace_error={report['max_trace_error']:.3e} "
+                              f"argmax_agree={report['argmax_agree']}/{report['rows']} "
+                              f"unlabelled_call_exact={report['unlabelled_call_exact']} "
+                              f"atol={a:g} rtol={r:g}")
+
+    _report_each(backends, check_one, "plastic parity check")
 
 
 @main.command()
