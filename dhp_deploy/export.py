@@ -8,6 +8,7 @@ target, renamed into place at the end)::
       model.ts             torch.jit.script of the folded eval model (Python and LibTorch)
       model.onnx           torch.onnx.export(dynamo=True) of the same model, one file
       model.pt2            torch.export + AOTInductor: the same model compiled for this CPU
+                           (or this host's GPU: pt2_device="cuda")
       golden_inputs.npy    float32 [G, 784] real test images of the run's benchmark
       golden_logits.npy    float32 [G, C]  the eager (unfolded, from checkpoint) model's logits
       golden_tasks.npy     int64 [G]       the task each golden image was drawn from
@@ -133,12 +134,18 @@ def write_onnx(module: nn.Module, path, in_features: int) -> int:
 
 def write_plastic_onnx(module: PlasticMLP, path) -> int:
     r"""The plastic model as ONNX: inputs ``input``/``labels`` with a dynamic batch, ``hebb`` fixed."""
-    batch = torch.export.Dim("batch", min=1)
-    hebb = module.w.new_zeros(module.w.shape)
-    example = (torch.rand(2, module.trunk[0].in_features), torch.tensor([0, NO_LABEL]), hebb)
+    example, dynamic = _plastic_example(module, "cpu")
     return _export_onnx(module, path, example, [INPUT_NAME, LABELS_NAME, HEBB_NAME],
-                        [OUTPUT_NAME, HEBB_OUT_NAME],
-                        {"x": {0: batch}, "labels": {0: batch}, "hebb": None})
+                        [OUTPUT_NAME, HEBB_OUT_NAME], dynamic)
+
+
+def _plastic_example(module: PlasticMLP, device: str) -> tuple[tuple, dict]:
+    r"""Example inputs of the plastic model (a labelled and an unlabelled row, a zero trace) and
+    its dynamic shapes: ``input`` and ``labels`` share the batch axis, ``hebb`` is fixed."""
+    batch = torch.export.Dim("batch", min=1)
+    example = (torch.rand(2, module.trunk[0].in_features, device=device),
+               torch.tensor([0, NO_LABEL], device=device), module.w.new_zeros(module.w.shape))
+    return example, {"x": {0: batch}, "labels": {0: batch}, "hebb": None}
 
 
 def write_pt2(module: nn.Module, path, plastic: bool, device: str = "cpu") -> None:
@@ -146,14 +153,12 @@ def write_pt2(module: nn.Module, path, plastic: bool, device: str = "cpu") -> No
     ``device="cuda"``, its GPU), loaded by ``torch._inductor.aoti_load_package`` in Python and
     ``AOTIModelPackageLoader`` in C++. It needs a C++ compiler here, and runs only on that kind of
     device and with the torch version that compiled it."""
-    batch = torch.export.Dim("batch", min=1)
     module = copy.deepcopy(module).to(device)  # the other formats keep the CPU module
-    x = torch.rand(2, module.trunk[0].in_features, device=device)
     if plastic:
-        example = (x, torch.tensor([0, NO_LABEL], device=device), module.w.new_zeros(module.w.shape))
-        dynamic = {"x": {0: batch}, "labels": {0: batch}, "hebb": None}
+        example, dynamic = _plastic_example(module, device)
     else:
-        example, dynamic = (x,), {"x": {0: batch}}
+        example = (torch.rand(2, module.trunk[0].in_features, device=device),)
+        dynamic = {"x": {0: torch.export.Dim("batch", min=1)}}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
         try:
@@ -272,7 +277,7 @@ def _read_metrics(run_dir: Path, payload: dict) -> dict:
 
 
 def _manifest(model: DHPNet, frozen: FrozenMLP, payload: dict, metrics: dict, formats,
-              golden: dict) -> dict:
+              golden: dict, pt2_device: str) -> dict:
     config = payload.get("config", {})
     model_config = config.get("model", {})
     bench = payload.get("benchmark", {})
@@ -315,7 +320,7 @@ def _manifest(model: DHPNet, frozen: FrozenMLP, payload: dict, metrics: dict, fo
                  "dynamic_axes": {"input": {"0": "batch"}, "logits": {"0": "batch"}}}
         if "onnx" in formats else None,
         "pt2": {"exporter": "torch.export + torch._inductor.aoti_compile_and_package",
-                "device": "cpu", "torch": torch.__version__,
+                "device": pt2_device, "torch": torch.__version__,
                 "note": "AOTInductor code compiled for one kind of device: it loads only there "
                         "and with the same torch version"} if "pt2" in formats else None,
         "golden": golden,
@@ -394,9 +399,7 @@ def export_run(run_dir, out_dir, formats: Sequence[str] = FORMATS, *, overwrite:
             else:
                 ir_version = write_onnx(frozen, tmp / ARTIFACT_FILES[fmt],
                                         model.trunk[0].in_features)
-        manifest = _manifest(model, frozen, payload, metrics, formats, golden)
-        if manifest["pt2"] is not None:
-            manifest["pt2"]["device"] = pt2_device
+        manifest = _manifest(model, frozen, payload, metrics, formats, golden, pt2_device)
         if plastic:
             _save_npy(tmp / HEBB_FILE, model.head.hebb.numpy().astype(np.float32))
             manifest["plastic"], manifest["plastic_io"] = True, _plastic_manifest(model)
