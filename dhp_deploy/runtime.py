@@ -29,8 +29,8 @@ from dhp_deploy.bundle import (ARTIFACT_FILES, ATOL, FORMATS, GOLDEN_FILES, RTOL
                                read_manifest)
 
 __all__ = ["BundleError", "InputError", "Prediction", "Runtime", "open_bundle", "read_manifest",
-           "artifact_device", "ort_session", "verify_bundle", "compare", "check_input", "load_pt2", "time_calls",
-           "BACKENDS", "DEVICES"]
+           "artifact_device", "ort_session", "verify_bundle", "compare", "check_input", "load_pt2",
+           "time_calls", "BACKENDS", "DEVICES"]
 
 BACKENDS = FORMATS
 DEVICES = ("cpu", "cuda")
