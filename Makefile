@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(if $(TORCH_SPEC),$(BIN)/python -m pip install -q "$(TORCH_SPEC)")
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m dhp_deploy.fused_head  # compiles the fused DHP head once (~20 s)
 	touch $@
 
 install: $(STAMP)

@@ -4,7 +4,8 @@
 
 (1) the training step at batch 64 for DHPNet (784-256-256, 2-class task head as in Split MNIST)
 with a DHP head and with a plain head: the lean step that dhp-train runs (``TrainingRun``'s
-forward, hand-written backward and SGD update) and the generic autograd step (module forward,
+forward, hand-written backward and SGD update; on the CPU the DHP head's fused kernels, and the
+same step with the head's eager torch ops) and the generic autograd step (module forward,
 ``loss.backward()``, ``optimizer.step()``); (2) the output layer alone (forward + backward) for
 the vectorised DHPSoftmax, the authors' per-class loop (tests/oracle.py) and a plain linear
 layer. All variants are timed interleaved in one process, so machine noise hits them alike; the
@@ -23,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from oracle import algorithm1_step  # noqa: E402
 
-from dhp_deploy import DHPSoftmax  # noqa: E402
+from dhp_deploy import DHPSoftmax, fused_head  # noqa: E402
 from dhp_deploy.tasks import Benchmark, Task  # noqa: E402
 from dhp_deploy.train import TrainConfig, TrainingRun  # noqa: E402
 from timing import (Figures, cuda_sync, matmul_peak, median_times,  # noqa: E402
@@ -46,6 +47,17 @@ def training_steps(dhp: bool, x, y, device) -> tuple:
         run = TrainingRun(config, benchmark, tempfile.gettempdir(), device, lean=lean)
         steps.append(lambda run=run: run.train_step(x, y, head, targets_of))
     return tuple(steps)
+
+
+def with_eager_head(step):
+    r"""``step`` with the DHP head's eager torch ops instead of its fused CPU kernels."""
+    def run():
+        enabled, fused_head.ENABLED = fused_head.ENABLED, False
+        try:
+            step()
+        finally:
+            fused_head.ENABLED = enabled
+    return run
 
 
 def step_gflop() -> float:
@@ -102,6 +114,8 @@ def main():
     for dhp, name in ((True, "DHPNet"), (False, "plain net")):
         steps[f"{name} step (lean)"], steps[f"{name} step (autograd)"] = \
             training_steps(dhp, x, y, device)
+    if fused_head.usable(x):
+        steps["DHPNet step (lean, eager head)"] = with_eager_head(steps["DHPNet step (lean)"])
     layers, vectorised = layer_steps(device, gen)
     times = median_times({**steps, **layers}, args.iters, args.rounds, cuda_sync(device))
     peak = matmul_peak(1024, 10, device, engines=("torch.mm",))["peak"]
@@ -115,6 +129,10 @@ def main():
     for step in ("lean", "autograd"):
         ratio = times[f"DHPNet step ({step})"] / times[f"plain net step ({step})"]
         figures.key(f"DHP / plain full step ({step}) {ratio:6.3f}   (target <= 1.10)")
+    if "DHPNet step (lean, eager head)" in times:
+        ratio = times["DHPNet step (lean, eager head)"] / times["plain net step (lean)"]
+        figures.key(f"DHP / plain full step (lean, eager head instead of the fused kernels) "
+                    f"{ratio:6.3f}")
     for name in ("DHPNet", "plain net"):
         figures.key(f"{name} autograd / lean step    "
                     f"{times[f'{name} step (autograd)'] / times[f'{name} step (lean)']:6.2f}")

@@ -30,6 +30,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from dhp_deploy import fused_head
 from dhp_deploy.distributed import SINGLE, Replicas
 from dhp_deploy.layer import DHPSoftmax, class_sums
 from dhp_deploy.network import DHPNet, PlainHead
@@ -103,8 +104,11 @@ def _dhp_head(layer: DHPSoftmax, h: Tensor, y: Tensor, replicas: Replicas):
     r"""The DHP head's training forward (trace stored) and a closure for its backward.
 
     Data-parallel, the class statistics and ``dW`` are all-reduced: the trace update and the head's
-    gradients are the global batch's on every rank.
+    gradients are the global batch's on every rank. On the CPU the fused kernels
+    (:mod:`dhp_deploy.fused_head`) compute it where they built; the torch ops below otherwise.
     """
+    if fused_head.usable(h):
+        return _fused_dhp_head(layer, h, y, replicas)
     sums, counts = class_sums(h, y, layer.out_features)
     if replicas.distributed:  # one collective for both: [sums | counts]
         stats = replicas.all_reduce(torch.cat([sums, counts.unsqueeze(1)], dim=1))
@@ -133,6 +137,23 @@ def _dhp_head(layer: DHPSoftmax, h: Tensor, y: Tensor, replicas: Replicas):
         # (dhp_deploy.cuda_graph) reads and writes the trace at one fixed address.
         old.copy_(hebb)
         return dh, {id(layer.w): d_effective, id(layer.alpha): d_effective * hebb,
+                    id(layer.eta): d_eta}
+
+    return logits, backward
+
+
+def _fused_dhp_head(layer: DHPSoftmax, h: Tensor, y: Tensor, replicas: Replicas):
+    r""":func:`_dhp_head` by the fused CPU kernels: the same maths and collectives."""
+    kernels = fused_head.kernels()
+    stats = replicas.all_reduce(kernels.class_stats(h, y, layer.out_features))  # [sums | counts]
+    logits, hebb, *saved = kernels.head_forward(h, stats, layer.w, layer.alpha, layer.eta,
+                                                layer.hebb)
+
+    def backward(dz: Tensor):
+        d_effective_t = replicas.all_reduce(dz.t().matmul(h))  # (out, in)
+        dh, d_alpha, d_eta = kernels.head_backward(dz, y, d_effective_t, layer.alpha, hebb, *saved)
+        layer.hebb.copy_(hebb)  # as the eager head: the stored trace keeps its buffer
+        return dh, {id(layer.w): d_effective_t.t(), id(layer.alpha): d_alpha,
                     id(layer.eta): d_eta}
 
     return logits, backward
