@@ -8,6 +8,10 @@ training loop (``dhp_deploy.train``):
   gradient comes from autograd. Returns the float ``0.0`` while there is nothing to consolidate yet
   (the first task), so that task's step does no extra work.
 - ``after_step(model)``: after ``optimizer.step()`` (SI's path integral).
+- For the lean step (:mod:`dhp_deploy.lean_step`, no autograd): ``gradients_with_penalty(model,
+  grads)``, the task's gradients plus the penalty's closed-form gradient, and, after a plain-SGD
+  update ``θ ← θ − lr·g`` (no momentum), ``after_sgd_step(model, task_grads, lr)`` in place of
+  ``after_step``: SI then knows its step exactly and needs one pass over the weights, not five.
 - ``after_task(model, inputs, classes, generator, replicas)``: the task is learned; estimate
   importances on at most ``fisher_samples`` of its training ``inputs`` (a subset drawn with
   ``generator``) and anchor. Data-parallel, each rank takes its shard of that subset and the sums
@@ -73,6 +77,26 @@ def flat_slow_weights(model: nn.Module) -> Tensor:
 def _as_parameters(flat: Tensor, params: list) -> list[Tensor]:
     # Views of a flat slow-weight vector, shaped like each parameter (no copy).
     return [chunk.view_as(p) for chunk, p in zip(flat.split([p.numel() for p in params]), params)]
+
+
+class _StepViews:
+    r"""The slow parameters of one model and per-parameter views of flat state vectors, kept from
+    one step to the next: the lean step calls a regulariser every step, and rebuilding these
+    lists took ~35 µs a call. A view is remade when its role's tensor is replaced."""
+
+    def __init__(self) -> None:
+        self.model, self.params, self.views = None, [], {}
+
+    def parameters(self, model: nn.Module) -> list:
+        if model is not self.model:
+            self.model, self.params, self.views = model, list(slow_parameters(model).values()), {}
+        return self.params
+
+    def of(self, model: nn.Module, role: str, flat: Tensor) -> list[Tensor]:
+        params = self.parameters(model)
+        if role not in self.views or self.views[role][0] is not flat:
+            self.views[role] = (flat, _as_parameters(flat, params))
+        return self.views[role][1]
 
 
 def _detached_flat(model: nn.Module) -> Tensor:
@@ -147,10 +171,15 @@ class Regularizer:
     def after_task(self, model, inputs, classes, generator, replicas: Replicas = SINGLE) -> None:
         pass
 
-    def penalty_gradients(self, model: nn.Module) -> dict:
-        r"""The penalty's gradient in closed form, ``{id(parameter): tensor}`` (empty: none);
-        for the lean step, which computes gradients without autograd."""
-        return {}
+    def after_sgd_step(self, model: nn.Module, task_grads: dict, lr: float) -> None:
+        r"""After the lean step's plain-SGD update with the task gradients ``task_grads``
+        (``{id(parameter): tensor}``) plus the penalty's (left in each ``.grad``)."""
+        self.after_step(model)
+
+    def gradients_with_penalty(self, model: nn.Module, grads: dict) -> dict:
+        r"""The task gradients ``grads`` (``{id(parameter): tensor}``, left unchanged) plus the
+        penalty's gradient in closed form; for the lean step, which runs without autograd."""
+        return grads
 
     def max_curvature(self) -> float:
         return 0.0
@@ -187,19 +216,28 @@ class QuadraticAnchors(Regularizer):
         self.importances: Optional[Tensor] = None
         self.anchors: Optional[Tensor] = None
         self._merged: Optional[tuple[Tensor, Tensor, float]] = None
+        self._curvature: Optional[tuple[float, Tensor]] = None  # (strength, 2·scale·strength·F)
+        self._views = _StepViews()
 
     def penalty(self, model: nn.Module):
         return self.quadratic_penalty(model, self.penalty_scale * self.strength)
 
-    def penalty_gradients(self, model: nn.Module) -> dict:
+    @torch.no_grad()
+    def gradients_with_penalty(self, model: nn.Module, grads: dict) -> dict:
+        # g + 2·scale·strength·F ⊙ (θ − θ*): two passes over the weights, the product F·constant
+        # kept from one step to the next (it changes only with the anchor or the strength).
         if self._merged is None:
-            return {}
+            return grads
         importance, anchor, _ = self._merged
-        scale = 2 * self.penalty_scale * self.strength
-        params = list(slow_parameters(model).values())
-        return {id(param): (param.detach() - center).mul_(weight).mul_(scale)
-                for param, weight, center in zip(params, _as_parameters(importance, params),
-                                                 _as_parameters(anchor, params))}
+        if self._curvature is None or self._curvature[0] != self.strength:
+            self._curvature = (self.strength,
+                               importance * (2 * self.penalty_scale * self.strength))
+        params = self._views.parameters(model)
+        offsets = torch._foreach_sub(params, self._views.of(model, "anchor", anchor))
+        totals = torch._foreach_addcmul([grads[id(p)] for p in params],
+                                        self._views.of(model, "curvature", self._curvature[1]),
+                                        offsets)
+        return {**grads, **{id(p): total for p, total in zip(params, totals)}}
 
     def max_curvature(self) -> float:
         if self._merged is None:
@@ -234,6 +272,7 @@ class QuadraticAnchors(Regularizer):
         self._merge_rows()
 
     def _merge_rows(self) -> None:
+        self._curvature = None
         if self.anchors is None:
             self._merged = None
         elif len(self.anchors) == 1:  # exactly the stored row: the penalty is 0 at the anchor
@@ -376,6 +415,9 @@ class SynapticIntelligence(QuadraticAnchors):
     def after_step(self, model: nn.Module) -> None:
         # Parameter by parameter on views of the flat state (foreach ops, no concatenation):
         # the same elementwise arithmetic as on the flat vectors, a third of SI's step overhead.
+        if self.before_step is None:
+            raise RuntimeError("SI: after_step needs the weights before the step, which the "
+                               "plain-SGD path (after_sgd_step) of this task does not keep")
         params = list(slow_parameters(model).values())
         before = _as_parameters(self.before_step, params)
         gradients = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
@@ -388,6 +430,17 @@ class SynapticIntelligence(QuadraticAnchors):
         torch._foreach_addcmul_(_as_parameters(self.path_integral, params), gradients, moves,
                                 value=-1)
         torch._foreach_copy_(before, params)
+
+    @torch.no_grad()
+    def after_sgd_step(self, model: nn.Module, task_grads: dict, lr: float) -> None:
+        # Plain SGD moved θ by −lr·g_total exactly, so −g_task·Δθ = lr·g_task·g_total: one pass,
+        # with the task gradient as the lean step computed it (no subtraction of the penalty's).
+        # Δθ is the update itself rather than the rounded difference of the weights.
+        params = self._views.parameters(model)
+        torch._foreach_addcmul_(self._views.of(model, "path integral", self.path_integral),
+                                [task_grads[id(p)] for p in params], [p.grad for p in params],
+                                value=lr)
+        self.before_step = None  # not kept on this path (after_step refuses to run without it)
 
     @torch.no_grad()
     def after_task(self, model, inputs, classes, generator, replicas: Replicas = SINGLE) -> None:

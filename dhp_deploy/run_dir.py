@@ -9,7 +9,8 @@ float, bool, None), loaded with ``weights_only=True``. Layout (format version 1)
      "config":    the training configuration (JSON-able dict; "model" holds the network's arguments),
      "benchmark": {"name", "num_classes", "input_size", "scenario", "tasks": [{"task_id", "classes"}]},
      "model":     the network's state_dict (with the Hebbian trace),
-     "optimizer", "regularizer", "rng": states needed for an exact resume,
+     "optimizer", "regularizer", "rng": states needed for an exact resume ("optimizer" is None
+                  where the run never built torch's SGD: plain SGD without momentum, no state),
      "position":  {"task": int, "epoch": int, "finished": bool},
      "metrics":   metrics so far (JSON-able)}
 

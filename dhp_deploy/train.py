@@ -204,8 +204,7 @@ class TrainingRun:
         self.config_json = {**config.to_json(benchmark), **replicas.describe()}
         torch.manual_seed(config.seed)  # the initial weights
         self.model = build_model(self.config_json["model"]).to(self.device).train()
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr,
-                                         momentum=config.momentum, foreach=True)
+        self._optimizer: Optional[torch.optim.SGD] = None  # built on first use (see optimizer)
         self.regularizer = build_regularizer(config.method, **config.regularizer_arguments())
         self.parameters = list(self.model.parameters())
         # The lean step computes the same gradients with far less overhead; autograd serves any
@@ -225,6 +224,17 @@ class TrainingRun:
         self.progress = Progress()
         self.steps_this_process = 0
 
+    @property
+    def optimizer(self) -> torch.optim.SGD:
+        r"""torch's SGD, built when first needed: by the autograd step, momentum, or a checkpoint
+        holding optimiser state. The lean plain-SGD step updates the weights itself and SGD without
+        momentum has no state, so such a run never builds it: torch.optim's first call imports
+        torch._dynamo, 1.8 s of a 20 s Split MNIST run's start-up."""
+        if self._optimizer is None:
+            self._optimizer = torch.optim.SGD(self.model.parameters(), lr=self.config.lr,
+                                              momentum=self.config.momentum, foreach=True)
+        return self._optimizer
+
     @classmethod
     def start(cls, config, benchmark, run_dir, device="cpu", **hooks) -> "TrainingRun":
         run = cls(config, benchmark, run_dir, device, **hooks)
@@ -239,7 +249,8 @@ class TrainingRun:
         config = TrainConfig.from_json(payload["config"])
         run = cls(config, benchmark, run_dir, device, **hooks)
         run.model.load_state_dict(payload["model"])
-        run.optimizer.load_state_dict(payload["optimizer"])
+        if payload["optimizer"] and payload["optimizer"]["state"]:  # else: a fresh SGD's state
+            run.optimizer.load_state_dict(payload["optimizer"])
         run.regularizer.load_state_dict(payload["regularizer"])
         run.position = dict(payload["position"])
         run.progress = Progress(**payload["metrics"])
@@ -344,19 +355,19 @@ class TrainingRun:
         if not self.lean:
             return self.autograd_step(xb, yb, head, targets_of)
         targets = yb if head is None else targets_of[yb]
-        grads, task_loss, _, hits = lean_gradients(self.model, xb, yb, head, targets,
-                                                   self.replicas, global_size)
-        for key, gradient in self.regularizer.penalty_gradients(self.model).items():
-            grads[key].add_(gradient)
+        task_grads, task_loss, _, hits = lean_gradients(self.model, xb, yb, head, targets,
+                                                        self.replicas, global_size)
+        grads = self.regularizer.gradients_with_penalty(self.model, task_grads)
         ordered = [grads[id(param)] for param in self.parameters]
         for param, gradient in zip(self.parameters, ordered):  # as backward() leaves them
             param.grad = gradient
         if self.config.momentum == 0:  # SGD's own foreach update without its per-call overhead
             with torch.no_grad():
                 torch._foreach_add_(self.parameters, ordered, alpha=-self.config.lr)
+            self.regularizer.after_sgd_step(self.model, task_grads, self.config.lr)
         else:
             self.optimizer.step()
-        self.regularizer.after_step(self.model)
+            self.regularizer.after_step(self.model)
         return task_loss, hits
 
     def autograd_step(self, xb: Tensor, yb: Tensor, head: Optional[Tensor],
@@ -400,7 +411,7 @@ class TrainingRun:
             "config": self.config_json,
             "benchmark": _benchmark_summary(self.benchmark),
             "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self._optimizer.state_dict() if self._optimizer is not None else None,
             "regularizer": self.regularizer.state_dict(),
             "rng": _rng_state(self.device),
             "position": dict(self.position),

@@ -2,6 +2,7 @@
 the DHP trace untouched by consolidation, SI's path integral, and state that survives a checkpoint.
 Synthetic tensors: these are maths, not MNIST."""
 
+import copy
 import io
 
 import pytest
@@ -12,6 +13,7 @@ from dhp_deploy.network import DHPNet, task_logits
 from dhp_deploy.regularizers import (METHODS, ElasticWeightConsolidation, Finetune,
                                      MemoryAwareSynapses, SynapticIntelligence, build_regularizer,
                                      flat_slow_weights, mean_per_sample_gradient, slow_parameters)
+from dhp_deploy.train import TrainConfig, TrainingRun, _target_map
 from synthetic import split_benchmark
 
 CONSOLIDATING = [m for m in METHODS if m != "finetune"]
@@ -189,6 +191,39 @@ def test_si_path_integral_uses_the_task_gradient_not_the_penalty(split_tasks):
     change = flat_slow_weights(model).detach() - before
     torch.testing.assert_close(si.path_integral, -task_gradient * change, rtol=1e-3, atol=1e-12)
     assert not torch.equal(model.head.hebb, hebb)  # the step did train the DHP head
+
+
+def test_si_on_the_lean_sgd_path_integrates_the_task_gradient_times_the_step(split_tasks,
+                                                                             tmp_path):
+    r"""dhp-train's own step (lean, plain SGD): ω grows by −g_task·Δθ = lr·g_task·g, with g_task
+    the ce gradient and g the gradient of ce + penalty, both by autograd on a copy of the network,
+    and the weights moved by −lr·g."""
+    config = TrainConfig(method="si", si_c=5.0, hidden=(32,), lr=0.05, batch_size=32)
+    run = TrainingRun(config, split_tasks, tmp_path, "cpu")
+    model, si = run.model, run.regularizer
+    assert run.lean
+    for task_id, task in enumerate(split_tasks.tasks):
+        head = torch.tensor(task.classes)
+        targets_of = _target_map(head, split_tasks.num_classes, "cpu")
+        si.before_task(model)
+        for xb, yb in zip(task.x_train.split(32)[:4], task.y_train.split(32)[:4]):
+            reference = copy.deepcopy(model)
+            slow = list(slow_parameters(reference).values())
+            ce = F.cross_entropy(task_logits(reference(xb, yb), head), targets_of[yb])
+            task_gradient = torch.cat([g.reshape(-1) for g in torch.autograd.grad(
+                ce, slow, retain_graph=True)])
+            gradient = torch.cat([g.reshape(-1) for g in torch.autograd.grad(
+                ce + si.penalty(reference), slow)])
+            before, integral = flat_slow_weights(model).detach().clone(), si.path_integral.clone()
+            run.train_step(xb, yb, head, targets_of)
+            torch.testing.assert_close(flat_slow_weights(model).detach() - before,
+                                       -config.lr * gradient, rtol=1e-3, atol=1e-7)
+            expected = config.lr * task_gradient * gradient  # float32: rounding of the largest
+            torch.testing.assert_close(si.path_integral - integral, expected, rtol=1e-4,
+                                       atol=1e-5 * expected.abs().max().item())
+        if task_id == 0:  # the second task's steps carry the penalty: ω must leave it out
+            consolidate(model, si, task)
+            assert si.importances.sum() > 0 and si.penalty(model) == 0
 
 
 @pytest.mark.parametrize("method", METHODS)
