@@ -299,14 +299,15 @@ class TrainingRun:
         generator = derived_generator(self.config.seed, "batches", task_id, epoch)
         # [loss sum, correct], summed on device (no per-step host sync), then over the ranks.
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)
+        loss_sum, correct = totals[0], totals[1]  # views: one in-place op each per step
         size = self.config.batch_size
         sizes = [min(size, len(task.y_train) - start) for start in range(0, len(task.y_train), size)]
         part = self.replicas.shard if self.replicas.distributed else None
         for (xb, yb), global_size in zip(batches(task.x_train, task.y_train, size, generator,
                                                  part=part), sizes):
             loss, hits = self._step(task_id, xb, yb, head, targets_of, global_size)
-            totals[0] += loss * global_size
-            totals[1] += hits
+            loss_sum.add_(loss, alpha=global_size)
+            correct.add_(hits)
             self.steps_this_process += 1
             if self.on_step is not None:
                 self.on_step(self.steps_this_process)
