@@ -31,11 +31,19 @@ def make_net(dhp: bool, seed: int = 0) -> DHPNet:
     return net
 
 
+def built_kernels():
+    r"""The fused DHP head's kernels; skips where they did not build (no C++ compiler or ninja)."""
+    kernels = fused_head.kernels()
+    if kernels is None:
+        pytest.skip("the fused DHP head did not build here (no C++ compiler or ninja)")
+    return kernels
+
+
 @pytest.fixture(params=["fused", "eager"])
 def head_kernel(request, monkeypatch):
     r"""Runs a test with the DHP head's fused CPU kernels, then with its eager torch ops."""
-    if request.param == "fused" and fused_head.kernels() is None:
-        pytest.skip("the fused DHP head did not build here (no C++ compiler or ninja)")
+    if request.param == "fused":
+        built_kernels()
     monkeypatch.setattr(fused_head, "ENABLED", request.param == "fused")
     return request.param
 
@@ -121,8 +129,7 @@ def test_training_with_the_lean_step_matches_autograd(tmp_path, method, dhp, hea
 def test_fused_and_eager_heads_train_alike_in_float32(monkeypatch):
     r"""200 float32 steps at a large η (0.7, lerp's other branch): the fused head tracks the eager
     one to float32 rounding, and the lean step uses it on the CPU."""
-    if fused_head.kernels() is None:
-        pytest.skip("the fused DHP head did not build here (no C++ compiler or ninja)")
+    built_kernels()
     nets, generator = {}, torch.Generator().manual_seed(1)
     data = [(torch.randn(32, IN, generator=generator), torch.randint(0, CLASSES, (32,),
                                                                     generator=generator))
@@ -145,9 +152,7 @@ def test_fused_and_eager_heads_train_alike_in_float32(monkeypatch):
 
 
 def test_fused_head_refuses_labels_out_of_range():
-    kernels = fused_head.kernels()
-    if kernels is None:
-        pytest.skip("the fused DHP head did not build here (no C++ compiler or ninja)")
+    kernels = built_kernels()
     with pytest.raises(RuntimeError, match="label 6 is not in"):
         kernels.class_stats(torch.randn(3, IN), torch.tensor([0, 6, 1]), CLASSES)
 
