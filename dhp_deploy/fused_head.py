@@ -15,6 +15,8 @@ CUDA graphs, which remove its launch overhead).
 
 import os
 import re
+import sys
+import time
 import warnings
 from functools import cache
 from pathlib import Path
@@ -29,16 +31,32 @@ __all__ = ["ENABLED", "kernels", "usable"]
 SOURCE = Path(__file__).resolve().parent / "csrc" / "dhp_head.cpp"
 # On by default; DHP_FUSED_HEAD=0 keeps the eager head (tests and benchmarks compare the two).
 ENABLED = os.environ.get("DHP_FUSED_HEAD", "1") != "0"
+# torch's build lock is a file that only the builder removes: a builder killed outright (SIGKILL,
+# a terminated grid worker) leaves it, and every later load would wait on it forever. A build
+# takes under a minute, so a lock this old is stale.
+STALE_LOCK_S = 600
+
+
+def build_directory() -> Path:
+    r"""Where the extension is built and cached: torch's extensions root, one folder per Python
+    and torch version (an extension built against another torch would not load)."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
+    version = re.sub(r"\W", "_", f"py{sys.version_info[0]}{sys.version_info[1]}_{torch.__version__}")
+    return Path(root) / f"dhp_deploy_head_{version}"
 
 
 @cache
 def kernels() -> Optional[ModuleType]:
     r"""The compiled kernels (``class_stats``, ``head_forward``, ``head_backward``), or None."""
-    # The torch version is in the name: an extension built against another torch would not load.
-    name = "dhp_deploy_head_" + re.sub(r"\W", "_", torch.__version__)
+    directory = build_directory()
     try:
         from torch.utils import cpp_extension
-        return cpp_extension.load(name, [str(SOURCE)], extra_cflags=["-O3"])
+        directory.mkdir(parents=True, exist_ok=True)
+        lock = directory / "lock"
+        if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            lock.unlink(missing_ok=True)
+        return cpp_extension.load("dhp_deploy_head", [str(SOURCE)], extra_cflags=["-O3"],
+                                  build_directory=str(directory))
     except Exception as err:  # no compiler, no ninja, a compile error: the eager head still works
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         warnings.warn(f"dhp_deploy: the fused DHP head did not build ({reason}); "

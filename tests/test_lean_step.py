@@ -1,6 +1,11 @@
 """The lean training step against autograd: same loss, gradients, trace and training, no MNIST."""
 
 import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -250,3 +255,21 @@ def test_training_replayed_as_cuda_graphs_equals_eager_training(tmp_path, method
                                  abs=2 / 64)
     assert [e["loss"] for e in graphed.progress.epochs] == pytest.approx(
         [e["loss"] for e in eager.progress.epochs], rel=1e-5)
+
+
+def test_a_stale_build_lock_does_not_hang_the_next_run(tmp_path):
+    r"""A builder killed outright leaves torch's lock file; a later process must not wait on it
+    forever (torch's own wait has no timeout): a lock older than a build can take is removed."""
+    built_kernels()
+    built = fused_head.build_directory()
+    copy = tmp_path / built.name
+    shutil.copytree(built, copy)
+    lock = copy / "lock"
+    lock.touch()
+    old = time.time() - fused_head.STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    script = "from dhp_deploy import fused_head; assert fused_head.kernels() is not None"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    assert not lock.exists()
