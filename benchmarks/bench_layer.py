@@ -6,7 +6,8 @@
 with a DHP head and with a plain head: the lean step that dhp-train runs (``TrainingRun``'s
 forward, hand-written backward and SGD update; on the CPU the DHP head's fused kernels, and the
 same step with the head's eager torch ops) and the generic autograd step (module forward,
-``loss.backward()``, ``optimizer.step()``); (2) the output layer alone (forward + backward) for
+``loss.backward()``, ``optimizer.step()``), and the lean DHP step with each regulariser's penalty
+active (a first task consolidated) against finetune's; (2) the output layer alone (forward + backward) for
 the vectorised DHPSoftmax, the authors' per-class loop (tests/oracle.py) and a plain linear
 layer. All variants are timed interleaved in one process, so machine noise hits them alike; the
 figure is the median over rounds. The fp32 matmul peak (1024³ torch.mm, best of 10) is measured
@@ -47,6 +48,30 @@ def training_steps(dhp: bool, x, y, device) -> tuple:
         run = TrainingRun(config, benchmark, tempfile.gettempdir(), device, lean=lean)
         steps.append(lambda run=run: run.train_step(x, y, head, targets_of))
     return tuple(steps)
+
+
+REGULARISERS = ("ewc", "online-ewc", "si", "mas")
+
+
+def regularised_steps(x, y, device) -> dict:
+    r"""The lean DHPNet step with each regulariser's penalty active: a first task consolidated on
+    ``x`` (importances and anchors set), then the second task's steps, as dhp-train takes them."""
+    head = torch.tensor(TASK_CLASSES, device=device)
+    targets_of = torch.full((CLASSES,), -1, dtype=torch.int64, device=device)
+    targets_of[head] = torch.arange(len(head), device=device)
+    task = Task(0, TASK_CLASSES, x, y, x[:0], y[:0], x, y)
+    benchmark = Benchmark("timing", [task], "task", 0, CLASSES, x.shape[1])
+    steps = {}
+    for method in REGULARISERS:
+        run = TrainingRun(TrainConfig(dhp=True, method=method, hidden=(HIDDEN, HIDDEN)),
+                          benchmark, tempfile.gettempdir(), device)
+        run.regularizer.before_task(run.model)
+        run.train_step(x, y, head, targets_of)
+        run.regularizer.after_task(run.model, x, head, torch.Generator().manual_seed(0))
+        run.regularizer.before_task(run.model)
+        steps[f"DHPNet + {method} step (lean)"] = \
+            lambda run=run: run.train_step(x, y, head, targets_of)
+    return steps
 
 
 def with_eager_head(step):
@@ -116,6 +141,7 @@ def main():
             training_steps(dhp, x, y, device)
     if fused_head.usable(x):
         steps["DHPNet step (lean, eager head)"] = with_eager_head(steps["DHPNet step (lean)"])
+    steps.update(regularised_steps(x, y, device))
     layers, vectorised = layer_steps(device, gen)
     times = median_times({**steps, **layers}, args.iters, args.rounds, cuda_sync(device))
     peak = matmul_peak(1024, 10, device, engines=("torch.mm",))["peak"]
@@ -133,6 +159,10 @@ def main():
         ratio = times["DHPNet step (lean, eager head)"] / times["plain net step (lean)"]
         figures.key(f"DHP / plain full step (lean, eager head instead of the fused kernels) "
                     f"{ratio:6.3f}")
+    for method in REGULARISERS:
+        ratio = times[f"DHPNet + {method} step (lean)"] / times["DHPNet step (lean)"]
+        figures.key(f"{method} + DHP / finetune + DHP step (lean) {ratio:6.3f}   "
+                    f"(target <= 1.30)")
     for name in ("DHPNet", "plain net"):
         figures.key(f"{name} autograd / lean step    "
                     f"{times[f'{name} step (autograd)'] / times[f'{name} step (lean)']:6.2f}")
