@@ -6,12 +6,12 @@ r"""Training throughput on the full Split MNIST protocol, against this machine's
 
 Variants: finetune (plain head), finetune + DHP, and each regulariser with DHP, trained with the
 lean step (``dhp_deploy.lean_step``, what dhp-train uses; ``--steps lean,autograd`` adds the
-generic autograd step beside it). Whole runs cannot be interleaved the way bench_layer interleaves
-steps, and this machine has slow spells of seconds to minutes (one run of finetune + DHP took
-16.1 s and, a minute later, the same run 13.5 s): the variants run in ``--repeats`` rounds, one
-of each per round, and each keeps its fastest training time. For each: wall time (training, consolidation and evaluation), training
-samples/s, achieved GFLOP/s and its share of the peak, the regulariser's training-time overhead
-over finetune + DHP with the same step, and the final accuracies; then the ratios DHP / plain and
+generic autograd step beside it). The variants train in one process, one epoch of each in turn:
+this machine has slow spells of seconds to minutes (one run of finetune + DHP took 16.1 s and, a
+minute later, the same run 13.5 s; run after run, DHP / plain read 0.90 to 1.40), and interleaved
+epochs share them. For each: wall time (its own start, training, consolidation, evaluation,
+checkpoints and metrics files), training samples/s, achieved GFLOP/s and its share of the peak,
+the regulariser's training-time overhead over finetune + DHP with the same step, and the final accuracies; then the ratios DHP / plain and
 autograd / lean, the targets of the lean step, and (full protocol on the CPU) one whole
 ``dhp-train`` process's wall time against the training time it reports.
 
@@ -45,33 +45,47 @@ VARIANTS = [("finetune", False), ("finetune", True), ("ewc", True), ("online-ewc
 HIDDEN = (256, 256)
 
 
-def run_variant(method: str, dhp: bool, args, data_dir, step: str) -> dict:
-    config = TrainConfig(benchmark="split-mnist", method=method, dhp=dhp, epochs=args.epochs,
-                         num_tasks=args.tasks, batch_size=args.batch_size, hidden=HIDDEN)
-    benchmark = build_benchmark(**config.data_arguments(), data_dir=data_dir, device=args.device)
-    with tempfile.TemporaryDirectory() as run_dir:
+def interleaved_runs(variants: list, args) -> list:
+    r"""Train every variant ``(method, dhp, step)`` in this process, one epoch of each in turn
+    (``TrainingRun.epochs``), so a slow spell of the machine hits them alike; returns one row each.
+
+    A row's wall time is its own start, epochs (training, consolidation, evaluation, checkpoints)
+    and metrics files, without the other variants' turns.
+    """
+    benchmarks, active, rows = {}, [], []
+    for method, dhp, step in variants:
+        config = TrainConfig(benchmark="split-mnist", method=method, dhp=dhp, epochs=args.epochs,
+                             num_tasks=args.tasks, batch_size=args.batch_size, hidden=HIDDEN)
+        data = json.dumps(config.data_arguments(), sort_keys=True)
+        if data not in benchmarks:
+            benchmarks[data] = build_benchmark(**config.data_arguments(), data_dir=args.data_dir,
+                                               device=args.device)
+        run_dir = tempfile.TemporaryDirectory()
         started = time.perf_counter()
-        metrics = TrainingRun.start(config, benchmark, run_dir, args.device,
-                                    lean=step != "autograd", cuda_graphs=step == "graphed").run()
-        wall = time.perf_counter() - started
+        run = TrainingRun.start(config, benchmarks[data], run_dir.name, args.device,
+                                lean=step != "autograd", cuda_graphs=step == "graphed")
+        row = {"method": method, "dhp": dhp, "step": step,
+               "wall_s": time.perf_counter() - started}
+        active.append((row, run, run.epochs(), run_dir))
+        rows.append(row)
+    while active:
+        for entry in list(active):
+            row, run, epochs, run_dir = entry
+            started = time.perf_counter()
+            if next(epochs, StopIteration) is StopIteration:
+                row.update(metrics_row(run.write_metrics()))
+                run_dir.cleanup()
+                active.remove(entry)
+            row["wall_s"] += time.perf_counter() - started
+    return rows
+
+
+def metrics_row(metrics: dict) -> dict:
     timings = metrics["timings"]
-    return {"method": method, "dhp": dhp, "step": step, "wall_s": wall, "train_s": timings["train_s"],
-            "consolidate_s": timings["consolidate_s"], "evaluate_s": timings["evaluate_s"],
-            "samples": timings["samples"], "samples_per_s": timings["samples_per_s"],
-            "avg_acc": metrics["avg_acc"][-1], "acc": metrics["acc"],
-            "forgetting": metrics["forgetting"]}
-
-
-def fastest_of_rounds(variants: list, args) -> list:
-    r"""Each variant's run with the least training time over ``args.repeats`` rounds."""
-    best = {}
-    for _ in range(args.repeats):
-        for method, dhp, step in variants:
-            row = run_variant(method, dhp, args, args.data_dir, step)
-            key = (method, dhp, step)
-            if key not in best or row["train_s"] < best[key]["train_s"]:
-                best[key] = row
-    return [best[key] for key in variants]
+    return {"train_s": timings["train_s"], "consolidate_s": timings["consolidate_s"],
+            "evaluate_s": timings["evaluate_s"], "samples": timings["samples"],
+            "samples_per_s": timings["samples_per_s"], "avg_acc": metrics["avg_acc"][-1],
+            "acc": metrics["acc"], "forgetting": metrics["forgetting"]}
 
 
 def report(threads: int, peak: dict, rows: list, flops: dict, figures: Figures) -> None:
@@ -150,8 +164,6 @@ def main() -> None:
                         help="torch threads (repeatable; default: torch's current count)")
     parser.add_argument("--methods", nargs="*", help="subset of: " + ", ".join(
         f"{m}{'+dhp' if d else ''}" for m, d in VARIANTS))
-    parser.add_argument("--repeats", type=int, default=2,
-                        help="rounds over the variants; each keeps its fastest (default 2)")
     parser.add_argument("--steps", default="lean",
                         help="training steps to compare: lean (default), autograd, "
                              "graphed (the lean step as a CUDA graph, what dhp-train runs on CUDA)")
@@ -170,8 +182,8 @@ def main() -> None:
         torch.set_num_threads(threads)
         peak = (matmul_peak(8192, 5, args.device) if args.device == "cuda" else
                 matmul_peak(2048, 5, engines=("torch.mm", "oneDNN linear")))
-        rows = fastest_of_rounds([(method, dhp, step) for step in args.steps.split(",")
-                                  for method, dhp in wanted], args)
+        rows = interleaved_runs([(method, dhp, step) for step in args.steps.split(",")
+                                 for method, dhp in wanted], args)
         report(threads, peak, rows, flops, figures)
         print_targets(rows, peak, figures)
         process = None

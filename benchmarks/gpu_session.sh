@@ -43,7 +43,7 @@ section "bench_layer --device cuda"
 timeout 120 $PY benchmarks/bench_layer.py --device cuda --iters 200 --rounds 9
 
 section "bench_train --device cuda (Split MNIST, 5 tasks x 10 epochs)"
-timeout 200 $PY benchmarks/bench_train.py --device cuda --steps lean,graphed --repeats 1 \
+timeout 200 $PY benchmarks/bench_train.py --device cuda --steps lean,graphed \
   --methods finetune finetune+dhp si+dhp --json "$OUT/bench_train.json"
 
 section "dhp-train --device cuda (deterministic kernels, CUDA graphs), Split MNIST DHP"

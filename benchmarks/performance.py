@@ -36,7 +36,7 @@ SCRIPTS = (
      {"--iters": "10", "--rounds": "5"}),
     ("bench_data.py", "benchmark build time from the MNIST files", {"--only": "split-mnist"}),
     ("bench_train.py", "training protocol wall time and throughput",
-     {"--tasks": "2", "--epochs": "1", "--repeats": "1"}),
+     {"--tasks": "2", "--epochs": "1"}),
     ("bench_grid.py", "grid throughput: sequential vs --jobs 2",
      {"--runs": "4", "--epochs": "1", "--tasks": "2"}),
     ("bench_serve.py", "export/serving: folded vs plain, runtimes vs peak",

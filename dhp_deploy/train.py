@@ -22,7 +22,7 @@ import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -263,6 +263,13 @@ class TrainingRun:
 
     def run(self) -> dict:
         r"""Train from the saved position to the end; write the metrics files; return metrics.json."""
+        for _ in self.epochs():
+            pass
+        return self.write_metrics()
+
+    def epochs(self) -> Iterator[None]:
+        r"""Train from the saved position to the end, yielding after each epoch (checkpointed):
+        benchmarks/bench_train.py steps several runs' epochs in turn, so noise hits them alike."""
         started, epochs_done, epochs_left = time.perf_counter(), 0, self._epochs_left()
         num_tasks = len(self.benchmark.tasks)
         while not self.position["finished"]:
@@ -281,7 +288,7 @@ class TrainingRun:
             self.save()
             epochs_done += 1
             self._log_epoch(loss, accuracy, started, epochs_done, epochs_left)
-        return self.write_metrics()
+            yield
 
     def _next_position(self) -> tuple[int, int]:
         task_id, epoch = self.position["task"], self.position["epoch"] + 1
