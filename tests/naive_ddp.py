@@ -11,11 +11,10 @@ trace to ``argv[1]``; tests/test_distributed.py compares it with the one-process
 import sys
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from dhp_deploy.distributed import from_environment
+from dhp_deploy.distributed import from_environment, shutdown
 from dhp_deploy.network import task_logits
 from dhp_deploy.run_dir import build_model
 from dhp_deploy.tasks import batches, build_benchmark
@@ -44,7 +43,8 @@ def main(hebb_out: str, data_dir: str, train_limit: int) -> None:
         optimizer.step()
     if replicas.is_main:
         torch.save(model.head.hebb.detach().clone(), hebb_out)
-    dist.destroy_process_group()
+    replicas.barrier()  # leave together, as dhp-train does: a rank that exits early can abort
+    shutdown(replicas)  # its peer's gloo teardown (SIGABRT, seen once in CI here)
 
 
 if __name__ == "__main__":
