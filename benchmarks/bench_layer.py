@@ -27,7 +27,7 @@ from oracle import algorithm1_step  # noqa: E402
 
 from dhp_deploy import DHPSoftmax, fused_head  # noqa: E402
 from dhp_deploy.tasks import Benchmark, Task  # noqa: E402
-from dhp_deploy.train import TrainConfig, TrainingRun  # noqa: E402
+from dhp_deploy.train import TrainConfig, TrainingRun, _target_map  # noqa: E402
 from timing import (Figures, cuda_sync, matmul_peak, median_times,  # noqa: E402
                     training_flops_per_sample)
 
@@ -35,14 +35,18 @@ BATCH, HIDDEN, CLASSES = 64, 256, 10
 TASK_CLASSES = (0, 1)  # a Split MNIST task head
 
 
+def timing_task(x, y, device) -> tuple:
+    r"""``(benchmark, head, targets_of)``: one Split-MNIST-like task on the batch ``(x, y)``."""
+    task = Task(0, TASK_CLASSES, x, y, x[:0], y[:0], x, y)
+    benchmark = Benchmark("timing", [task], "task", 0, CLASSES, x.shape[1])
+    head = torch.tensor(TASK_CLASSES, device=device)
+    return benchmark, head, _target_map(head, CLASSES, device)
+
+
 def training_steps(dhp: bool, x, y, device) -> tuple:
     r"""(lean step, autograd step) of a fresh ``TrainingRun``, as dhp-train takes them."""
     config = TrainConfig(dhp=dhp, hidden=(HIDDEN, HIDDEN))
-    head = torch.tensor(TASK_CLASSES, device=device)
-    targets_of = torch.full((CLASSES,), -1, dtype=torch.int64, device=device)
-    targets_of[head] = torch.arange(len(head), device=device)
-    task = Task(0, TASK_CLASSES, x, y, x[:0], y[:0], x, y)
-    benchmark = Benchmark("timing", [task], "task", 0, CLASSES, x.shape[1])
+    benchmark, head, targets_of = timing_task(x, y, device)
     steps = []
     for lean in (True, False):
         run = TrainingRun(config, benchmark, tempfile.gettempdir(), device, lean=lean)
@@ -56,11 +60,7 @@ REGULARISERS = ("ewc", "online-ewc", "si", "mas")
 def regularised_steps(x, y, device) -> dict:
     r"""The lean DHPNet step with each regulariser's penalty active: a first task consolidated on
     ``x`` (importances and anchors set), then the second task's steps, as dhp-train takes them."""
-    head = torch.tensor(TASK_CLASSES, device=device)
-    targets_of = torch.full((CLASSES,), -1, dtype=torch.int64, device=device)
-    targets_of[head] = torch.arange(len(head), device=device)
-    task = Task(0, TASK_CLASSES, x, y, x[:0], y[:0], x, y)
-    benchmark = Benchmark("timing", [task], "task", 0, CLASSES, x.shape[1])
+    benchmark, head, targets_of = timing_task(x, y, device)
     steps = {}
     for method in REGULARISERS:
         run = TrainingRun(TrainConfig(dhp=True, method=method, hidden=(HIDDEN, HIDDEN)),
