@@ -1,11 +1,14 @@
-r"""Grid throughput: runs per hour of ``reproduce.py grid``, one run at a time vs ``--jobs N``.
+r"""Grid throughput: runs per hour of ``reproduce.py grid``, one run at a time vs ``--jobs N``
+vs ``--cohort K`` (K runs trained as one vectorised model, dhp_deploy.cohort).
 
-    python benchmarks/bench_grid.py                 # 16 short Split MNIST runs, --jobs 1 then 2
+    python benchmarks/bench_grid.py    # 16 short Split MNIST runs: --jobs 1, --jobs 2, --cohort 8
     python benchmarks/bench_grid.py --runs 4 --epochs 1 --tasks 2   # a quick look
+    python benchmarks/bench_grid.py --device cuda --jobs 1 --cohort 8  # on a GPU
 
 The same runs (Finetune and DHP, seeds 0..) are trained twice into fresh temporary directories,
 first sequentially (one process, one thread) and then with ``--jobs N`` (N one-thread worker
-processes), and the wall time of each whole grid command is compared. On a 2-core machine the
+processes) and then in one process with ``--cohort K`` (Finetune's runs in stacks of K, DHP's in
+others), and the wall time of each whole grid command is compared. On a 2-core machine the
 ratio says how much of the second core a grid uses; it needs an idle machine to mean anything.
 Each command pays its start-up once (the workers import torch, ~2 s in all, while the one-process
 grid's import is its parent's): with 8 of these 4-second runs that was a tenth of the parallel
@@ -24,12 +27,13 @@ from timing import Figures
 HERE = Path(__file__).resolve().parent
 
 
-def grid_seconds(jobs: int, args, root: Path) -> float:
+def grid_seconds(jobs: int, cohort: int, args, root: Path) -> float:
     seeds = f"0-{args.runs // 2 - 1}"
     command = [sys.executable, str(HERE / "reproduce.py"), "grid", "--runs", str(root / "runs"),
                "--summaries", str(root / "summaries"), "--benchmarks", "split-mnist",
                "--variants", "finetune,dhp", "--seeds", seeds, "--epochs", str(args.epochs),
-               "--num-tasks", str(args.tasks), "--jobs", str(jobs)]
+               "--num-tasks", str(args.tasks), "--jobs", str(jobs), "--cohort", str(cohort),
+               "--device", args.device]
     if args.data_dir:
         command += ["--data-dir", args.data_dir]
     started = time.perf_counter()
@@ -43,21 +47,30 @@ def main() -> dict:
     parser.add_argument("--epochs", type=int, default=2, help="epochs per task (default 2)")
     parser.add_argument("--tasks", type=int, default=5, help="Split MNIST tasks (default 5)")
     parser.add_argument("--jobs", type=int, default=2, help="parallel runs to compare (default 2)")
+    parser.add_argument("--cohort", type=int, default=8,
+                        help="runs per stack in the cohort grid (default 8; 1: skip it)")
+    parser.add_argument("--device", default="cpu", help="where the grids train (default cpu)")
     parser.add_argument("--data-dir", help="default: $DHP_DATA_DIR, else ./data")
     parser.add_argument("--json", help="also write the key figures and numbers here")
     args = parser.parse_args()
     results, figures = {}, Figures()
-    for jobs in (1, args.jobs):
+    settings = {"sequential": (1, 1), f"--jobs {args.jobs}": (args.jobs, 1),
+                f"--cohort {args.cohort}": (1, args.cohort)}
+    for name, (jobs, cohort) in settings.items():
+        if (jobs, cohort) == (1, 1) and name != "sequential":
+            continue  # --jobs 1 or --cohort 1: the sequential grid again
         with tempfile.TemporaryDirectory() as root:
-            seconds = grid_seconds(jobs, args, Path(root))
-        results[jobs] = {"seconds": seconds, "runs_per_hour": args.runs * 3600 / seconds}
-        figures.key(f"--jobs {jobs}: {args.runs} runs (Split MNIST, {args.tasks} tasks × "
-                    f"{args.epochs} "
-                    f"epochs) in {seconds:.1f} s = {results[jobs]['runs_per_hour']:.0f} runs/hour")
-    ratio = results[args.jobs]["runs_per_hour"] / results[1]["runs_per_hour"]
-    figures.key(f"--jobs {args.jobs} / sequential throughput: {ratio:.2f} (target ≥ 1.6 on 2 "
-                f"cores)")
-    figures.data = {"results": results, "ratio": ratio}
+            seconds = grid_seconds(jobs, cohort, args, Path(root))
+        results[name] = {"seconds": seconds, "runs_per_hour": args.runs * 3600 / seconds}
+        figures.key(f"{name}: {args.runs} runs (Split MNIST, {args.tasks} tasks × {args.epochs} "
+                    f"epochs, {args.device}) in {seconds:.1f} s = "
+                    f"{results[name]['runs_per_hour']:.0f} runs/hour")
+    ratios = {name: result["runs_per_hour"] / results["sequential"]["runs_per_hour"]
+              for name, result in results.items() if name != "sequential"}
+    for name, ratio in ratios.items():
+        target = " (target ≥ 1.6 on 2 cores)" if name.startswith("--jobs") else ""
+        figures.key(f"{name} / sequential throughput: {ratio:.2f}{target}")
+    figures.data = {"results": results, "ratios": ratios}
     figures.write(args.json)
     return figures.data
 

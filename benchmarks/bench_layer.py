@@ -27,7 +27,7 @@ from oracle import algorithm1_step  # noqa: E402
 
 from dhp_deploy import DHPSoftmax, fused_head  # noqa: E402
 from dhp_deploy.tasks import Benchmark, Task  # noqa: E402
-from dhp_deploy.train import TrainConfig, TrainingRun, _target_map  # noqa: E402
+from dhp_deploy.train import TrainConfig, TrainingRun, target_map  # noqa: E402
 from timing import (Figures, cuda_sync, matmul_peak, median_times,  # noqa: E402
                     training_flops_per_sample)
 
@@ -40,7 +40,7 @@ def timing_task(x, y, device) -> tuple:
     task = Task(0, TASK_CLASSES, x, y, x[:0], y[:0], x, y)
     benchmark = Benchmark("timing", [task], "task", 0, CLASSES, x.shape[1])
     head = torch.tensor(TASK_CLASSES, device=device)
-    return benchmark, head, _target_map(head, CLASSES, device)
+    return benchmark, head, target_map(head, CLASSES, device)
 
 
 def training_steps(dhp: bool, x, y, device) -> tuple:

@@ -4,7 +4,8 @@
 #   1. the CUDA tests (pytest -m gpu): CPU/GPU parity, no host sync over a training epoch;
 #   2. GPU figures: bench_layer (lean vs autograd step, CUDA-graph replay, host syncs),
 #      bench_train (the full Split MNIST protocol on the GPU, eager and as CUDA graphs, against
-#      the GPU's fp32 peak) and one dhp-train run on CUDA;
+#      the GPU's fp32 peak), one dhp-train run on CUDA, and bench_grid: runs/hour of a grid one
+#      run at a time vs --cohort 8 (8 runs trained as one vectorised model);
 #   3. with the time left (GRID_MINUTES), the Permuted MNIST strength search of the paper
 #      protocol and then grid runs (GRID_VARIANTS), GRID_JOBS processes sharing the GPU.
 # Every file it makes lands in $OUT: log.txt, bench_train.json, results.tgz (run summaries and
@@ -50,6 +51,10 @@ section "dhp-train --device cuda (deterministic kernels, CUDA graphs), Split MNI
 timeout 60 dhp-train --benchmark split-mnist --method finetune --dhp --device cuda \
   --out /tmp/dhp-gpu-run --overwrite 2>&1 | grep -v "^task" | tail -8
 $PY -c 'import json; t = json.load(open("/tmp/dhp-gpu-run/metrics.json"))["timings"]; print(t)'
+
+section "bench_grid --device cuda: 16 Split MNIST runs (5 tasks x 2 epochs), one by one vs --cohort 8"
+timeout 300 $PY benchmarks/bench_grid.py --device cuda --jobs 1 --cohort 8 \
+  --json "$OUT/bench_grid.json"
 fi
 
 minutes_left() { echo $(( (deadline - $(date +%s)) / 60 )); }

@@ -25,7 +25,11 @@ what the initialisation and what plasticity contribute to DHP's gain; ``all`` (d
 Trainings run through the training API (``dhp_deploy.train.TrainingRun``, the code behind
 ``dhp-train``), in this process or, with ``--jobs N``, in N one-thread worker processes that
 take the next run as they finish (a progress line per run: runs done / total, ETA); the
-benchmark's data is built once per (benchmark, seed) per process. A run whose summary is already
+benchmark's data is built once per (benchmark, seed) per process. On a GPU, ``--cohort K`` trains
+up to K runs that differ only in seed, method or strength (a grid cell's seeds, a search's
+strengths) at once as one vectorised model (``dhp_deploy.cohort``); each keeps its own run
+directory and resumes alone or in a cohort, and equals the run trained alone to float rounding
+(not bit for bit: batched matmuls sum in another order). A run whose summary is already
 recorded under ``SUMMARIES/`` with the same settings is not redone (the run directories of a
 committed record may live on another machine). Every run has
 its own ``dhp-train`` run directory (``config.json``, ``checkpoint.pt`` after every epoch,
@@ -67,6 +71,16 @@ def _seeds(text: str) -> list[int]:
         low, _, high = part.partition("-")
         seeds += list(range(int(low), int(high or low) + 1))
     return seeds
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return value
 
 
 def _names(choices):
@@ -134,8 +148,12 @@ def parse_arguments(argv=None):
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: batch-64 steps gain little from more, "
                              "and on a busy machine extra threads stall each other)")
-    parser.add_argument("--jobs", type=int, default=1,
+    parser.add_argument("--jobs", type=_count, default=1,
                         help="runs trained at once, each a one-thread process (default 1)")
+    parser.add_argument("--cohort", type=_count, default=1, metavar="K",
+                        help="train up to K runs that differ only in seed, method or strength "
+                             "at once, as one vectorised model (dhp_deploy.cohort): the way a GPU "
+                             "pays off; each run holds its own data (default 1: one by one)")
     parser.add_argument("--stop-after", type=float, metavar="MINUTES",
                         help="start no new run after this many minutes (resume later)")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and their state")
@@ -171,7 +189,7 @@ def main(argv=None) -> int:
     try:
         counts = execute(jobs, data_dir=args.data_dir, device=args.device,
                          summaries=args.summaries, log=args.log, stop_at=stop_at,
-                         processes=args.jobs)
+                         processes=args.jobs, cohort=args.cohort)
     except ConfigMismatch as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -195,7 +213,8 @@ def search(args) -> int:
             return 0
         try:
             counts = execute(jobs, data_dir=args.data_dir, device=args.device,
-                             summaries=args.summaries, log=args.log, processes=args.jobs)
+                             summaries=args.summaries, log=args.log, processes=args.jobs,
+                             cohort=args.cohort)
         except ConfigMismatch as err:
             print(f"error: {err}", file=sys.stderr)
             return 2

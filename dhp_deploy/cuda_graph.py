@@ -12,12 +12,12 @@ is written back into its buffer, the regulariser's state is only replaced at tas
 the loop captures anew); one batch shape (the epoch's shorter last batch runs eagerly).
 """
 
-from typing import Callable
+from typing import Callable, Hashable
 
 import torch
 from torch import Tensor
 
-__all__ = ["GraphedStep", "warm_up"]
+__all__ = ["GraphedStep", "GraphedSteps", "warm_up"]
 
 
 class GraphedStep:
@@ -51,3 +51,39 @@ def warm_up(step: Callable[[Tensor, Tensor], tuple], x: Tensor, y: Tensor) -> tu
         outputs = step(x, y)
     torch.cuda.current_stream().wait_stream(side)
     return outputs
+
+
+class GraphedSteps:
+    r"""A training loop's steps replayed as CUDA graphs, one graph per ``key`` (a task).
+
+    A key's first full batch runs eagerly on a side stream (capture's warm-up), its second is
+    captured and replayed, and so is every later one; shorter batches (an epoch's last) run
+    eagerly, as does everything when ``enabled`` is False. A capture that fails is reported
+    through ``log`` once, and the loop goes on with eager steps. :meth:`clear` forgets the graphs
+    (when what a step reads moves to new tensors, e.g. a regulariser's state at a task's start).
+    """
+
+    def __init__(self, enabled: bool, batch_size: int, log: Callable[[str], None]) -> None:
+        self.enabled, self.batch_size, self.log = enabled, batch_size, log
+        self.captured: dict = {}  # key → "warm" after its eager first step, then its GraphedStep
+
+    def clear(self) -> None:
+        self.captured.clear()
+
+    def __call__(self, key: Hashable, step: Callable[[Tensor, Tensor], tuple], x: Tensor,
+                 y: Tensor) -> tuple:
+        if not self.enabled or y.shape[-1] != self.batch_size:
+            return step(x, y)
+        graphed = self.captured.get(key)
+        if graphed is None:
+            self.captured[key] = "warm"
+            return warm_up(step, x, y)
+        if graphed == "warm":
+            try:
+                graphed = self.captured[key] = GraphedStep(step, x, y)
+            except RuntimeError as err:  # capture records, never runs: nothing was trained
+                self.log(f"CUDA graph capture failed ({str(err).splitlines()[0][:160]}); "
+                         f"training on with eager steps")
+                self.enabled = False
+                return step(x, y)
+        return graphed(x, y)

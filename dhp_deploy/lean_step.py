@@ -25,6 +25,7 @@ rank), and the trunk's gradients at the end: three collectives per step, and eve
 the one-process gradients up to rounding.
 """
 
+from functools import partial
 from typing import Optional
 
 import torch
@@ -35,7 +36,7 @@ from dhp_deploy.distributed import SINGLE, Replicas
 from dhp_deploy.layer import DHPSoftmax, class_sums
 from dhp_deploy.network import DHPNet, PlainHead
 
-__all__ = ["supports_lean_step", "lean_gradients"]
+__all__ = ["supports_lean_step", "lean_gradients", "step_gradients", "stacked_gradients"]
 
 
 def supports_lean_step(model: nn.Module) -> bool:
@@ -63,72 +64,95 @@ def lean_gradients(model: DHPNet, x: Tensor, y: Tensor, head: Optional[Tensor],
     process: ``len(x)``, the default); the gradients are the global batch's, the loss and the hits
     this slice's share of them (their sums over the ranks are the global ones).
     """
-    batch_size = len(x) if batch_size is None else batch_size
+    params = list(model.parameters())
+    hebb = model.head.hebb if isinstance(model.head, DHPSoftmax) else None
+    grads, loss, logits, hits = step_gradients(
+        params, hebb, x, y, head, targets, len(x) if batch_size is None else batch_size,
+        replicas, fused=fused_head.usable(x))
+    return dict(zip(map(id, params), grads)), loss, logits, hits
+
+
+def step_gradients(params: list, hebb: Optional[Tensor], x: Tensor, y: Tensor,
+                   head: Optional[Tensor], targets: Tensor, batch_size: int,
+                   replicas: Replicas = SINGLE, fused: bool = False):
+    r""":func:`lean_gradients` on plain tensors: the maths alone, which ``torch.vmap`` also runs
+    over a stack of networks (:func:`stacked_gradients`).
+
+    ``params`` are a :class:`DHPNet`'s parameters in its own order: each trunk layer's weight and
+    bias, then the head's ``w, alpha, eta`` (DHP, whose trace ``hebb`` is updated in place) or
+    its weight (plain, ``hebb`` None). Returns the gradients in the same order, the loss, the
+    logits the loss used and the hit count. ``fused``: the fused CPU head kernels (not under vmap).
+    """
     with torch.no_grad():
-        linears = list(model.trunk)[0::2]
+        trunk = params[:-3] if hebb is not None else params[:-1]
+        weights, biases = trunk[0::2], trunk[1::2]
         activations = [x]
-        for linear in linears:
-            activations.append(torch.addmm(linear.bias, activations[-1], linear.weight.t())
-                               .clamp_min_(0))
+        for weight, bias in zip(weights, biases):
+            activations.append(torch.addmm(bias, activations[-1], weight.t()).clamp_min_(0))
         h = activations[-1]
-        if isinstance(model.head, DHPSoftmax):
-            logits_all, head_backward = _dhp_head(model.head, h, y, replicas)
+        if hebb is None:
+            logits_all, head_backward = _plain_head(params[-1], h)
+        elif fused:
+            logits_all, head_backward = _fused_dhp_head(*params[-3:], hebb, h, y, replicas)
         else:
-            logits_all, head_backward = _plain_head(model.head, h)
+            logits_all, head_backward = _dhp_head(*params[-3:], hebb, h, y, replicas)
         logits = logits_all if head is None else logits_all.index_select(1, head)
         loss, dlogits = _cross_entropy_and_gradient(logits, targets, batch_size)
         dz = dlogits if head is None else \
-            torch.zeros_like(logits_all).index_copy_(1, head, dlogits)
-        dh, grads = head_backward(dz)
-        for index in range(len(linears) - 1, -1, -1):
-            linear = linears[index]
+            torch.zeros_like(logits_all).index_copy(1, head, dlogits)  # vmap batches it, not index_copy_
+        dh, head_grads = head_backward(dz)
+        trunk_grads = []
+        for index in range(len(weights) - 1, -1, -1):
             # ReLU's backward, as autograd computes it: the gradient where the output is > 0.
             da = torch.ops.aten.threshold_backward(dh, activations[index + 1], 0)
-            grads[id(linear.weight)] = da.t().matmul(activations[index])
-            grads[id(linear.bias)] = da.sum(0)
+            trunk_grads[:0] = [da.t().matmul(activations[index]), da.sum(0)]
             if index > 0:  # the input needs no gradient
-                dh = da.matmul(linear.weight)
+                dh = da.matmul(weights[index])
         if replicas.distributed:  # the DHP head's are already the global batch's gradients
-            replicas.all_reduce_flat(_per_rank_gradients(model, grads))
+            replicas.all_reduce_flat(trunk_grads if hebb is not None else
+                                     trunk_grads + head_grads)
         hits = (logits.argmax(1) == targets).sum()
-    return grads, loss, logits, hits
+    return trunk_grads + head_grads, loss, logits, hits
 
 
-def _per_rank_gradients(model: DHPNet, grads: dict) -> list:
-    r"""The gradients that are sums over this rank's rows only: all but the DHP head's."""
-    synced = set(map(id, model.head.parameters())) if isinstance(model.head, DHPSoftmax) else set()
-    return [grads[id(p)] for p in model.parameters() if id(p) not in synced]
+def stacked_gradients(params: list, hebb: Optional[Tensor], x: Tensor, y: Tensor,
+                      head: Optional[Tensor], targets: Tensor):
+    r""":func:`step_gradients` of ``K`` networks at once, by ``torch.vmap``: every tensor but
+    ``head`` has a leading dimension of ``K`` (networks, their traces, batches, targets). The
+    maths is the one-network step's, batched (each matmul becomes one batched matmul); the traces
+    are updated in place in the stacked ``hebb``. Returns stacked gradients, losses, logits, hits."""
+    step = partial(step_gradients, batch_size=x.shape[1])
+    in_dims = (0, None if hebb is None else 0, 0, 0, None, 0)
+    return torch.vmap(step, in_dims=in_dims)(params, hebb, x, y, head, targets)
 
 
-def _dhp_head(layer: DHPSoftmax, h: Tensor, y: Tensor, replicas: Replicas):
-    r"""The DHP head's training forward (trace stored) and a closure for its backward.
+def _dhp_head(w: Tensor, alpha: Tensor, eta: Tensor, old: Tensor, h: Tensor, y: Tensor,
+              replicas: Replicas):
+    r"""The DHP head's training forward (trace ``old`` updated in place by the backward) and a
+    closure for its backward; gradients for ``w, alpha, eta`` in that order.
 
     Data-parallel, the class statistics and ``dW`` are all-reduced: the trace update and the head's
-    gradients are the global batch's on every rank. On the CPU the fused kernels
-    (:mod:`dhp_deploy.fused_head`) compute it where they built; the torch ops below otherwise.
+    gradients are the global batch's on every rank.
     """
-    if fused_head.usable(h):
-        return _fused_dhp_head(layer, h, y, replicas)
-    sums, counts = class_sums(h, y, layer.out_features)
+    sums, counts = class_sums(h, y, w.shape[1])
     if replicas.distributed:  # one collective for both: [sums | counts]
         stats = replicas.all_reduce(torch.cat([sums, counts.unsqueeze(1)], dim=1))
         sums, counts = stats[:, :-1], stats[:, -1]
     means = sums / counts.clamp_min(1.0).unsqueeze(1)
     present = (counts > 0).to(h.dtype)
-    rate = layer.eta * present  # η for the classes in the batch, 0 for the others
-    old = layer.hebb
+    rate = eta * present  # η for the classes in the batch, 0 for the others
     means_t = means.t()
     hebb = torch.lerp(old, means_t, rate)
     # W_eff is stored (in, out) like θ; its (out, in) copy feeds the matmuls, and dW is computed
     # (out, in): in that layout this CPU's kernels ran the three 64×256×10 products in 60 µs
     # instead of 132 µs, and the whole head's forward + backward in 250 µs instead of 290 µs.
-    effective = torch.addcmul(layer.w, layer.alpha, hebb)
+    effective = torch.addcmul(w, alpha, hebb)
     effective_t = effective.t().contiguous()
     logits = h.matmul(effective_t.t())
 
     def backward(dz: Tensor):
         d_effective = replicas.all_reduce(dz.t().matmul(h)).t()  # (in, out), a view
-        d_hebb = d_effective * layer.alpha
+        d_hebb = d_effective * alpha
         d_eta = (d_hebb * (means_t - old)).matmul(present).sum().reshape(1)
         d_means = (d_hebb * rate).t().div_(counts.clamp_min(1.0).unsqueeze(1))
         dh = dz.matmul(effective_t).add_(d_means.index_select(0, y))
@@ -136,35 +160,33 @@ def _dhp_head(layer: DHPSoftmax, h: Tensor, y: Tensor, replicas: Replicas):
         # buffer once dη no longer needs the old one: a step replayed as a CUDA graph
         # (dhp_deploy.cuda_graph) reads and writes the trace at one fixed address.
         old.copy_(hebb)
-        return dh, {id(layer.w): d_effective, id(layer.alpha): d_effective * hebb,
-                    id(layer.eta): d_eta}
+        return dh, [d_effective, d_effective * hebb, d_eta]
 
     return logits, backward
 
 
-def _fused_dhp_head(layer: DHPSoftmax, h: Tensor, y: Tensor, replicas: Replicas):
-    r""":func:`_dhp_head` by the fused CPU kernels: the same maths and collectives."""
+def _fused_dhp_head(w: Tensor, alpha: Tensor, eta: Tensor, old: Tensor, h: Tensor, y: Tensor,
+                    replicas: Replicas):
+    r""":func:`_dhp_head` by the fused CPU kernels (:mod:`dhp_deploy.fused_head`): the same maths
+    and collectives."""
     kernels = fused_head.kernels()
-    stats = replicas.all_reduce(kernels.class_stats(h, y, layer.out_features))  # [sums | counts]
-    logits, hebb, *saved = kernels.head_forward(h, stats, layer.w, layer.alpha, layer.eta,
-                                                layer.hebb)
+    stats = replicas.all_reduce(kernels.class_stats(h, y, w.shape[1]))  # [sums | counts]
+    logits, hebb, *saved = kernels.head_forward(h, stats, w, alpha, eta, old)
 
     def backward(dz: Tensor):
         d_effective_t = replicas.all_reduce(dz.t().matmul(h))  # (out, in)
-        dh, d_alpha, d_eta = kernels.head_backward(dz, y, d_effective_t, layer.alpha, hebb, *saved)
-        layer.hebb.copy_(hebb)  # as the eager head: the stored trace keeps its buffer
-        return dh, {id(layer.w): d_effective_t.t(), id(layer.alpha): d_alpha,
-                    id(layer.eta): d_eta}
+        dh, d_alpha, d_eta = kernels.head_backward(dz, y, d_effective_t, alpha, hebb, *saved)
+        old.copy_(hebb)  # as the eager head: the stored trace keeps its buffer
+        return dh, [d_effective_t.t(), d_alpha, d_eta]
 
     return logits, backward
 
 
-def _plain_head(layer: PlainHead, h: Tensor):
-    weight = layer.linear.weight
+def _plain_head(weight: Tensor, h: Tensor):
     logits = h.matmul(weight.t())
 
     def backward(dz: Tensor):
-        return dz.matmul(weight), {id(weight): dz.t().matmul(h)}
+        return dz.matmul(weight), [dz.t().matmul(h)]
 
     return logits, backward
 

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 import dhp_deploy
 from dhp_deploy.tasks import Benchmark, batches, seeded_generator
-from dhp_deploy.cuda_graph import GraphedStep, warm_up
+from dhp_deploy.cuda_graph import GraphedSteps
 from dhp_deploy.distributed import SINGLE, Replicas
 from dhp_deploy.run_dir import (CHECKPOINT_NAME, CONFIG_NAME, CheckpointError, atomic_write_json,
                                 build_model, load_checkpoint, save_checkpoint)
@@ -42,7 +42,7 @@ from dhp_deploy.regularizers import (DEFAULTS, SEARCHED_STRENGTHS, STRENGTH_OPTI
                                     build_regularizer)
 
 __all__ = ["TrainConfig", "TrainingError", "TrainingDiverged", "UnstableStrength", "TrainingRun",
-           "start_or_resume", "derived_generator", "evaluate"]
+           "start_or_resume", "derived_generator", "evaluate", "target_map"]
 
 EVAL_BATCH = 1000  # test examples per forward pass during evaluation
 
@@ -216,9 +216,9 @@ class TrainingRun:
         # On a GPU the lean plain-SGD step replays as one CUDA graph per task (launches, not
         # arithmetic, bound a batch-64 step there); cuda_graphs=False keeps every step eager.
         # Not data-parallel: the collectives stay outside graphs.
-        self.cuda_graphs = (cuda_graphs and self.lean and self.device.type == "cuda"
-                            and config.momentum == 0 and not replicas.distributed)
-        self._graphs: dict = {}  # task id → "warm" after its eager first step, then GraphedStep
+        self.graphs = GraphedSteps(cuda_graphs and self.lean and self.device.type == "cuda"
+                                   and config.momentum == 0 and not replicas.distributed,
+                                   config.batch_size, self.log)
         self.heads = _task_heads(benchmark, self.device)
         self.position = {"task": 0, "epoch": -1, "finished": False}
         self.progress = Progress()
@@ -270,31 +270,43 @@ class TrainingRun:
     def epochs(self) -> Iterator[None]:
         r"""Train from the saved position to the end, yielding after each epoch (checkpointed):
         benchmarks/bench_train.py steps several runs' epochs in turn, so noise hits them alike."""
-        started, epochs_done, epochs_left = time.perf_counter(), 0, self._epochs_left()
-        num_tasks = len(self.benchmark.tasks)
+        started, epochs_done, epochs_left = time.perf_counter(), 0, self.epochs_left()
         while not self.position["finished"]:
-            task_id, epoch = self._next_position()
-            if epoch == 0:
-                self.regularizer.before_task(self.model)
-                self._check_stable(task_id)
-                self._graphs.clear()  # the regulariser's state may live in new tensors now
+            task_id, epoch = self.begin_epoch()
             loss, accuracy, seconds = self.train_epoch(task_id, epoch)
-            if epoch == self.config.epochs - 1:
-                self.end_task(task_id)
-            self.position = {"task": task_id, "epoch": epoch,
-                             "finished": task_id == num_tasks - 1 and epoch == self.config.epochs - 1}
-            self.progress.epochs.append({"task": task_id, "epoch": epoch, "loss": loss,
-                                         "train_acc": accuracy, "seconds": seconds})
-            self.save()
+            self.finish_epoch(task_id, epoch, loss, accuracy, seconds)
             epochs_done += 1
-            self._log_epoch(loss, accuracy, started, epochs_done, epochs_left)
+            self.log_epoch(loss, accuracy, started, epochs_done, epochs_left)
             yield
+
+    def begin_epoch(self) -> tuple[int, int]:
+        r"""The next epoch's ``(task_id, epoch)``; at a task's start, the regulariser's step before
+        it and the stability check (raises :class:`UnstableStrength`)."""
+        task_id, epoch = self._next_position()
+        if epoch == 0:
+            self.regularizer.before_task(self.model)
+            self._check_stable(task_id)
+            self.graphs.clear()  # the regulariser's state may live in new tensors now
+        return task_id, epoch
+
+    def finish_epoch(self, task_id: int, epoch: int, loss: float, accuracy: float,
+                     seconds: float) -> None:
+        r"""After an epoch's steps: the end of its task if it was the last epoch, the new position
+        and the epoch's record, then the checkpoint."""
+        if epoch == self.config.epochs - 1:
+            self.end_task(task_id)
+        self.position = {"task": task_id, "epoch": epoch,
+                         "finished": (task_id == len(self.benchmark.tasks) - 1
+                                      and epoch == self.config.epochs - 1)}
+        self.progress.epochs.append({"task": task_id, "epoch": epoch, "loss": loss,
+                                     "train_acc": accuracy, "seconds": seconds})
+        self.save()
 
     def _next_position(self) -> tuple[int, int]:
         task_id, epoch = self.position["task"], self.position["epoch"] + 1
         return (task_id + 1, 0) if epoch == self.config.epochs else (task_id, epoch)
 
-    def _epochs_left(self) -> int:
+    def epochs_left(self) -> int:
         done = self.position["task"] * self.config.epochs + self.position["epoch"] + 1
         return len(self.benchmark.tasks) * self.config.epochs - done
 
@@ -302,7 +314,7 @@ class TrainingRun:
         r"""One pass over the task's training set; returns (mean loss, accuracy, seconds)."""
         task, head = self.benchmark.tasks[task_id], self.heads[task_id]
         started = time.perf_counter()
-        targets_of = _target_map(head, self.benchmark.num_classes, self.device)
+        targets_of = target_map(head, self.benchmark.num_classes, self.device)
         generator = derived_generator(self.config.seed, "batches", task_id, epoch)
         # [loss sum, correct], summed on device (no per-step host sync), then over the ranks.
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)
@@ -318,38 +330,26 @@ class TrainingRun:
             self.steps_this_process += 1
             if self.on_step is not None:
                 self.on_step(self.steps_this_process)
-        count = max(len(task.y_train), 1)
         loss_sum, correct = self.replicas.all_reduce(totals).tolist()
+        seconds = time.perf_counter() - started
+        return (*self.epoch_totals(task_id, epoch, loss_sum, correct, seconds), seconds)
+
+    def epoch_totals(self, task_id: int, epoch: int, loss_sum: float, correct: float,
+                     seconds: float) -> tuple[float, float]:
+        r"""An epoch's (mean loss, accuracy) from its sums; counts its time and samples. Raises
+        :class:`TrainingDiverged` when the loss or the weights are not finite."""
+        count = max(len(self.benchmark.tasks[task_id].y_train), 1)
         mean_loss, accuracy = loss_sum / count, correct / count
         self._check_finite(mean_loss, task_id, epoch)
-        seconds = time.perf_counter() - started
         self.progress.timings["train_s"] += seconds
-        self.progress.timings["samples"] += len(task.y_train)
-        return mean_loss, accuracy, seconds
+        self.progress.timings["samples"] += count
+        return mean_loss, accuracy
 
     def _step(self, task_id: int, xb: Tensor, yb: Tensor, head: Optional[Tensor],
               targets_of: Optional[Tensor], global_size: int) -> tuple[Tensor, Tensor]:
-        r"""One training step: replayed as the task's CUDA graph where it can be, else eager.
-
-        A task's first full batch runs eagerly on a side stream (capture's warm-up), the second
-        is captured and replayed; the epoch's shorter last batch always runs eagerly.
-        """
-        if not self.cuda_graphs or len(yb) != self.config.batch_size:
-            return self.train_step(xb, yb, head, targets_of, global_size)
-        graphed = self._graphs.get(task_id)
-        if graphed is None:
-            self._graphs[task_id] = "warm"
-            return warm_up(lambda x, y: self.train_step(x, y, head, targets_of), xb, yb)
-        if graphed == "warm":
-            try:
-                graphed = self._graphs[task_id] = GraphedStep(
-                    lambda x, y: self.train_step(x, y, head, targets_of), xb, yb)
-            except RuntimeError as err:  # capture records, never runs: nothing was trained
-                self.log(f"CUDA graph capture failed ({str(err).splitlines()[0][:160]}); "
-                         f"training on with eager steps")
-                self.cuda_graphs = False
-                return self.train_step(xb, yb, head, targets_of)
-        return graphed(xb, yb)
+        r"""One training step: replayed as the task's CUDA graph where it can be, else eager."""
+        return self.graphs(task_id, lambda x, y: self.train_step(x, y, head, targets_of,
+                                                                 global_size), xb, yb)
 
     def train_step(self, xb: Tensor, yb: Tensor, head: Optional[Tensor],
                    targets_of: Optional[Tensor],
@@ -365,10 +365,7 @@ class TrainingRun:
         targets = yb if head is None else targets_of[yb]
         task_grads, task_loss, _, hits = lean_gradients(self.model, xb, yb, head, targets,
                                                         self.replicas, global_size)
-        grads = self.regularizer.gradients_with_penalty(self.model, task_grads)
-        ordered = [grads[id(param)] for param in self.parameters]
-        for param, gradient in zip(self.parameters, ordered):  # as backward() leaves them
-            param.grad = gradient
+        ordered = self.gradients_with_penalty(task_grads)
         if self.config.momentum == 0:  # SGD's own foreach update without its per-call overhead
             with torch.no_grad():
                 torch._foreach_add_(self.parameters, ordered, alpha=-self.config.lr)
@@ -377,6 +374,15 @@ class TrainingRun:
             self.optimizer.step()
             self.regularizer.after_step(self.model)
         return task_loss, hits
+
+    def gradients_with_penalty(self, task_grads: dict) -> list[Tensor]:
+        r"""The lean step's gradients plus the regulariser's penalty's, in parameter order, also
+        left in each ``.grad`` (as ``backward()`` leaves them: SI reads them after the update)."""
+        grads = self.regularizer.gradients_with_penalty(self.model, task_grads)
+        ordered = [grads[id(param)] for param in self.parameters]
+        for param, gradient in zip(self.parameters, ordered):
+            param.grad = gradient
+        return ordered
 
     def autograd_step(self, xb: Tensor, yb: Tensor, head: Optional[Tensor],
                       targets_of: Optional[Tensor]) -> tuple[Tensor, Tensor]:
@@ -418,7 +424,7 @@ class TrainingRun:
         save_checkpoint(self.run_dir / CHECKPOINT_NAME, {
             "config": self.config_json,
             "benchmark": _benchmark_summary(self.benchmark),
-            "model": self.model.state_dict(),
+            "model": _own_storage(self.model.state_dict()),
             "optimizer": self._optimizer.state_dict() if self._optimizer is not None else None,
             "regularizer": self.regularizer.state_dict(),
             "rng": _rng_state(self.device),
@@ -490,7 +496,7 @@ class TrainingRun:
             f"{stable:.3g}; stopped before the task's first step. The checkpoint "
             f"{self.run_dir / CHECKPOINT_NAME} ({_describe(self.position)}) is intact")
 
-    def _log_epoch(self, loss, accuracy, started, epochs_done, epochs_left) -> None:
+    def log_epoch(self, loss, accuracy, started, epochs_done, epochs_left) -> None:
         task_id, epoch = self.position["task"], self.position["epoch"]
         elapsed = time.perf_counter() - started
         eta = elapsed / epochs_done * (epochs_left - epochs_done)
@@ -533,13 +539,21 @@ def start_or_resume(run_dir, benchmark_of: Callable[[TrainConfig], Benchmark],
     return run, "resumed"
 
 
-def _target_map(head: Optional[Tensor], num_classes: int, device) -> Optional[Tensor]:
+def target_map(head: Optional[Tensor], num_classes: int, device) -> Optional[Tensor]:
     # Global class id → position within the task's head (−1 for classes outside it).
     if head is None:
         return None
     positions = torch.full((num_classes,), -1, dtype=torch.int64, device=device)
     positions[head] = torch.arange(len(head), device=device)
     return positions
+
+
+def _own_storage(state: dict) -> dict:
+    # The tensors of a run trained in a cohort (dhp_deploy.cohort) are views of the cohort's
+    # stacked tensors, and torch.save writes a view's whole storage: every run's weights.
+    return {name: tensor.clone() if (tensor.untyped_storage().nbytes()
+                                     != tensor.numel() * tensor.element_size()) else tensor
+            for name, tensor in state.items()}
 
 
 def _benchmark_summary(benchmark: Benchmark) -> dict:

@@ -17,7 +17,7 @@ from dhp_deploy.cuda_graph import GraphedStep
 from dhp_deploy.lean_step import lean_gradients, supports_lean_step
 from dhp_deploy.network import DHPNet, task_logits
 from dhp_deploy.regularizers import build_regularizer, flat_slow_weights
-from dhp_deploy.train import TrainConfig, TrainingRun, _target_map
+from dhp_deploy.train import TrainConfig, TrainingRun, target_map
 from synthetic import split_benchmark
 
 IN, CLASSES = 20, 6
@@ -216,7 +216,7 @@ def test_a_whole_cuda_training_epoch_needs_no_host_sync(tmp_path, method):
     run.end_task(0)
     run.regularizer.before_task(run.model)
     task, head = run.benchmark.tasks[1], run.heads[1]
-    targets_of = _target_map(head, run.benchmark.num_classes, run.device)
+    targets_of = target_map(head, run.benchmark.num_classes, run.device)
     epoch = list(batches(task.x_train, task.y_train, config.batch_size,
                          torch.Generator().manual_seed(0)))
     torch.cuda.synchronize()
@@ -244,9 +244,9 @@ def test_training_replayed_as_cuda_graphs_equals_eager_training(tmp_path, method
         run = TrainingRun.start(config, _on_cuda(split_benchmark(IN, train=250, test=64)),
                                 tmp_path / str(graphs), device="cuda", cuda_graphs=graphs)
         runs[graphs] = (run, run.run())
-        assert run.cuda_graphs == graphs
+        assert run.graphs.enabled == graphs
     (graphed, graphed_metrics), (eager, eager_metrics) = runs[True], runs[False]
-    assert any(isinstance(step, GraphedStep) for step in graphed._graphs.values())
+    assert any(isinstance(step, GraphedStep) for step in graphed.graphs.captured.values())
     for (name, a), b in zip(graphed.model.state_dict().items(), eager.model.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
     # Weights equal to rounding: a test example near the boundary may flip, no more.

@@ -13,7 +13,7 @@ from dhp_deploy.network import DHPNet, task_logits
 from dhp_deploy.regularizers import (METHODS, ElasticWeightConsolidation, Finetune,
                                      MemoryAwareSynapses, SynapticIntelligence, build_regularizer,
                                      flat_slow_weights, mean_per_sample_gradient, slow_parameters)
-from dhp_deploy.train import TrainConfig, TrainingRun, _target_map
+from dhp_deploy.train import TrainConfig, TrainingRun, target_map
 from synthetic import split_benchmark
 
 CONSOLIDATING = [m for m in METHODS if m != "finetune"]
@@ -204,7 +204,7 @@ def test_si_on_the_lean_sgd_path_integrates_the_task_gradient_times_the_step(spl
     assert run.lean
     for task_id, task in enumerate(split_tasks.tasks):
         head = torch.tensor(task.classes)
-        targets_of = _target_map(head, split_tasks.num_classes, "cpu")
+        targets_of = target_map(head, split_tasks.num_classes, "cpu")
         si.before_task(model)
         for xb, yb in zip(task.x_train.split(32)[:4], task.y_train.split(32)[:4]):
             reference = copy.deepcopy(model)

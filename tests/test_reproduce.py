@@ -210,6 +210,29 @@ def test_parallel_grid_equals_sequential_and_reports_progress(tiny, tmp_path, ca
             assert parallel["acc_matrix"] == sequential["acc_matrix"], (variant, seed)
 
 
+def test_a_cohort_grid_equals_the_one_by_one_grid(tiny, tmp_path, capsys):
+    capsys.readouterr()
+    argv = ["grid", "--runs", str(tmp_path / "runs"), "--summaries", str(tmp_path / "sum"),
+            "--strengths", str(tiny / "sum" / "strengths.json"), "--variants",
+            ",".join(VARIANTS), "--seeds", "0-1", *TINY]
+    with pytest.raises(SystemExit):
+        reproduce.main([*argv, "--cohort", "0"])
+    assert "argument --cohort: '0' is not a positive whole number" in capsys.readouterr().err
+    assert reproduce.main([*argv, "--cohort", "4"]) == 0
+    progress = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
+    assert len(progress) == 8 and progress[-1].startswith("[8/8 done, ETA")
+    for variant in VARIANTS:  # plain and DHP heads: two stacks of 4 (2 methods × 2 seeds)
+        for seed in (0, 1):
+            together, alone = (json.loads((root / "runs" / "split-mnist" / TAG / variant /
+                                           f"seed{seed}" / "metrics.json").read_text())
+                               for root in (tmp_path, tiny))
+            assert together["timings"]["cohort_runs"] == 4
+            for row_together, row_alone in zip(together["acc_matrix"], alone["acc_matrix"]):
+                assert row_together == pytest.approx(row_alone, abs=0.011), (variant, seed)
+            assert (tmp_path / "sum" / "runs" / "split-mnist" / TAG / variant /
+                    f"seed{seed}.json").exists()
+
+
 def test_runs_recorded_in_summaries_are_not_redone(tiny, tmp_path, capsys):
     # Run directories elsewhere (another machine); the committed summaries are the record.
     capsys.readouterr()

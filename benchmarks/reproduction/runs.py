@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from dhp_deploy.cohort import Cohort
 from dhp_deploy.tasks import build_benchmark
 from dhp_deploy.metrics import format_duration
 from dhp_deploy.run_dir import (CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, atomic_write_json,
@@ -82,6 +83,19 @@ def run_one(config, benchmark_of, run_dir: Path, *, role: str, device: str, log)
     diverged (non-finite loss or weights) is a result, not an accident: it is recorded in
     ``diverged.json`` and not retried (the same settings diverge the same way).
     """
+    status, run = open_run(config, benchmark_of, run_dir, role=role, device=device, log=log)
+    if run is None:
+        return status, None
+    try:
+        outcome = run.run()
+    except TrainingError as err:
+        outcome = err
+    return settle(run_dir, status, outcome, log)
+
+
+def open_run(config, benchmark_of, run_dir: Path, *, role: str, device: str, log) -> tuple:
+    r"""``(status, run)``: the run of ``config`` in ``run_dir`` started or resumed, ready to
+    train, or ``("skipped" | "diverged" | "failed", None)`` when there is nothing to train."""
     run_dir = Path(run_dir)
     if (run_dir / CONFIG_NAME).exists():
         differ = same_training(config, read_config(run_dir)["training"])
@@ -99,19 +113,27 @@ def run_one(config, benchmark_of, run_dir: Path, *, role: str, device: str, log)
         _record_provenance(run_dir, "resume" if (run_dir / CHECKPOINT_NAME).exists() else "start",
                            role, argv)
         run, status = start_or_resume(run_dir, lambda _: benchmark_of(), config, device)
-        if status == "resumed":
-            log(f"  resuming {run_dir} after task {run.position['task'] + 1} "
-                f"epoch {run.position['epoch'] + 1}")
-        return status, run.run()
-    except TrainingDiverged as err:
-        log(f"  DIVERGED {run_dir}: {err}")
-        atomic_write_json(run_dir / DIVERGED_NAME, {
-            "error": str(err), **git_commit(),
+    except TrainingError as err:
+        return settle(run_dir, "failed", err, log)
+    if status == "resumed":
+        log(f"  resuming {run_dir} after task {run.position['task'] + 1} "
+            f"epoch {run.position['epoch'] + 1}")
+    return status, run
+
+
+def settle(run_dir: Path, status: str, outcome, log) -> tuple:
+    r"""``(status, metrics)`` of a run whose training ended with ``outcome``: its metrics, or the
+    TrainingError that stopped it (a divergence is recorded in ``diverged.json``)."""
+    if isinstance(outcome, TrainingDiverged):
+        log(f"  DIVERGED {run_dir}: {outcome}")
+        atomic_write_json(Path(run_dir) / DIVERGED_NAME, {
+            "error": str(outcome), **git_commit(),
             "at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
         return "diverged", None
-    except TrainingError as err:
-        log(f"  FAILED {run_dir}: {err}")
+    if isinstance(outcome, TrainingError):
+        log(f"  FAILED {run_dir}: {outcome}")
         return "failed", None
+    return status, outcome
 
 
 class BenchmarkCache:
@@ -124,29 +146,114 @@ class BenchmarkCache:
         key = json.dumps(config.data_arguments(), sort_keys=True)
         if key != self.key:
             self.benchmark = None  # free the old tensors before building the new ones
-            self.benchmark = build_benchmark(**config.data_arguments(), data_dir=self.data_dir,
-                                             device=self.device)
+            self.benchmark = self.build(config)
             self.key = key
         return self.benchmark
+
+    def build(self, config):
+        r"""A benchmark of its own, not cached (a cohort's runs hold theirs at the same time)."""
+        return build_benchmark(**config.data_arguments(), data_dir=self.data_dir,
+                               device=self.device)
 
 
 def _run_job(job, *, cache, device, summaries, log, stop_at) -> tuple[str, dict | None]:
     r"""One job ``(config, run_dir, role, summary_path)``: run (or skip) it, keep its summary."""
     config, run_dir, role, summary_path = job
-    finished = (run_dir / METRICS_NAME).exists()
-    if stop_at is not None and time.time() >= stop_at and not finished:
-        return "postponed", None
-    recorded = None if finished else recorded_result(config, summary_path)
-    if recorded is not None:
-        return recorded, None
+    status = _settled_before(job, stop_at)
+    if status is not None:
+        return status, None
     status, metrics = run_one(config, lambda: cache.get(config), run_dir, role=role,
                               device=device, log=log)
+    _keep_summary(job, status, summaries, device)
+    return status, metrics
+
+
+def _settled_before(job, stop_at) -> str | None:
+    r"""``"postponed"`` past ``--stop-after``, the recorded result of a run made elsewhere, or
+    None: the job is to be opened."""
+    config, run_dir, _, summary_path = job
+    finished = (run_dir / METRICS_NAME).exists()
+    if stop_at is not None and time.time() >= stop_at and not finished:
+        return "postponed"
+    return None if finished else recorded_result(config, summary_path)
+
+
+def _keep_summary(job, status: str, summaries, device) -> None:
     # A skipped run keeps its summary (written when it finished); rewrite only a missing one.
+    config, run_dir, _, summary_path = job
     fresh = status in ("started", "resumed") or not Path(summary_path).exists()
     if status != "failed" and summaries is not None and fresh:
         write_summary(summary_path, summarize_run(run_dir, command=train_command(asdict(config)),
                                                   device=device))
-    return status, metrics
+
+
+def _run_cohort(jobs, *, cache, device, summaries, log, stop_at) -> list[tuple]:
+    r"""Jobs whose runs can share one stacked model (:func:`cohorts`): those left to train are
+    trained together as a :class:`~dhp_deploy.cohort.Cohort`; ``[(status, metrics, seconds)]``,
+    seconds being each trained run's share of the cohort's time."""
+    results, opened = [None] * len(jobs), []
+    for index, job in enumerate(jobs):
+        config, run_dir, role, _ = job
+        status = _settled_before(job, stop_at)
+        run = None
+        if status is None:  # every run builds its own data: K runs hold K benchmarks
+            status, run = open_run(config, lambda: cache.build(config), run_dir, role=role,
+                                   device=device, log=log)
+        if run is None:
+            results[index] = (status, None, 0.0)
+        else:
+            opened.append((index, status, run))
+    by_position = {}  # a cohort killed between its runs' checkpoints resumes them apart
+    for entry in opened:
+        by_position.setdefault(json.dumps(entry[2].position, sort_keys=True), []).append(entry)
+    for group in by_position.values():
+        started = time.perf_counter()
+        outcomes = _train_together([run for _, _, run in group], log)
+        share = (time.perf_counter() - started) / len(group)
+        for index, status, run in group:
+            status, metrics = settle(run.run_dir, status, outcomes[run], log)
+            results[index] = (status, metrics, share)
+    for job, (status, _, _) in zip(jobs, results):
+        _keep_summary(job, status, summaries, device)
+    return results
+
+
+def _train_together(runs, log) -> dict:
+    r"""``{run: metrics or TrainingError}`` of ``runs`` trained as one cohort, or one at a time
+    where they cannot share a stack (the cohort's error says why)."""
+    try:
+        return Cohort(runs).run()
+    except TrainingError as err:
+        log(f"  {err}; training them one at a time")
+    outcomes = {}
+    for run in runs:
+        try:
+            outcomes[run] = run.run()
+        except TrainingError as failure:
+            outcomes[run] = failure
+    return outcomes
+
+
+# The settings in which runs of one cohort may differ: each run's regulariser is its own.
+COHORT_FREE = ("seed", "method", "ewc_lambda", "online_ewc_gamma", "si_c", "si_epsilon",
+               "mas_lambda", "fisher_samples", "head_init")
+
+
+def cohorts(jobs, size: int) -> list[list[int]]:
+    r"""The indices of ``jobs`` in groups of at most ``size`` that can train as one stacked model
+    (same settings but for COHORT_FREE), each group in the jobs' order; groups ordered by their
+    first job."""
+    groups, open_groups = [], {}
+    for index, (config, _, role, _) in enumerate(jobs):
+        settings = {key: value for key, value in asdict(config).items() if key not in COHORT_FREE}
+        key = (role, json.dumps(settings, sort_keys=True, default=str))
+        if key not in open_groups or len(open_groups[key]) == size:
+            open_groups[key] = []
+            groups.append(open_groups[key])
+        open_groups[key].append(index)
+    return groups
+
+
 # One process's state in a --jobs pool: its benchmark cache and settings (set by _init_worker).
 _WORKER: dict = {}
 
@@ -171,30 +278,40 @@ def _die_with_parent(sig) -> None:
         pass
 
 
-def _pool_job(numbered):
-    number, job = numbered
+def _pool_unit(unit):
+    r"""One unit of work: ``(numbers, jobs)``, a single job or a cohort's jobs;
+    ``[(number, status, metrics, seconds)]``."""
+    numbers, jobs = unit
     started = time.perf_counter()
     try:
-        status, metrics = _run_job(job, **_WORKER)
+        if len(jobs) == 1:
+            status, metrics = _run_job(jobs[0], **_WORKER)
+            return [(numbers[0], status, metrics, time.perf_counter() - started)]
+        return [(number, *result)
+                for number, result in zip(numbers, _run_cohort(jobs, **_WORKER))]
     except ConfigMismatch as err:
-        return number, "mismatch", str(err), 0.0
-    return number, status, metrics, time.perf_counter() - started
+        return [(numbers[0], "mismatch", str(err), 0.0)]
 
 
-def execute(jobs, *, data_dir, device, summaries, log, stop_at=None, processes=1) -> dict:
+def execute(jobs, *, data_dir, device, summaries, log, stop_at=None, processes=1,
+            cohort=1) -> dict:
     r"""Run ``jobs`` (``(config, run_dir, role, summary_path)``), ``processes`` at a time (one
-    torch thread each when more than one); return status counts. One progress line per job with
+    torch thread each when more than one), up to ``cohort`` compatible runs trained together as
+    one stacked model (:func:`cohorts`); return status counts. One progress line per job with
     the grid's state: jobs done / total and the ETA at the rate of the runs trained so far."""
     counts = {status: 0 for status in RUN_STATUS}
     trained_seconds, trained, done = 0.0, 0, 0
+    units = [([index + 1 for index in group], [jobs[index] for index in group])
+             for group in cohorts(jobs, cohort)]
     if processes > 1:
         pool = multiprocessing.get_context("spawn").Pool(
             processes, _init_worker, (data_dir, device, summaries, stop_at))
-        results = pool.imap_unordered(_pool_job, enumerate(jobs, 1))
+        results = pool.imap_unordered(_pool_unit, units)
     else:  # in this process, with its thread setting
         pool = None
         _set_worker(data_dir, device, summaries, stop_at, log)
-        results = map(_pool_job, enumerate(jobs, 1))
+        results = map(_pool_unit, units)
+    results = (result for unit_results in results for result in unit_results)
     try:
         for number, status, metrics, seconds in results:
             if status == "mismatch":
