@@ -4,7 +4,9 @@ At batch 64 the eager DHP head is about 30 small torch ops whose dispatch (3–1
 cost, not their arithmetic: on a 2-core CPU, one thread, its forward + backward took 311 µs
 against a plain head's 44 µs. The same arithmetic as three C++ kernels around ATen's three matmuls
 takes 73 µs, which brings the DHP training step to the plain one's cost
-(benchmarks/bench_layer.py measures both side by side).
+(benchmarks/bench_layer.py measures both side by side). The cross-entropy that ends both heads'
+steps (log-softmax, its gradient, the task's logits and the hit count: a dozen ops, ~80 µs) is a
+fourth kernel.
 
 torch builds the extension on first use (:mod:`torch.utils.cpp_extension`: a C++ compiler and
 ninja, about 20 s; ``make install`` does it ahead) and caches it. Where it cannot build, or with
@@ -47,7 +49,8 @@ def build_directory() -> Path:
 
 @cache
 def kernels() -> Optional[ModuleType]:
-    r"""The compiled kernels (``class_stats``, ``head_forward``, ``head_backward``), or None."""
+    r"""The compiled kernels (``class_stats``, ``head_forward``, ``head_backward``,
+    ``cross_entropy``), or None."""
     directory = build_directory()
     try:
         from torch.utils import cpp_extension

@@ -38,6 +38,8 @@ from dhp_deploy.network import DHPNet, PlainHead
 
 __all__ = ["supports_lean_step", "lean_gradients", "step_gradients", "stacked_gradients"]
 
+_ALL_CLASSES = torch.empty(0, dtype=torch.int64)  # the fused cross-entropy's "no task head"
+
 
 def supports_lean_step(model: nn.Module) -> bool:
     r"""True for a :class:`DHPNet` whose trunk is Linear and ReLU layers only."""
@@ -81,7 +83,8 @@ def step_gradients(params: list, hebb: Optional[Tensor], x: Tensor, y: Tensor,
     ``params`` are a :class:`DHPNet`'s parameters in its own order: each trunk layer's weight and
     bias, then the head's ``w, alpha, eta`` (DHP, whose trace ``hebb`` is updated in place) or
     its weight (plain, ``hebb`` None). Returns the gradients in the same order, the loss, the
-    logits the loss used and the hit count. ``fused``: the fused CPU head kernels (not under vmap).
+    logits the loss used and the hit count. ``fused``: the fused CPU kernels (the DHP head's and
+    the cross-entropy's; not under vmap).
     """
     with torch.no_grad():
         trunk = params[:-3] if hebb is not None else params[:-1]
@@ -96,10 +99,15 @@ def step_gradients(params: list, hebb: Optional[Tensor], x: Tensor, y: Tensor,
             logits_all, head_backward = _fused_dhp_head(*params[-3:], hebb, h, y, replicas)
         else:
             logits_all, head_backward = _dhp_head(*params[-3:], hebb, h, y, replicas)
-        logits = logits_all if head is None else logits_all.index_select(1, head)
-        loss, dlogits = _cross_entropy_and_gradient(logits, targets, batch_size)
-        dz = dlogits if head is None else \
-            torch.zeros_like(logits_all).index_copy(1, head, dlogits)  # vmap batches it, not index_copy_
+        if fused:
+            loss, dz, logits, hits = fused_head.kernels().cross_entropy(
+                logits_all, _ALL_CLASSES if head is None else head, targets, batch_size)
+        else:
+            logits = logits_all if head is None else logits_all.index_select(1, head)
+            loss, dlogits = _cross_entropy_and_gradient(logits, targets, batch_size)
+            dz = dlogits if head is None else \
+                torch.zeros_like(logits_all).index_copy(1, head, dlogits)  # vmap batches this
+            hits = (logits.argmax(1) == targets).sum()
         dh, head_grads = head_backward(dz)
         trunk_grads = []
         for index in range(len(weights) - 1, -1, -1):
@@ -111,7 +119,6 @@ def step_gradients(params: list, hebb: Optional[Tensor], x: Tensor, y: Tensor,
         if replicas.distributed:  # the DHP head's are already the global batch's gradients
             replicas.all_reduce_flat(trunk_grads if hebb is not None else
                                      trunk_grads + head_grads)
-        hits = (logits.argmax(1) == targets).sum()
     return trunk_grads + head_grads, loss, logits, hits
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from dhp_deploy import fused_head
 from dhp_deploy.tasks import batches
 from dhp_deploy.cuda_graph import GraphedStep
-from dhp_deploy.lean_step import lean_gradients, supports_lean_step
+from dhp_deploy.lean_step import _cross_entropy_and_gradient, lean_gradients, supports_lean_step
 from dhp_deploy.network import DHPNet, task_logits
 from dhp_deploy.regularizers import build_regularizer, flat_slow_weights
 from dhp_deploy.train import TrainConfig, TrainingRun, target_map
@@ -160,6 +160,26 @@ def test_fused_head_refuses_labels_out_of_range():
     kernels = built_kernels()
     with pytest.raises(RuntimeError, match="label 6 is not in"):
         kernels.class_stats(torch.randn(3, IN), torch.tensor([0, 6, 1]), CLASSES)
+
+
+@pytest.mark.parametrize("head", [None, [3, 1, 4]], ids=["all classes", "task head"])
+def test_fused_cross_entropy_equals_the_eager_one(head):
+    kernels = built_kernels()
+    generator = torch.Generator().manual_seed(2)
+    logits = torch.randn(16, CLASSES, dtype=torch.float64, generator=generator) * 30
+    logits[0] = 1.0  # ties: the first maximum is the prediction, as argmax's
+    classes = torch.empty(0, dtype=torch.int64) if head is None else torch.tensor(head)
+    used = logits if head is None else logits.index_select(1, classes)
+    targets = torch.randint(0, used.shape[1], (16,), generator=generator)
+    loss, dz, fused_used, hits = kernels.cross_entropy(logits, classes, targets, 64)
+    expected_loss, expected_dlogits = _cross_entropy_and_gradient(used, targets, 64)
+    expected_dz = torch.zeros_like(logits)
+    expected_dz[:, classes if head is not None else slice(None)] = expected_dlogits
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-12, atol=0)
+    torch.testing.assert_close(dz, expected_dz, rtol=1e-12, atol=1e-15)
+    assert torch.equal(fused_used, used) and hits == (used.argmax(1) == targets).sum()
+    with pytest.raises(RuntimeError, match=f"label {used.shape[1]} is not in"):
+        kernels.cross_entropy(logits, classes, torch.full((16,), used.shape[1]), 64)
 
 
 def test_other_models_fall_back_to_autograd():

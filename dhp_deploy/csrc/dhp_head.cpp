@@ -1,7 +1,8 @@
 // The DHP head's training step on the CPU as three kernels: the class statistics, the forward
-// (trace update, W_eff, logits) and the backward. The maths is dhp_deploy/lean_step.py's eager
-// head; the rounding differs by an ulp here and there (torch's vectorised lerp fuses its
-// multiply-add, this scalar one does not). The three matmuls stay ATen's.
+// (trace update, W_eff, logits) and the backward; and the cross-entropy both heads' lean steps
+// end with (a dozen small ATen ops as one call). The maths is dhp_deploy/lean_step.py's eager
+// code; the rounding differs by an ulp here and there (torch's vectorised lerp fuses its
+// multiply-add, this scalar one does not). The matmuls stay ATen's.
 //
 // Layouts: θ, α and the trace are (in, out) like the layer stores them; W_eff and dW are
 // (out, in), the layout in which the CPU kernels run the 64×256×10 products fastest.
@@ -138,7 +139,51 @@ std::vector<at::Tensor> head_backward(const at::Tensor& dz, const at::Tensor& y_
   return {dh, d_alpha, d_eta};
 }
 
+// The mean cross-entropy's share of a batch of `batch_size` rows over the logits of the classes
+// `head` (the task's class ids; empty: all classes), `targets` being positions within them.
+// Returns [loss (0-dim), dz (B, out): (softmax − onehot) / batch_size within head, 0 outside,
+// the logits the loss used (B, k), hits (0-dim int64: rows whose argmax is the target)].
+std::vector<at::Tensor> cross_entropy(const at::Tensor& logits_in, const at::Tensor& head_in,
+                                      const at::Tensor& targets_in, int64_t batch_size) {
+  const at::Tensor logits_all = logits_in.contiguous(), targets = targets_in.contiguous();
+  const int64_t rows = logits_all.size(0), out = logits_all.size(1);
+  const at::Tensor head = head_in.numel() ? head_in.contiguous() : at::arange(out, targets.options());
+  const int64_t k = head.size(0);
+  check_labels(head, out);
+  check_labels(targets, k);
+  at::Tensor dz = at::zeros_like(logits_all), logits = at::empty({rows, k}, logits_all.options());
+  at::Tensor loss = at::empty({}, logits_all.options());
+  int64_t hits = 0;
+  AT_DISPATCH_FLOATING_TYPES(logits_all.scalar_type(), "cross_entropy", [&] {
+    const scalar_t* zp = logits_all.data_ptr<scalar_t>();
+    const int64_t *hp = head.data_ptr<int64_t>(), *tp = targets.data_ptr<int64_t>();
+    scalar_t *lp = logits.data_ptr<scalar_t>(), *dp = dz.data_ptr<scalar_t>();
+    const scalar_t share = scalar_t(1) / scalar_t(batch_size);
+    double total = 0;
+    for (int64_t b = 0; b < rows; ++b) {
+      scalar_t* z = lp + b * k;
+      int64_t best = 0;
+      for (int64_t c = 0; c < k; ++c) {
+        z[c] = zp[b * out + hp[c]];
+        if (z[c] > z[best]) best = c;  // the first of equal maxima, as argmax
+      }
+      scalar_t sum = 0;
+      for (int64_t c = 0; c < k; ++c) sum += std::exp(z[c] - z[best]);
+      const scalar_t log_sum = z[best] + std::log(sum);
+      total += log_sum - z[tp[b]];
+      hits += best == tp[b];
+      for (int64_t c = 0; c < k; ++c) {
+        const scalar_t p = std::exp(z[c] - log_sum) - (c == tp[b] ? scalar_t(1) : scalar_t(0));
+        dp[b * out + hp[c]] = p * share;
+      }
+    }
+    loss.fill_(total / static_cast<double>(batch_size));
+  });
+  return {loss, dz, logits, at::scalar_tensor(hits, targets.options())};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("cross_entropy", &cross_entropy);
   m.def("class_stats", &class_stats);
   m.def("head_forward", &head_forward);
   m.def("head_backward", &head_backward);
