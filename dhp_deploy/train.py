@@ -362,7 +362,7 @@ class TrainingRun:
         """
         if not self.lean:
             return self.autograd_step(xb, yb, head, targets_of)
-        targets = yb if head is None else targets_of[yb]
+        targets = yb if head is None else targets_of.index_select(0, yb)
         task_grads, task_loss, _, hits = lean_gradients(self.model, xb, yb, head, targets,
                                                         self.replicas, global_size)
         ordered = self.gradients_with_penalty(task_grads)

@@ -233,6 +233,40 @@ def test_a_cohort_grid_equals_the_one_by_one_grid(tiny, tmp_path, capsys):
                     f"seed{seed}.json").exists()
 
 
+def test_a_cohort_grid_resumes_runs_left_at_different_epochs(tiny, tmp_path, capsys):
+    # A cohort killed between its runs' checkpoints leaves them an epoch apart: each position's
+    # runs resume as a cohort of their own, and every run ends as the one-by-one grid's.
+    from dhp_deploy.tasks import build_benchmark
+    from dhp_deploy.train import TrainingRun
+    from reproduction.jobs import grid_jobs
+
+    def argv_of(name):
+        return ["grid", "--runs", str(tmp_path / name), "--summaries",
+                str(tmp_path / f"{name}-sum"),
+                "--strengths", str(tiny / "sum" / "strengths.json"), "--variants", "finetune,ewc",
+                "--seeds", "0-1", *TINY, "--epochs", "2"]
+
+    argv = argv_of("runs")
+    (config, run_dir, _, _), = [job for job in grid_jobs(reproduce.parse_arguments(argv))
+                                if job[1].parts[-2:] == ("finetune", "seed1")]
+    ahead = TrainingRun.start(config, build_benchmark(**config.data_arguments()), run_dir)
+    next(ahead.epochs())  # task 1 epoch 1 done, the others not started
+    capsys.readouterr()
+    assert reproduce.main([*argv, "--cohort", "4"]) == 0
+    assert "4 trained (1 resumed)" in capsys.readouterr().out
+    assert reproduce.main(argv_of("alone")) == 0
+    for variant in ("finetune", "ewc"):
+        for seed in (0, 1):
+            together, alone = (json.loads((tmp_path / root / "split-mnist" /
+                                           "e2-h16-t2-n200-m100-f20" / variant / f"seed{seed}" /
+                                           "metrics.json").read_text())
+                               for root in ("runs", "alone"))
+            stacked = 1 if (variant, seed) == ("finetune", 1) else 3  # the two positions' cohorts
+            assert together["timings"]["cohort_runs"] == stacked
+            for row_together, row_alone in zip(together["acc_matrix"], alone["acc_matrix"]):
+                assert row_together == pytest.approx(row_alone, abs=0.011), (variant, seed)
+
+
 def test_runs_recorded_in_summaries_are_not_redone(tiny, tmp_path, capsys):
     # Run directories elsewhere (another machine); the committed summaries are the record.
     capsys.readouterr()
