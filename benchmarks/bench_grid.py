@@ -5,7 +5,7 @@ vs ``--cohort K`` (K runs trained as one vectorised model, dhp_deploy.cohort).
     python benchmarks/bench_grid.py --runs 4 --epochs 1 --tasks 2   # a quick look
     python benchmarks/bench_grid.py --device cuda --jobs 1 --cohort 8  # on a GPU
 
-The same runs (Finetune and DHP, seeds 0..) are trained twice into fresh temporary directories,
+The same runs (Finetune and DHP, seeds 0..) are trained three times into fresh temporary folders,
 first sequentially (one process, one thread) and then with ``--jobs N`` (N one-thread worker
 processes) and then in one process with ``--cohort K`` (Finetune's runs in stacks of K, DHP's in
 others), and the wall time of each whole grid command is compared. On a 2-core machine the

@@ -18,6 +18,11 @@ and for each trunk layer ``a = h_in Aᵀ + b``, ``h_out = relu(a)``: ``da = dh_o
 ``dA = daᵀ h_in``, ``db = Σ_rows da``, ``dh_in = da A``. Floating-point rounding differs from the
 autograd step (other op order), so the two are equal to rounding, not bit for bit.
 
+The maths is written once, on plain tensors (:func:`step_gradients`): :func:`lean_gradients`
+runs it on a model, :func:`stacked_gradients` runs it under ``torch.vmap`` on ``K`` stacked
+networks at once (:mod:`dhp_deploy.cohort`). On the CPU the DHP head and the cross-entropy run as
+fused C++ kernels (:mod:`dhp_deploy.fused_head`) where they built.
+
 Data-parallel (:mod:`dhp_deploy.distributed`): each rank passes its slice of the global batch and
 the global batch size. The class sums and counts are all-reduced before the trace update, ``dW``
 mid-backward (so ``dα``, ``dη`` and the class means' backward are the global batch's on every

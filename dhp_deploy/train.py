@@ -540,7 +540,8 @@ def start_or_resume(run_dir, benchmark_of: Callable[[TrainConfig], Benchmark],
 
 
 def target_map(head: Optional[Tensor], num_classes: int, device) -> Optional[Tensor]:
-    # Global class id → position within the task's head (−1 for classes outside it).
+    r"""Global class id → position within the task's ``head`` (−1 for classes outside it); None
+    for no head (all classes: the targets are the labels)."""
     if head is None:
         return None
     positions = torch.full((num_classes,), -1, dtype=torch.int64, device=device)

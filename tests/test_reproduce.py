@@ -218,6 +218,9 @@ def test_a_cohort_grid_equals_the_one_by_one_grid(tiny, tmp_path, capsys):
     with pytest.raises(SystemExit):
         reproduce.main([*argv, "--cohort", "0"])
     assert "argument --cohort: '0' is not a positive whole number" in capsys.readouterr().err
+    assert reproduce.main([*argv, "--cohort", "4", "--stop-after", "0"]) == 0  # all postponed
+    assert "8 runs left for a later sitting" in capsys.readouterr().out
+    assert not (tmp_path / "sum").exists() and not (tmp_path / "runs").exists()
     assert reproduce.main([*argv, "--cohort", "4"]) == 0
     progress = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
     assert len(progress) == 8 and progress[-1].startswith("[8/8 done, ETA")

@@ -191,12 +191,12 @@ def _run_cohort(jobs, *, cache, device, summaries, log, stop_at) -> list[tuple]:
     r"""Jobs whose runs can share one stacked model (:func:`cohorts`): those left to train are
     trained together as a :class:`~dhp_deploy.cohort.Cohort`; ``[(status, metrics, seconds)]``,
     seconds being each trained run's share of the cohort's time."""
-    results, opened = [None] * len(jobs), []
+    results, opened, tried = [None] * len(jobs), [], []
     for index, job in enumerate(jobs):
         config, run_dir, role, _ = job
-        status = _settled_before(job, stop_at)
-        run = None
+        status, run = _settled_before(job, stop_at), None
         if status is None:  # every run builds its own data: K runs hold K benchmarks
+            tried.append(index)
             status, run = open_run(config, lambda: cache.build(config), run_dir, role=role,
                                    device=device, log=log)
         if run is None:
@@ -213,8 +213,8 @@ def _run_cohort(jobs, *, cache, device, summaries, log, stop_at) -> list[tuple]:
         for index, status, run in group:
             status, metrics = settle(run.run_dir, status, outcomes[run], log)
             results[index] = (status, metrics, share)
-    for job, (status, _, _) in zip(jobs, results):
-        _keep_summary(job, status, summaries, device)
+    for index in tried:  # as _run_job: not for the postponed or those recorded elsewhere
+        _keep_summary(jobs[index], results[index][0], summaries, device)
     return results
 
 
