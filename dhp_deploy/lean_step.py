@@ -41,7 +41,8 @@ from dhp_deploy.distributed import SINGLE, Replicas
 from dhp_deploy.layer import DHPSoftmax, class_sums
 from dhp_deploy.network import DHPNet, PlainHead
 
-__all__ = ["supports_lean_step", "lean_gradients", "step_gradients", "stacked_gradients"]
+__all__ = ["supports_lean_step", "lean_gradients", "step_gradients", "stacked_gradients",
+           "transformed_gradient_sums", "MULTIPLICATIVE"]
 
 _ALL_CLASSES = torch.empty(0, dtype=torch.int64)  # the fused cross-entropy's "no task head"
 
@@ -136,6 +137,58 @@ def stacked_gradients(params: list, hebb: Optional[Tensor], x: Tensor, y: Tensor
     step = partial(step_gradients, batch_size=x.shape[1])
     in_dims = (0, None if hebb is None else 0, 0, 0, None, 0)
     return torch.vmap(step, in_dims=in_dims)(params, hebb, x, y, head, targets)
+
+
+# Transforms with T(a·b) = T(a)·T(b): for them a per-sample gradient's transform sums in closed form.
+MULTIPLICATIVE = (torch.square, torch.abs)
+
+
+def transformed_gradient_sums(model: DHPNet, inputs: Tensor, classes: Optional[Tensor],
+                              sample_loss, transform) -> list[Tensor]:
+    r"""``Σ_k transform(∇_θ sample_loss(z_k))`` over the rows ``x_k`` of ``inputs``, for every slow
+    weight θ of ``model`` in its parameter order (the trunk's weights and biases, then the head's
+    θ), with ``z_k`` the logits in eval mode (the trace read, not updated), restricted to
+    ``classes`` if given. What EWC's Fisher and MAS's importance need, without per-sample gradients.
+
+    A sample's gradient of a linear map's weight is the outer product ``δ_k a_kᵀ`` of the signal at
+    its output and its input, so for a ``transform`` in :data:`MULTIPLICATIVE` the sum over samples
+    is one matmul, ``T(δ)ᵀ T(a)``, and a bias's is ``Σ_k T(δ_k)``: one batched forward and backward
+    instead of one gradient per sample (1000 samples of a 784-256-256 net: ~1.4 s by ``vmap`` over
+    ``grad`` on this repository's 2-core CPU). The signals at the logits come from autograd on the
+    logits alone.
+    """
+    if transform not in MULTIPLICATIVE:
+        raise ValueError(f"{transform} is not one of the multiplicative transforms")
+    params = list(model.parameters())
+    dhp = isinstance(model.head, DHPSoftmax)
+    with torch.no_grad():
+        trunk = params[:-3] if dhp else params[:-1]
+        weights, biases = trunk[0::2], trunk[1::2]
+        activations = [inputs]
+        for weight, bias in zip(weights, biases):
+            activations.append(torch.addmm(bias, activations[-1], weight.t()).clamp_min_(0))
+        h = activations[-1]
+        head_weight = (torch.addcmul(model.head.w, model.head.alpha, model.head.hebb) if dhp
+                       else model.head.linear.weight.t())  # (in, out)
+        logits_all = h.matmul(head_weight)
+        logits = logits_all if classes is None else logits_all.index_select(1, classes)
+    # The rows' loss gradients by autograd, row by row (50 ms per 1000 rows; torch.func's vmap
+    # would take 1 ms, after a 1.4 s first call that imports torch._dynamo).
+    rows = logits.detach().requires_grad_()
+    with torch.enable_grad():
+        dz, = torch.autograd.grad(sum(sample_loss(row) for row in rows.unbind(0)), rows)
+    with torch.no_grad():
+        dz = dz if classes is None else torch.zeros_like(logits_all).index_copy(1, classes, dz)
+        head_sum = transform(h).t().matmul(transform(dz))  # (in, out): θ's layout
+        sums = [head_sum if dhp else head_sum.t()]
+        dh = dz.matmul(head_weight.t())
+        for index in range(len(weights) - 1, -1, -1):
+            da = torch.ops.aten.threshold_backward(dh, activations[index + 1], 0)
+            sums[:0] = [transform(da).t().matmul(transform(activations[index])),
+                        transform(da).sum(0)]
+            if index > 0:
+                dh = da.matmul(weights[index])
+    return sums
 
 
 def _dhp_head(w: Tensor, alpha: Tensor, eta: Tensor, old: Tensor, h: Tensor, y: Tensor,

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from dhp_deploy.distributed import SINGLE, Replicas
+from dhp_deploy.lean_step import MULTIPLICATIVE, supports_lean_step, transformed_gradient_sums
 from dhp_deploy.network import plastic_parameters, task_logits
 
 __all__ = ["METHODS", "DEFAULTS", "STRENGTH_OPTION", "SEARCHED_STRENGTHS", "build_regularizer",
@@ -61,6 +62,8 @@ SEARCHED_STRENGTHS = {
 
 # Per-sample gradients are computed this many samples at a time (memory ~ chunk × #slow weights).
 PER_SAMPLE_CHUNK = 64
+# Rows per batched pass of the closed form (memory ~ chunk × the widest layer).
+CLOSED_FORM_CHUNK = 4096
 
 
 def slow_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -118,12 +121,20 @@ def mean_per_sample_gradient(model: nn.Module, inputs: Tensor, classes: Optional
                              replicas: Replicas = SINGLE) -> Tensor:
     r"""``mean_k transform(∇_θ sample_loss(logits(x_k)))`` over the rows of ``inputs``, flat.
 
-    Per-sample gradients come from ``torch.func`` (``vmap`` over ``grad``) with respect to the slow
+    For the networks the lean step trains and a square or abs ``transform``, in closed form
+    (:func:`dhp_deploy.lean_step.transformed_gradient_sums`: one batched backward). Otherwise
+    per-sample gradients come from ``torch.func`` (``vmap`` over ``grad``) with respect to the slow
     weights only. The model runs in eval mode, so the DHP head uses its current trace and does not
     update it; the previous mode is restored afterwards. ``classes`` restricts the logits to one
     task's head (task-incremental), ``None`` keeps all of them. Data-parallel, each rank sums
     over its shard of ``inputs`` and the sums are all-reduced.
     """
+    if transform in MULTIPLICATIVE and supports_lean_step(model):  # the same sums, in closed form
+        total = sum(torch.cat([part.reshape(-1) for part in
+                               transformed_gradient_sums(model, chunk, classes, sample_loss,
+                                                         transform)])
+                    for chunk in replicas.shard(inputs).split(CLOSED_FORM_CHUNK))
+        return replicas.all_reduce(total) / max(len(inputs), 1)
     was_training = model.training
     model.eval()
     try:
@@ -138,7 +149,8 @@ def mean_per_sample_gradient(model: nn.Module, inputs: Tensor, classes: Optional
             return sample_loss(logits[0])
 
         per_sample_grads = vmap(grad(loss_of_one), in_dims=(None, 0))
-        total = torch.zeros(sum(p.numel() for p in slow.values()), device=inputs.device)
+        total = torch.zeros(sum(p.numel() for p in slow.values()), dtype=inputs.dtype,
+                            device=inputs.device)
         for chunk in replicas.shard(inputs).split(PER_SAMPLE_CHUNK):
             grads = per_sample_grads(slow, chunk)
             flat = torch.cat([g.reshape(len(chunk), -1) for g in grads.values()], dim=1)
