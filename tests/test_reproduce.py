@@ -223,7 +223,11 @@ def test_a_cohort_grid_equals_the_one_by_one_grid(tiny, tmp_path, capsys):
     assert not (tmp_path / "sum").exists() and not (tmp_path / "runs").exists()
     assert reproduce.main([*argv, "--cohort", "4"]) == 0
     progress = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
-    assert len(progress) == 8 and progress[-1].startswith("[8/8 done, ETA")
+    assert len(progress) == 8 and progress[-1].startswith("[8/8 done, ETA 0s]")
+    # A cohort's runs finish together: their lines share the ETA after the whole cohort.
+    assert progress[0].startswith("[1/8 done, ETA") and progress[3].startswith("[4/8 done, ETA")
+    assert progress[0].split("ETA")[1].split("]")[0] == progress[3].split("ETA")[1].split("]")[0]
+    assert all("(its share: 4 runs trained together)" in line for line in progress)
     for variant in VARIANTS:  # plain and DHP heads: two stacks of 4 (2 methods × 2 seeds)
         for seed in (0, 1):
             together, alone = (json.loads((root / "runs" / "split-mnist" / TAG / variant /

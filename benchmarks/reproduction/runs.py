@@ -293,6 +293,16 @@ def _pool_unit(unit):
         return [(numbers[0], "mismatch", str(err), 0.0)]
 
 
+def _outcome(role: str, status: str, metrics, seconds: float) -> str:
+    if status not in ("started", "resumed") or metrics is None:
+        return status
+    # The search shows validation accuracy only: its choices must not see test data.
+    split, key = ("val", "val_avg_acc") if role == "search" else ("test", "avg_acc")
+    stacked = metrics["timings"].get("cohort_runs", 1)
+    share = f" (its share: {stacked} runs trained together)" if stacked > 1 else ""
+    return f"final {split} avg acc {100 * metrics[key][-1]:.2f}% in {seconds:.0f}s{share}"
+
+
 def execute(jobs, *, data_dir, device, summaries, log, stop_at=None, processes=1,
             cohort=1) -> dict:
     r"""Run ``jobs`` (``(config, run_dir, role, summary_path)``), ``processes`` at a time (one
@@ -311,26 +321,24 @@ def execute(jobs, *, data_dir, device, summaries, log, stop_at=None, processes=1
         pool = None
         _set_worker(data_dir, device, summaries, stop_at, log)
         results = map(_pool_unit, units)
-    results = (result for unit_results in results for result in unit_results)
     try:
-        for number, status, metrics, seconds in results:
-            if status == "mismatch":
-                raise ConfigMismatch(metrics)
-            config, run_dir, role, _ = jobs[number - 1]
-            counts[status] += 1
-            done += 1
-            if status in ("started", "resumed") and metrics is not None:
-                counts["finished"] += 1
-                trained, trained_seconds = trained + 1, trained_seconds + seconds
-                # The search shows validation accuracy only: its choices must not see test data.
-                split, key = ("val", "val_avg_acc") if role == "search" else ("test", "avg_acc")
-                what = f"final {split} avg acc {100 * metrics[key][-1]:.2f}% in {seconds:.0f}s"
-            else:
-                what = status
+        for unit_results in results:  # one run's, or a cohort's runs' (they finish together)
+            lines = []
+            for number, status, metrics, seconds in unit_results:
+                if status == "mismatch":
+                    raise ConfigMismatch(metrics)
+                _, run_dir, role, _ = jobs[number - 1]
+                counts[status] += 1
+                done += 1
+                if status in ("started", "resumed") and metrics is not None:
+                    counts["finished"] += 1
+                    trained, trained_seconds = trained + 1, trained_seconds + seconds
+                lines.append((done, run_dir, _outcome(role, status, metrics, seconds)))
             left = len(jobs) - done
             eta = (f"ETA {format_duration(trained_seconds / trained * left / processes)}"
                    if trained else "ETA n/a")
-            log(f"[{done}/{len(jobs)} done, {eta}] {run_dir}: {what}")
+            for done_then, run_dir, outcome in lines:
+                log(f"[{done_then}/{len(jobs)} done, {eta}] {run_dir}: {outcome}")
     finally:
         if pool is not None:
             pool.terminate()
