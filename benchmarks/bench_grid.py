@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from timing import Figures
+from timing import Figures, matmul_peak
 
 HERE = Path(__file__).resolve().parent
 
@@ -70,7 +70,14 @@ def main() -> dict:
     for name, ratio in ratios.items():
         target = " (target ≥ 1.6 on 2 cores)" if name.startswith("--jobs") else ""
         figures.key(f"{name} / sequential throughput: {ratio:.2f}{target}")
-    figures.data = {"results": results, "ratios": ratios}
+    scaling = None
+    if args.device == "cpu":  # the ceiling of --jobs N here: how far the cores' matmuls scale
+        rates = matmul_peak(engines=("torch.mm", "torch.mm 1 thread"))
+        scaling = rates["torch.mm"] / rates["torch.mm 1 thread"]
+        figures.key(f"this host's torch.mm, all cores / one thread: {scaling:.2f} "
+                    f"({rates['torch.mm']:.0f} / {rates['torch.mm 1 thread']:.0f} GFLOP/s, "
+                    f"measured after the grids): what N one-thread runs can gain at most")
+    figures.data = {"results": results, "ratios": ratios, "matmul_scaling": scaling}
     figures.write(args.json)
     return figures.data
 
