@@ -59,6 +59,18 @@ def test_each_run_of_a_cohort_equals_the_run_trained_alone(dhp, tmp_path, data_d
         assert (run.run_dir / "metrics.json").exists()
 
 
+def test_a_one_head_cohort_equals_its_runs_alone(tmp_path, data_dir):
+    # Class-incremental: one head over all classes, no task head to select (head None).
+    configs = [TrainConfig(method=method, seed=seed, class_incremental=True, **SMALL)
+               for seed, method in ((0, "finetune"), (1, "si"))]
+    runs = started(configs, tmp_path, data_dir)
+    assert runs[0].heads[0] is None
+    outcomes = Cohort(runs).run()
+    for config, run in zip(configs, runs):
+        reference, metrics = alone(config, tmp_path / f"alone-{config.seed}", data_dir)
+        assert_same_run(run, reference, outcomes[run], metrics)
+
+
 def test_a_cohort_resumes_from_its_runs_checkpoints(tmp_path, data_dir):
     configs = [TrainConfig(method=method, seed=seed, **SMALL)
                for seed, method in ((0, "si"), (1, "ewc"))]
