@@ -277,6 +277,49 @@ def test_training_replayed_as_cuda_graphs_equals_eager_training(tmp_path, method
         [e["loss"] for e in eager.progress.epochs], rel=1e-5)
 
 
+def test_graphed_steps_warm_up_capture_replay_and_fall_back(monkeypatch):
+    # The per-task state machine the training loop and the cohort share, on the CPU with the
+    # CUDA parts replaced by recorders (a real capture runs in the gpu tests above).
+    from dhp_deploy import cuda_graph
+    calls = []
+
+    class Capture:
+        def __init__(self, step, x, y):
+            if calls and calls[-1] == "fail next":
+                raise RuntimeError("operation not permitted when stream is capturing\nmore")
+            calls.append(("capture", len(y)))
+            self.step = step
+
+        def __call__(self, x, y):
+            calls.append(("replay", len(y)))
+            return self.step(x, y)
+
+    monkeypatch.setattr(cuda_graph, "GraphedStep", Capture)
+    monkeypatch.setattr(cuda_graph, "warm_up",
+                        lambda step, x, y: calls.append("warm") or step(x, y))
+    logged = []
+    graphs = cuda_graph.GraphedSteps(True, batch_size=4, log=logged.append)
+
+    def step(x, y):
+        calls.append(("eager", len(y)))
+        return (x.sum(),)
+
+    full, short = (torch.ones(4, 2), torch.zeros(4)), (torch.ones(3, 2), torch.zeros(3))
+    for batch in (full, full, full, short):
+        graphs("task 0", step, *batch)
+    assert calls == ["warm", ("eager", 4), ("capture", 4), ("replay", 4), ("eager", 4),
+                     ("replay", 4), ("eager", 4), ("eager", 3)]
+    graphs.clear()  # a new task: warm up and capture again
+    calls.clear()
+    graphs("task 1", step, *full)
+    calls.append("fail next")
+    graphs("task 1", step, *full)  # the capture fails: eager from now on, said once
+    graphs("task 1", step, *full)
+    assert calls == ["warm", ("eager", 4), "fail next", ("eager", 4), ("eager", 4)]
+    assert not graphs.enabled and len(logged) == 1
+    assert logged[0].startswith("CUDA graph capture failed (operation not permitted")
+
+
 def test_a_stale_build_lock_does_not_hang_the_next_run(tmp_path):
     r"""A builder killed outright leaves torch's lock file; a later process must not wait on it
     forever (torch's own wait has no timeout): a lock older than a build can take is removed."""
