@@ -7,9 +7,10 @@ with a DHP head and with a plain head: the lean step that dhp-train runs (``Trai
 forward, hand-written backward and SGD update; on the CPU the DHP head's fused kernels, and the
 same step with the head's eager torch ops) and the generic autograd step (module forward,
 ``loss.backward()``, ``optimizer.step()``), and the lean DHP step with each regulariser's penalty
-active (a first task consolidated) against finetune's; (2) the output layer alone (forward + backward) for
-the vectorised DHPSoftmax, the authors' per-class loop (tests/oracle.py) and a plain linear
-layer. All variants are timed interleaved in one process, so machine noise hits them alike; the
+active (a first task consolidated) against finetune's; on the CPU also the step's gradients
+eager (with the fused kernels) against ``torch.compile`` of the same maths; (2) the output layer
+alone (forward + backward) for the vectorised DHPSoftmax, the authors' per-class loop
+(tests/oracle.py) and a plain linear layer. All variants are timed interleaved in one process, so machine noise hits them alike; the
 figure is the median over rounds. The fp32 matmul peak (1024³ torch.mm, best of 10) is measured
 in the same run, with the same threads, and the lean plain step's GFLOP/s compared with it. On
 CUDA it also checks the vectorised step makes no host sync.
@@ -18,6 +19,7 @@ CUDA it also checks the vectorised step makes no host sync.
 import argparse
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -26,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from oracle import algorithm1_step  # noqa: E402
 
 from dhp_deploy import DHPSoftmax, fused_head  # noqa: E402
+from dhp_deploy.lean_step import step_gradients  # noqa: E402
 from dhp_deploy.tasks import Benchmark, Task  # noqa: E402
 from dhp_deploy.train import TrainConfig, TrainingRun, target_map  # noqa: E402
 from timing import (Figures, cuda_sync, matmul_peak, median_times,  # noqa: E402
@@ -85,6 +88,27 @@ def with_eager_head(step):
     return run
 
 
+def compiled_gradients(x, y, device) -> dict:
+    r"""The lean step's gradients alone (no update), eager (with the fused kernels on the CPU)
+    and through ``torch.compile`` of the same maths (``lean_step.step_gradients``; the fused
+    kernels are opaque to it, so it compiles the eager ops): what the compiler buys here."""
+    benchmark, head, targets_of = timing_task(x, y, device)
+    targets, fused = targets_of.index_select(0, y), fused_head.usable(x)
+    steps = {}
+    for dhp, name in ((True, "DHPNet"), (False, "plain net")):
+        model = TrainingRun(TrainConfig(dhp=dhp, hidden=(HIDDEN, HIDDEN)), benchmark,
+                            tempfile.gettempdir(), device).model
+        params, hebb = list(model.parameters()), model.head.hebb if dhp else None
+
+        def gradients(fused=fused, params=params, hebb=hebb):
+            return step_gradients(params, hebb, x, y, head, targets, BATCH, fused=fused)
+        compiled = torch.compile(partial(gradients, fused=False))
+        compiled()  # compiles (tens of seconds on 2 cores), outside the timing
+        steps[f"{name} gradients (eager)"] = gradients
+        steps[f"{name} gradients (torch.compile)"] = compiled
+    return steps
+
+
 def step_gflop() -> float:
     return BATCH * training_flops_per_sample((784, HIDDEN, HIDDEN, CLASSES))["nominal"] / 1e9
 
@@ -125,6 +149,8 @@ def main():
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--json", help="also write the key figures and times here")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="skip the torch.compile comparison (CPU; it compiles for ~20 s)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's; 1 on a busy shared machine)")
     args = parser.parse_args()
@@ -142,6 +168,8 @@ def main():
     if fused_head.usable(x):
         steps["DHPNet step (lean, eager head)"] = with_eager_head(steps["DHPNet step (lean)"])
     steps.update(regularised_steps(x, y, device))
+    if device.type == "cpu" and not args.no_compile:
+        steps.update(compiled_gradients(x, y, device))
     layers, vectorised = layer_steps(device, gen)
     times = median_times({**steps, **layers}, args.iters, args.rounds, cuda_sync(device))
     peak = matmul_peak(1024, 10, device, engines=("torch.mm",))["peak"]
@@ -170,6 +198,12 @@ def main():
     figures.key(f"plain lean step {achieved:.1f} GFLOP/s = {100 * achieved / peak:.0f}% of the "
                 f"{peak:.0f} GFLOP/s torch.mm peak measured here (target >= 50%; nominal "
                 f"{step_gflop() * 1e3:.1f} MFLOP per step)")
+    for name in ("DHPNet", "plain net"):
+        if f"{name} gradients (torch.compile)" in times:
+            ratio = (times[f"{name} gradients (torch.compile)"]
+                     / times[f"{name} gradients (eager)"])
+            figures.key(f"{name} gradients, torch.compile / eager with the fused kernels "
+                        f"{ratio:6.3f}   (< 1: the compiler wins)")
     loop_ratio = times["DHP layer (Algorithm-1 loop)"] / times["DHP layer (vectorised)"]
     figures.key(f"loop / vectorised layer   {loop_ratio:6.2f}   (target >= 5)")
     figures.key(f"DHP / linear layer alone  "

@@ -33,7 +33,7 @@ from timing import describe_peak, matmul_peak, training_flops_per_sample  # noqa
 # (script, what it measures, flags for --quick: passed only if the script's --help lists them)
 SCRIPTS = (
     ("bench_layer.py", "DHP layer and full training step vs plain",
-     {"--iters": "10", "--rounds": "5"}),
+     {"--iters": "10", "--rounds": "5", "--no-compile": None}),
     ("bench_data.py", "benchmark build time from the MNIST files", {"--only": "split-mnist"}),
     ("bench_train.py", "training protocol wall time and throughput",
      {"--tasks": "2", "--epochs": "1"}),
