@@ -168,10 +168,12 @@ def main():
     if fused_head.usable(x):
         steps["DHPNet step (lean, eager head)"] = with_eager_head(steps["DHPNet step (lean)"])
     steps.update(regularised_steps(x, y, device))
-    if device.type == "cpu" and not args.no_compile:
-        steps.update(compiled_gradients(x, y, device))
     layers, vectorised = layer_steps(device, gen)
     times = median_times({**steps, **layers}, args.iters, args.rounds, cuda_sync(device))
+    if device.type == "cpu" and not args.no_compile:
+        # After the figures above, never interleaved with them: inductor's kernels bring their
+        # own OpenMP runtime, whose spinning threads slowed the eager steps beside them.
+        times.update(median_times(compiled_gradients(x, y, device), args.iters, args.rounds))
     peak = matmul_peak(1024, 10, device, engines=("torch.mm",))["peak"]
 
     print(f"device {device} ({torch.get_num_threads()} threads), torch {torch.__version__}, "
