@@ -59,7 +59,8 @@ def supports_lean_step(model: nn.Module) -> bool:
 
 def lean_gradients(model: DHPNet, x: Tensor, y: Tensor, head: Optional[Tensor],
                    targets: Tensor, replicas: Replicas = SINGLE,
-                   batch_size: Optional[int] = None) -> tuple[dict, Tensor, Tensor, Tensor]:
+                   batch_size: Optional[int] = None,
+                   params: Optional[list] = None) -> tuple[dict, Tensor, Tensor, Tensor]:
     r"""One training forward and backward of ``model`` on ``(x, y)``, without autograd.
 
     ``head`` holds the task's class ids (multi-head: the loss covers those logits, ``targets``
@@ -70,9 +71,10 @@ def lean_gradients(model: DHPNet, x: Tensor, y: Tensor, head: Optional[Tensor],
 
     Data-parallel, ``(x, y)`` is this rank's slice of a global batch of ``batch_size`` rows (one
     process: ``len(x)``, the default); the gradients are the global batch's, the loss and the hits
-    this slice's share of them (their sums over the ranks are the global ones).
+    this slice's share of them (their sums over the ranks are the global ones). ``params``:
+    ``list(model.parameters())`` if the caller keeps it (listing them costs ~17 µs a step here).
     """
-    params = list(model.parameters())
+    params = list(model.parameters()) if params is None else params
     hebb = model.head.hebb if isinstance(model.head, DHPSoftmax) else None
     grads, loss, logits, hits = step_gradients(
         params, hebb, x, y, head, targets, len(x) if batch_size is None else batch_size,
@@ -93,11 +95,8 @@ def step_gradients(params: list, hebb: Optional[Tensor], x: Tensor, y: Tensor,
     the cross-entropy's; not under vmap).
     """
     with torch.no_grad():
-        trunk = params[:-3] if hebb is not None else params[:-1]
-        weights, biases = trunk[0::2], trunk[1::2]
-        activations = [x]
-        for weight, bias in zip(weights, biases):
-            activations.append(torch.addmm(bias, activations[-1], weight.t()).clamp_min_(0))
+        weights, biases = _trunk_parameters(params, dhp=hebb is not None)
+        activations = _trunk_forward(weights, biases, x)
         h = activations[-1]
         if hebb is None:
             logits_all, head_backward = _plain_head(params[-1], h)
@@ -115,13 +114,7 @@ def step_gradients(params: list, hebb: Optional[Tensor], x: Tensor, y: Tensor,
                 torch.zeros_like(logits_all).index_copy(1, head, dlogits)  # vmap batches this
             hits = (logits.argmax(1) == targets).sum()
         dh, head_grads = head_backward(dz)
-        trunk_grads = []
-        for index in range(len(weights) - 1, -1, -1):
-            # ReLU's backward, as autograd computes it: the gradient where the output is > 0.
-            da = torch.ops.aten.threshold_backward(dh, activations[index + 1], 0)
-            trunk_grads[:0] = [da.t().matmul(activations[index]), da.sum(0)]
-            if index > 0:  # the input needs no gradient
-                dh = da.matmul(weights[index])
+        trunk_grads = _trunk_backward(dh, weights, activations)
         if replicas.distributed:  # the DHP head's are already the global batch's gradients
             replicas.all_reduce_flat(trunk_grads if hebb is not None else
                                      trunk_grads + head_grads)
@@ -162,11 +155,8 @@ def transformed_gradient_sums(model: DHPNet, inputs: Tensor, classes: Optional[T
     params = list(model.parameters())
     dhp = isinstance(model.head, DHPSoftmax)
     with torch.no_grad():
-        trunk = params[:-3] if dhp else params[:-1]
-        weights, biases = trunk[0::2], trunk[1::2]
-        activations = [inputs]
-        for weight, bias in zip(weights, biases):
-            activations.append(torch.addmm(bias, activations[-1], weight.t()).clamp_min_(0))
+        weights, biases = _trunk_parameters(params, dhp)
+        activations = _trunk_forward(weights, biases, inputs)
         h = activations[-1]
         head_weight = (torch.addcmul(model.head.w, model.head.alpha, model.head.hebb) if dhp
                        else model.head.linear.weight.t())  # (in, out)
@@ -182,13 +172,38 @@ def transformed_gradient_sums(model: DHPNet, inputs: Tensor, classes: Optional[T
         head_sum = transform(h).t().matmul(transform(dz))  # (in, out): θ's layout
         sums = [head_sum if dhp else head_sum.t()]
         dh = dz.matmul(head_weight.t())
-        for index in range(len(weights) - 1, -1, -1):
-            da = torch.ops.aten.threshold_backward(dh, activations[index + 1], 0)
-            sums[:0] = [transform(da).t().matmul(transform(activations[index])),
-                        transform(da).sum(0)]
-            if index > 0:
-                dh = da.matmul(weights[index])
-    return sums
+    return _trunk_backward(dh, weights, activations, transform) + sums
+
+
+def _trunk_parameters(params: list, dhp: bool) -> tuple[list, list]:
+    r"""The trunk's weights and biases among a :class:`DHPNet`'s parameters (its own order)."""
+    trunk = params[:-3] if dhp else params[:-1]  # the head's: w, alpha, eta or one weight
+    return trunk[0::2], trunk[1::2]
+
+
+def _trunk_forward(weights: list, biases: list, x: Tensor) -> list[Tensor]:
+    r"""The trunk's input and every layer's output (Linear, then ReLU)."""
+    activations = [x]
+    for weight, bias in zip(weights, biases):
+        activations.append(torch.addmm(bias, activations[-1], weight.t()).clamp_min_(0))
+    return activations
+
+
+def _trunk_backward(dh: Tensor, weights: list, activations: list,
+                    transform=None) -> list[Tensor]:
+    r"""Every trunk layer's weight and bias gradients, first layer first, from ``dh`` at the
+    trunk's output; with a multiplicative ``transform``, the sums over rows of the transformed
+    per-row gradients instead (``T(δ)ᵀ T(a)``, :func:`transformed_gradient_sums`)."""
+    grads = []
+    for index in range(len(weights) - 1, -1, -1):
+        # ReLU's backward, as autograd computes it: the gradient where the output is > 0.
+        da = torch.ops.aten.threshold_backward(dh, activations[index + 1], 0)
+        signal, inputs = ((da, activations[index]) if transform is None
+                          else (transform(da), transform(activations[index])))
+        grads[:0] = [signal.t().matmul(inputs), signal.sum(0)]
+        if index > 0:  # the input needs no gradient
+            dh = da.matmul(weights[index])
+    return grads
 
 
 def _dhp_head(w: Tensor, alpha: Tensor, eta: Tensor, old: Tensor, h: Tensor, y: Tensor,

@@ -364,7 +364,8 @@ class TrainingRun:
             return self.autograd_step(xb, yb, head, targets_of)
         targets = yb if head is None else targets_of.index_select(0, yb)
         task_grads, task_loss, _, hits = lean_gradients(self.model, xb, yb, head, targets,
-                                                        self.replicas, global_size)
+                                                        self.replicas, global_size,
+                                                        self.parameters)
         ordered = self.gradients_with_penalty(task_grads)
         if self.config.momentum == 0:  # SGD's own foreach update without its per-call overhead
             with torch.no_grad():
