@@ -56,7 +56,7 @@ def interleaved_runs(variants: list, args) -> list:
     for method, dhp, step in variants:
         config = TrainConfig(benchmark="split-mnist", method=method, dhp=dhp, epochs=args.epochs,
                              num_tasks=args.tasks, batch_size=args.batch_size, hidden=HIDDEN)
-        data = json.dumps(config.data_arguments(), sort_keys=True)
+        data = config.data_key()
         if data not in benchmarks:
             benchmarks[data] = build_benchmark(**config.data_arguments(), data_dir=args.data_dir,
                                                device=args.device)

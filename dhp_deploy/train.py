@@ -17,6 +17,7 @@ on its slice of each global batch, with the lean step's collectives; rank 0 alon
 files, and every rank computes the same weights, trace, accuracies and checks.
 """
 
+import json
 import math
 import platform
 import time
@@ -111,6 +112,10 @@ class TrainConfig:
                 "class_incremental": self.class_incremental, "num_tasks": self.num_tasks,
                 "train_limit": self.train_limit, "test_limit": self.test_limit,
                 "download": self.download}
+
+    def data_key(self) -> str:
+        r"""Equal for runs that train on the same benchmark (which they may share: read-only)."""
+        return json.dumps(self.data_arguments(), sort_keys=True)
 
     def regularizer_arguments(self) -> dict:
         return {"ewc_lambda": self.ewc_lambda, "online_ewc_gamma": self.online_ewc_gamma,

@@ -210,7 +210,14 @@ def test_parallel_grid_equals_sequential_and_reports_progress(tiny, tmp_path, ca
             assert parallel["acc_matrix"] == sequential["acc_matrix"], (variant, seed)
 
 
-def test_a_cohort_grid_equals_the_one_by_one_grid(tiny, tmp_path, capsys):
+def test_a_cohort_grid_equals_the_one_by_one_grid(tiny, tmp_path, capsys, monkeypatch):
+    from reproduction import runs
+    built, build = [], runs.build_benchmark  # the seeds of the benchmarks the grid builds
+
+    def counted(**arguments):
+        built.append(arguments["seed"])
+        return build(**arguments)
+    monkeypatch.setattr(runs, "build_benchmark", counted)
     capsys.readouterr()
     argv = ["grid", "--runs", str(tmp_path / "runs"), "--summaries", str(tmp_path / "sum"),
             "--strengths", str(tiny / "sum" / "strengths.json"), "--variants",
@@ -228,6 +235,7 @@ def test_a_cohort_grid_equals_the_one_by_one_grid(tiny, tmp_path, capsys):
     assert progress[0].startswith("[1/8 done, ETA") and progress[3].startswith("[4/8 done, ETA")
     assert progress[0].split("ETA")[1].split("]")[0] == progress[3].split("ETA")[1].split("]")[0]
     assert all("(its share: 4 runs trained together)" in line for line in progress)
+    assert sorted(built) == [0, 0, 1, 1]  # a stack's runs of one seed share one benchmark
     for variant in VARIANTS:  # plain and DHP heads: two stacks of 4 (2 methods × 2 seeds)
         for seed in (0, 1):
             together, alone = (json.loads((root / "runs" / "split-mnist" / TAG / variant /

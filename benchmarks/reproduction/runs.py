@@ -143,7 +143,7 @@ class BenchmarkCache:
         self.data_dir, self.device, self.key, self.benchmark = data_dir, device, None, None
 
     def get(self, config):
-        key = json.dumps(config.data_arguments(), sort_keys=True)
+        key = config.data_key()
         if key != self.key:
             self.benchmark = None  # free the old tensors before building the new ones
             self.benchmark = self.build(config)
@@ -154,6 +154,18 @@ class BenchmarkCache:
         r"""A benchmark of its own, not cached (a cohort's runs hold theirs at the same time)."""
         return build_benchmark(**config.data_arguments(), data_dir=self.data_dir,
                                device=self.device)
+
+    def for_cohort(self):
+        r"""A getter for one cohort's runs: runs of the same data (one seed's) share one
+        benchmark, read-only as in the one-by-one grid; the cohort's K seeds hold K."""
+        built = {}
+
+        def get(config):
+            key = config.data_key()
+            if key not in built:
+                built[key] = self.build(config)
+            return built[key]
+        return get
 
 
 def _run_job(job, *, cache, device, summaries, log, stop_at) -> tuple[str, dict | None]:
@@ -192,12 +204,13 @@ def _run_cohort(jobs, *, cache, device, summaries, log, stop_at) -> list[tuple]:
     trained together as a :class:`~dhp_deploy.cohort.Cohort`; ``[(status, metrics, seconds)]``,
     seconds being each trained run's share of the cohort's time."""
     results, opened, tried = [None] * len(jobs), [], []
+    data = cache.for_cohort()
     for index, job in enumerate(jobs):
         config, run_dir, role, _ = job
         status, run = _settled_before(job, stop_at), None
-        if status is None:  # every run builds its own data: K runs hold K benchmarks
+        if status is None:
             tried.append(index)
-            status, run = open_run(config, lambda: cache.build(config), run_dir, role=role,
+            status, run = open_run(config, lambda: data(config), run_dir, role=role,
                                    device=device, log=log)
         if run is None:
             results[index] = (status, None, 0.0)
@@ -242,7 +255,8 @@ COHORT_FREE = ("seed", "method", "ewc_lambda", "online_ewc_gamma", "si_c", "si_e
 def cohorts(jobs, size: int) -> list[list[int]]:
     r"""The indices of ``jobs`` in groups of at most ``size`` that can train as one stacked model
     (same settings but for COHORT_FREE), each group in the jobs' order; groups ordered by their
-    first job."""
+    first job. Grid jobs come seed-major, so a stack holds few seeds, and a seed's runs share
+    their benchmark (:meth:`BenchmarkCache.for_cohort`)."""
     groups, open_groups = [], {}
     for index, (config, _, role, _) in enumerate(jobs):
         settings = {key: value for key, value in asdict(config).items() if key not in COHORT_FREE}
