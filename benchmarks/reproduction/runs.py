@@ -151,7 +151,7 @@ class BenchmarkCache:
         return self.benchmark
 
     def build(self, config):
-        r"""A benchmark of its own, not cached (a cohort's runs hold theirs at the same time)."""
+        r"""A benchmark of its own, not cached."""
         return build_benchmark(**config.data_arguments(), data_dir=self.data_dir,
                                device=self.device)
 
