@@ -10,8 +10,8 @@ same step with the head's eager torch ops) and the generic autograd step (module
 active (a first task consolidated) against finetune's; on the CPU also the step's gradients
 eager (with the fused kernels) against ``torch.compile`` of the same maths; (2) the output layer
 alone (forward + backward) for the vectorised DHPSoftmax, the authors' per-class loop
-(tests/oracle.py) and a plain linear layer. All variants are timed interleaved in one process, so machine noise hits them alike; the
-figure is the median over rounds. The fp32 matmul peak (1024³ torch.mm, best of 10) is measured
+(tests/oracle.py) and a plain linear layer. All variants are timed interleaved in one process,
+so machine noise hits them alike; the figure is the median over rounds. The fp32 matmul peak (1024³ torch.mm, best of 10) is measured
 in the same run, with the same threads, and the lean plain step's GFLOP/s compared with it. On
 CUDA it also checks the vectorised step makes no host sync.
 """

@@ -11,9 +11,10 @@ this machine has slow spells of seconds to minutes (one run of finetune + DHP to
 minute later, the same run 13.5 s; run after run, DHP / plain read 0.90 to 1.40), and interleaved
 epochs share them. For each: wall time (its own start, training, consolidation, evaluation,
 checkpoints and metrics files), training samples/s, achieved GFLOP/s and its share of the peak,
-the regulariser's training-time overhead over finetune + DHP with the same step, and the final accuracies; then the ratios DHP / plain and
-autograd / lean, the targets of the lean step, and (full protocol on the CPU) one whole
-``dhp-train`` process's wall time against the training time it reports.
+the regulariser's training-time overhead over finetune + DHP with the same step, and the final
+accuracies; then the ratios DHP / plain and autograd / lean, the targets of the lean step, and
+(full protocol on the CPU) one whole ``dhp-train`` process's wall time against the training time
+it reports.
 
 FLOP convention (stated in the output): a matmul of (m×k)·(k×n) is 2·m·n·k in the forward pass and
 twice that in the backward pass (input gradient + weight gradient), so an MLP 784-256-256-10 costs

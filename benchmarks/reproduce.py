@@ -153,7 +153,8 @@ def parse_arguments(argv=None):
     parser.add_argument("--cohort", type=_count, default=1, metavar="K",
                         help="train up to K runs that differ only in seed, method or strength "
                              "at once, as one vectorised model (dhp_deploy.cohort): the way a GPU "
-                             "pays off; each run holds its own data (default 1: one by one)")
+                             "pays off; runs of one seed share their data (default 1: one by "
+                             "one)")
     parser.add_argument("--stop-after", type=float, metavar="MINUTES",
                         help="start no new run after this many minutes (resume later)")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and their state")

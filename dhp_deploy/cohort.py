@@ -127,7 +127,7 @@ class Cohort:
                            derived_generator(run.config.seed, "batches", task_id, epoch))
                    for run in self.runs]
         totals = torch.zeros(len(self.runs), 2, dtype=torch.float64, device=first.device)
-        started = time.perf_counter()
+        started, steps = time.perf_counter(), 0
         for pairs in zip(*streams):
             x = torch.stack([xb for xb, _ in pairs])
             y = torch.stack([yb for _, yb in pairs])
@@ -135,8 +135,9 @@ class Cohort:
                                        x, y)
             totals[:, 0].add_(losses, alpha=y.shape[1])
             totals[:, 1].add_(hits)
-            for run in self.runs:
-                run.steps_this_process += 1
+            steps += 1
+        for run in self.runs:
+            run.steps_this_process += steps
         return totals, time.perf_counter() - started
 
     def step(self, x: Tensor, y: Tensor, head: Optional[Tensor],
