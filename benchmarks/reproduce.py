@@ -124,10 +124,12 @@ def parse_arguments(argv=None):
                         help="grid: comma-separated benchmarks (default the paper's three)")
     parser.add_argument("--benchmark", choices=BENCHMARKS, default="split-mnist",
                         help="search: the benchmark to tune on (default split-mnist)")
-    parser.add_argument("--variants", type=_variants, default=list(VARIANT_GROUPS["all"]),
+    parser.add_argument("--variants", type=_variants, default=None,
                         help="grid: comma-separated variants or groups: paper (the ten of the "
                              "paper's table), ablation (each with the other head's θ init, e.g. "
-                             "dhp@linear, finetune@authors), all (default)")
+                             "dhp@linear, finetune@authors), all (default: the grid "
+                             "docs/RESULTS.md reports — all on split-mnist, the paper's and "
+                             "the Finetune/SI ablation on the permuted benchmarks)")
     parser.add_argument("--methods", type=_names(tuple(SEARCH_VALUES)),
                         help="search: regularisers to tune (default all four)")
     parser.add_argument("--seeds", type=_seeds, default=_seeds("0-4"),
@@ -178,11 +180,10 @@ def main(argv=None) -> int:
     if args.step == "search":
         return search(args)
     jobs = grid_jobs(args)
+    states = [run_state(*job) for job in jobs]
+    print_plan(jobs, states, args.log)
     if args.dry_run:
-        for config, run_dir, _, summary_path in jobs:
-            state = ("finished" if (run_dir / METRICS_NAME).exists() else
-                     "recorded" if recorded_result(config, summary_path) else
-                     "to resume" if (run_dir / CHECKPOINT_NAME).exists() else "to run")
+        for (config, run_dir, _, _), state in zip(jobs, states):
             print(f"{state:>10}  {run_dir}  ({train_command(asdict(config))})")
         return 0
     stop_at = time.time() + 60 * args.stop_after if args.stop_after is not None else None
@@ -201,52 +202,91 @@ def main(argv=None) -> int:
     return 1 if counts["failed"] else 0
 
 
+def run_state(config, run_dir, role, summary_path) -> str:
+    r"""What the grid will do with a run: nothing (finished here, or recorded in a summary),
+    resume it from its checkpoint, or train it."""
+    if (run_dir / METRICS_NAME).exists():
+        return "finished"
+    if recorded_result(config, summary_path):
+        return "recorded"
+    return "to resume" if (run_dir / CHECKPOINT_NAME).exists() else "to run"
+
+
+def print_plan(jobs, states, log) -> None:
+    r"""One line per benchmark: its runs, and how many are already done or will be trained."""
+    plan = {}
+    for (config, _, _, _), state in zip(jobs, states):
+        counts = plan.setdefault(config.benchmark, {})
+        counts[state] = counts.get(state, 0) + 1
+    for benchmark, counts in plan.items():
+        done = counts.get("finished", 0) + counts.get("recorded", 0)
+        log(f"plan: {benchmark}: {sum(counts.values())} runs, {done} already done, "
+            f"{counts.get('to resume', 0)} to resume, {counts.get('to run', 0)} to train")
+
+
 def search(args) -> int:
-    r"""Try each method's values; extend past an edge optimum (≤ MAX_EXTENSIONS); choose."""
+    r"""Try each method's values; extend past an edge optimum (≤ MAX_EXTENSIONS); choose.
+
+    With ``--dry-run`` the same rounds are planned from the records alone, up to the first
+    round that holds runs still to train (what follows depends on their results).
+    """
     values = {method: list(SEARCH_VALUES[method]) for method in args.methods or SEARCH_VALUES}
     started, totals = time.perf_counter(), {status: 0 for status in RUN_STATUS}
     while True:
         jobs = search_jobs(args, values)
+        states = [run_state(*job) for job in jobs]
+        print_plan(jobs, states, args.log)
         if args.dry_run:
-            for config, run_dir, _, _ in jobs:
-                done = (run_dir / METRICS_NAME).exists()
-                print(f"{'finished' if done else 'to run':>10}  {run_dir}")
-            return 0
-        try:
-            counts = execute(jobs, data_dir=args.data_dir, device=args.device,
-                             summaries=args.summaries, log=args.log, processes=args.jobs,
-                             cohort=args.cohort)
-        except ConfigMismatch as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        totals = {status: totals[status] + counts[status] for status in totals}
-        chosen = choose_strengths(jobs, args.benchmark, args.strengths, args.log)
-        extended = False
-        for method, method_values in values.items():
-            entry = chosen.get(method)
-            if len(method_values) - len(SEARCH_VALUES[method]) >= MAX_EXTENSIONS:
-                continue
-            if entry is None and all_diverged(jobs, method):  # even the weakest is too strong
-                best = min(method_values)
-            elif entry is None:
-                continue
-            else:
-                best = entry[STRENGTH_OPTION[method]]
-            if best == max(method_values) and entry is not None:
-                method_values.append(best * 10)
-            elif best == min(method_values):
-                method_values.append(best / 10)
-            else:
-                continue
-            args.log(f"{method}: best at the edge ({best:g}); extending to {method_values[-1]:g}")
-            extended = True
-        if not extended:
+            for (_, run_dir, _, _), state in zip(jobs, states):
+                print(f"{state:>10}  {run_dir}")
+            if any(state in ("to run", "to resume") for state in states):
+                return 0
+        else:
+            try:
+                counts = execute(jobs, data_dir=args.data_dir, device=args.device,
+                                 summaries=args.summaries, log=args.log, processes=args.jobs,
+                                 cohort=args.cohort)
+            except ConfigMismatch as err:
+                print(f"error: {err}", file=sys.stderr)
+                return 2
+            totals = {status: totals[status] + counts[status] for status in totals}
+        chosen = choose_strengths(jobs, args.benchmark, args.strengths, args.log,
+                                  write=not args.dry_run)
+        if not extend_values(values, chosen, jobs, args.log):
             break
+    if args.dry_run:
+        return 0
     print(f"search: {totals['finished']} trained ({totals['resumed']} resumed), "
           f"{totals['skipped']} already finished, {totals['diverged']} diverged, "
           f"{totals['failed']} failed, in "
           f"{time.perf_counter() - started:.0f}s", flush=True)
     return 1 if totals["failed"] else 0
+
+
+def extend_values(values: dict, chosen: dict, jobs, log) -> bool:
+    r"""Add a decade past each method's edge optimum (or below its weakest value when every
+    value diverged) to ``values``; whether any method was extended."""
+    extended = False
+    for method, method_values in values.items():
+        entry = chosen.get(method)
+        if len(method_values) - len(SEARCH_VALUES[method]) >= MAX_EXTENSIONS:
+            continue
+        if entry is None and all_diverged(jobs, method):  # even the weakest is too strong
+            best = min(method_values)
+        elif entry is None:
+            continue
+        else:
+            best = entry[STRENGTH_OPTION[method]]
+        if best == max(method_values) and entry is not None:
+            method_values.append(best * 10)
+        elif best == min(method_values):
+            method_values.append(best / 10)
+        else:
+            continue
+        reason = f"best at the edge ({best:g})" if entry is not None else "every value diverged"
+        log(f"{method}: {reason}; extending to {method_values[-1]:g}")
+        extended = True
+    return extended
 
 
 if __name__ == "__main__":

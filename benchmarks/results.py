@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the reproduction package beside us
+from dhp_deploy.run_dir import atomic_write_text  # noqa: E402
 from reproduction.records import load_records  # noqa: E402
 from reproduction.report import render  # noqa: E402
 
@@ -33,7 +34,7 @@ def main(argv=None) -> int:
     strengths = json.loads(strengths_path.read_text()) if strengths_path.exists() else {}
     text = render(records, strengths, args.out, args.sources)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    atomic_write_text(args.out, text)  # a reader never sees half a report
     grid = sum(r["role"] == "grid" for r in records)
     print(f"{args.out}: {grid} grid runs, {len(records) - grid} search runs", file=sys.stderr)
     return 0

@@ -18,7 +18,7 @@ Here T is the number of rows so far, so the same functions summarise a run in pr
 import csv
 import io
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from dhp_deploy.run_dir import (METRICS_CSV_NAME, METRICS_NAME, PLOT_NAME, atomic_write_bytes,
                                 atomic_write_json, atomic_write_text)
@@ -100,9 +100,17 @@ def metrics_csv(acc_matrix: Matrix) -> str:
     return out.getvalue()
 
 
-def accuracy_plot_png(acc_matrix: Matrix, title: str = "") -> bytes:
-    r"""PNG bytes: the accuracy-matrix heatmap beside the average-accuracy curve."""
-    import matplotlib  # lazy: only runs that finish need it
+PLOT_EXTRA_MISSING = ("accuracy.png skipped: matplotlib is not installed "
+                      "(pip install 'dhp-deploy[train]' for the plot)")
+
+
+def accuracy_plot_png(acc_matrix: Matrix, title: str = "") -> Optional[bytes]:
+    r"""PNG bytes: the accuracy-matrix heatmap beside the average-accuracy curve; None without
+    matplotlib (the optional ``train`` extra: a serving host or a grid needs no plots)."""
+    try:
+        import matplotlib  # lazy: only runs that finish need it
+    except ImportError:
+        return None
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
@@ -140,14 +148,20 @@ def run_metrics(acc_matrix: Matrix, config: dict, timings: dict,
 
 
 def write_run_metrics(run_dir, acc_matrix: Matrix, config: dict, timings: dict,
-                      title: str = "", extra: Optional[dict] = None) -> dict:
+                      title: str = "", extra: Optional[dict] = None,
+                      log: Callable[[str], None] = lambda line: None) -> dict:
     r"""Write ``metrics.json``, ``metrics.csv`` and ``accuracy.png`` atomically; return the JSON.
 
-    ``extra`` adds keys to ``metrics.json`` (e.g. validation accuracies).
+    ``extra`` adds keys to ``metrics.json`` (e.g. validation accuracies). Without matplotlib the
+    plot is skipped and ``log`` says so in one line.
     """
     run_dir = Path(run_dir)
     metrics = run_metrics(acc_matrix, config, timings, extra)
     atomic_write_json(run_dir / METRICS_JSON, metrics)
     atomic_write_text(run_dir / METRICS_CSV, metrics_csv(acc_matrix))
-    atomic_write_bytes(run_dir / ACCURACY_PLOT, accuracy_plot_png(acc_matrix, title))
+    png = accuracy_plot_png(acc_matrix, title)
+    if png is None:
+        log(PLOT_EXTRA_MISSING)
+    else:
+        atomic_write_bytes(run_dir / ACCURACY_PLOT, png)
     return metrics

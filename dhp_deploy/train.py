@@ -453,7 +453,7 @@ class TrainingRun:
         if not self.replicas.is_main:  # rank 0 writes the files
             return run_metrics(self.progress.acc_matrix, self.config_json, timings, extra)
         return write_run_metrics(self.run_dir, self.progress.acc_matrix, self.config_json,
-                                 timings, title, extra)
+                                 timings, title, extra, log=self.log)
 
     # ------------------------------------------------------------------ checks and reports
 

@@ -174,6 +174,86 @@ def test_committed_report_regenerates_from_committed_summaries(tmp_path, monkeyp
     assert (tmp_path / "docs" / "RESULTS.md").read_text() == committed
 
 
+def test_make_reproduce_on_the_committed_records_trains_nothing(tmp_path):
+    # The README's reproduction steps, as subprocesses, against a copy of the committed records:
+    # every run is recorded, so nothing trains (no data needed) and the report comes back byte
+    # for byte, with the strengths each search prints equal to the committed strengths.json.
+    def git(*args, **kwargs):
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, check=True, **kwargs)
+
+    try:
+        committed = git("show", "HEAD:docs/RESULTS.md", text=True).stdout
+        archive = git("archive", "HEAD", "docs/results").stdout
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("no committed docs/RESULTS.md and docs/results/ (or no git)")
+    subprocess.run(["tar", "-x", "-C", str(tmp_path)], input=archive, check=True)
+    summaries = tmp_path / "docs" / "results"
+    strengths = (summaries / "strengths.json").read_bytes()
+    where = ["--summaries", str(summaries), "--runs", str(tmp_path / "runs")]
+    env = {**os.environ, "DHP_DATA_DIR": str(tmp_path / "no-data")}  # a run would fail loudly
+    steps = [["reproduce.py", "search", "--jobs", "2", *where],
+             ["reproduce.py", "search", "--benchmark", "permuted-mnist", "--jobs", "2", *where],
+             ["reproduce.py", "grid", "--jobs", "2", *where],
+             ["results.py", "--from", "docs/results", "--out", "docs/RESULTS.md"]]
+    printed = ""
+    for script, *args in steps:
+        result = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args],
+                                cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout + result.stderr
+        printed += result.stdout
+    assert printed.count(" 0 trained (0 resumed)") == 3
+    assert "to train" not in printed.replace("0 to train", "")
+    assert not (tmp_path / "runs").exists()
+    assert (summaries / "strengths.json").read_bytes() == strengths
+    chosen = json.loads(strengths)
+    for benchmark in ("split-mnist", "permuted-mnist"):
+        for method, entry in chosen[benchmark].items():
+            option = next(key for key in entry if key not in ("val_acc", "trials"))
+            last = [line for line in printed.splitlines()
+                    if line.startswith(f"{benchmark} {method}:")][-1]
+            assert f"{option} = {entry[option]:g} " in last, last
+    assert (tmp_path / "docs" / "RESULTS.md").read_text() == committed
+
+
+def test_summaries_of_every_committed_format_read():
+    from reproduction.records import migrate_summary, read_summary
+
+    current = next((REPO / "docs" / "results" / "runs").rglob("seed0.json"), None)
+    if current is None:
+        pytest.skip("no committed summaries")
+    record = json.loads(current.read_text())
+    # A version-1-era summary: before diverged, dirty/sessions, plasticity and the diagnostics.
+    old = {key: value for key, value in record.items()
+           if key not in ("diverged", "dirty", "sessions", "variant")}
+    old["metrics"] = {key: record["metrics"][key]
+                      for key in ("acc_matrix", "avg_acc", "acc", "bwt", "forgetting")}
+    read = migrate_summary(old)
+    assert read["diverged"] is None and read["sessions"] == [] and read["dirty"] == []
+    assert read["variant"] == record["variant"]
+    for field in ("plasticity", "val_acc_matrix", "val_avg_acc", "acc_matrix_trace_zeroed",
+                  "acc_matrix_own_trace", "trace_diagnostics"):
+        assert read["metrics"][field] is None
+    assert read["metrics"]["acc_matrix"] == record["metrics"]["acc_matrix"]
+    # Every committed summary reads, and reads the same through each entry point.
+    for path in (REPO / "docs" / "results").rglob("seed*.json"):
+        assert read_summary(path)["metrics"] is None or "plasticity" in read_summary(path)["metrics"]
+
+
+def test_search_plan_matches_the_committed_choice(tmp_path):
+    # A stored choice must not stop the search's extension short (it once printed "every
+    # strength diverged" for SI on Permuted MNIST while strengths.json held the extended 0.01).
+    from reproduction.jobs import choose_strengths, search_jobs
+    committed = REPO / "docs" / "results"
+    if not (committed / "strengths.json").exists():
+        pytest.skip("no committed strengths")
+    args = reproduce.parse_arguments(["search", "--benchmark", "permuted-mnist", "--summaries",
+                                      str(committed), "--runs", str(tmp_path / "runs")])
+    jobs = search_jobs(args, {"si": [0.1, 1.0, 10.0]})
+    assert choose_strengths(jobs, "permuted-mnist", committed / "strengths.json", print,
+                            write=False) == {}
+    assert reproduce.extend_values({"si": [0.1, 1.0, 10.0]}, {}, jobs, print)
+
+
 def test_diverged_run_is_recorded_not_retried(tmp_path, data_dir, capsys):
     os.environ["DHP_DATA_DIR"] = str(data_dir)
     argv = ["grid", "--runs", str(tmp_path / "runs"), "--summaries", str(tmp_path / "sum"),
@@ -294,6 +374,11 @@ def test_runs_recorded_in_summaries_are_not_redone(tiny, tmp_path, capsys):
 
 def test_variant_groups_and_settings():
     assert reproduce._variants("paper") == list(naming.VARIANTS)
+    # Without --variants a grid is the one the report holds, per benchmark.
+    assert naming.grid_variants("split-mnist") == naming.VARIANT_GROUPS["all"]
+    permuted = naming.grid_variants("permuted-mnist")
+    assert "si@authors" in permuted and "ewc@authors" not in permuted and len(permuted) == 14
+    assert naming.grid_variants("permuted-mnist", ["dhp"]) == ("dhp",)
     ablation = reproduce._variants("ablation")
     assert "dhp@linear" in ablation and "finetune@authors" in ablation and len(ablation) == 10
     assert naming.variant_settings("dhp+si@linear") == {"method": "si", "dhp": True,

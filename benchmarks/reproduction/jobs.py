@@ -8,9 +8,9 @@ from dhp_deploy.regularizers import STRENGTH_OPTION
 from dhp_deploy.run_dir import METRICS_NAME, atomic_write_json
 from dhp_deploy.train import TrainConfig
 from reproduction.naming import (DIVERGED_NAME, PAPER_PROTOCOL, SUMMARY_DIR_RUNS,
-                                 SUMMARY_DIR_SEARCH, grid_protocol, protocol_tag, strengths_key,
-                                 variant_settings)
-from reproduction.records import summarize_run
+                                 SUMMARY_DIR_SEARCH, grid_protocol, grid_variants, protocol_tag,
+                                 strengths_key, variant_settings)
+from reproduction.records import read_summary, summarize_run
 
 # The values the search tries for each regulariser's strength option (STRENGTH_OPTION): around
 # the library's defaults, a decade apart. Online EWC's γ is not searched (1.0, the default).
@@ -47,11 +47,13 @@ def search_jobs(args, values: dict) -> list:
     return jobs
 
 
-def choose_strengths(jobs, benchmark: str, path: Path, log) -> dict:
+def choose_strengths(jobs, benchmark: str, path: Path, log, write: bool = True) -> dict:
     r"""Per method, the strength with the best final validation average accuracy → ``path``.
 
     Stored under ``strengths_key(benchmark, grid protocol)``, e.g. ``permuted-mnist@e1``: the
-    choice serves grids of that protocol. Returns that entry.
+    choice serves grids of that protocol. Returns what this call chose from ``jobs`` alone (an
+    earlier choice stored in ``path`` must not stand in for it: the search extends its values
+    from this, and a stale entry would stop the extension short).
     """
     chosen = json.loads(path.read_text()) if path.exists() else {}
     by_method = {}
@@ -69,7 +71,7 @@ def choose_strengths(jobs, benchmark: str, path: Path, log) -> dict:
         by_method.setdefault(config.method, []).append(
             {option: getattr(config, option), "val_acc": summary["metrics"]["val_avg_acc"][-1]})
     key = strengths_key(benchmark, grid_protocol(asdict(jobs[0][0])))
-    entry = chosen.setdefault(key, {})
+    entry, fresh = chosen.setdefault(key, {}), {}
     planned = {}
     for config, _, _, _ in jobs:
         planned[config.method] = planned.get(config.method, 0) + 1
@@ -80,30 +82,29 @@ def choose_strengths(jobs, benchmark: str, path: Path, log) -> dict:
             continue
         finished = [trial for trial in trials if trial["val_acc"] is not None]
         if not finished:
-            log(f"{method}: every strength diverged; nothing to choose")
+            log(f"{benchmark} {method}: every strength diverged; nothing chosen yet")
+            entry.pop(method, None)  # a choice stored earlier is no longer what the records say
             continue
         best = max(finished, key=lambda trial: trial["val_acc"])  # ties: the first (smallest)
         option = STRENGTH_OPTION[method]
         values = [trial[option] for trial in trials]
         at_edge = best[option] in (min(values), max(values))
-        entry[method] = {option: best[option], "val_acc": best["val_acc"], "trials": trials,
-                         "at_edge": at_edge,
-                         "seed": jobs[0][0].seed, "val_fraction": jobs[0][0].val_fraction,
-                         "protocol": protocol_tag(asdict(jobs[0][0]))}
+        entry[method] = fresh[method] = {
+            option: best[option], "val_acc": best["val_acc"], "trials": trials,
+            "at_edge": at_edge, "seed": jobs[0][0].seed,
+            "val_fraction": jobs[0][0].val_fraction, "protocol": protocol_tag(asdict(jobs[0][0]))}
         log(f"{benchmark} {method}: {option} = {best[option]:g} (val avg acc "
             f"{100 * best['val_acc']:.2f}%)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path, chosen)
-    return entry
+    if write:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, chosen)
+    return fresh
 def _search_summary(run_dir: Path, summary_path: Path) -> dict | None:
     r"""A finished or diverged search run's summary: from its run directory, else (a run made on
     another machine) its recorded summary; None while it has neither."""
     if (run_dir / METRICS_NAME).exists() or (run_dir / DIVERGED_NAME).exists():
         return summarize_run(run_dir)
-    try:
-        return json.loads(Path(summary_path).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+    return read_summary(summary_path)
 
 
 def all_diverged(jobs, method: str) -> bool:
@@ -150,7 +151,7 @@ def grid_jobs(args) -> list:
         strengths = chosen_strengths(args.strengths, benchmark, protocol_tag(asdict(plain)),
                                      args.log)
         for seed in args.seeds:  # seed-major: every variant of seed 0 first, then seed 1, ...
-            for variant in args.variants:
+            for variant in grid_variants(benchmark, args.variants):
                 settings = variant_settings(variant)
                 config = base_config(args, benchmark, **settings, seed=seed,
                                      val_fraction=args.val_fraction,

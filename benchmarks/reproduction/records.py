@@ -117,6 +117,40 @@ def _relative(path: Path) -> str:
         return str(path)
 
 
+# Fields added to the summary after its first committed records, with the meaning a record
+# that lacks them has: it predates the field. Every reader goes through ``migrate_summary``.
+SUMMARY_DEFAULTS = {"diverged": None, "dirty": [], "sessions": []}
+METRICS_DEFAULTS = {"plasticity": None, "val_acc_matrix": None, "val_avg_acc": None,
+                    "acc_matrix_trace_zeroed": None, "acc_matrix_own_trace": None,
+                    "trace_diagnostics": None}
+
+
+def migrate_summary(record: dict) -> dict:
+    r"""A summary of any committed format version, completed to the current one.
+
+    Version-1 records written before ``diverged`` (a finished run then), before ``plasticity``
+    (no diagnostics then) and before the trace diagnostics read as if those fields said
+    "absent". The variant is recomputed from the config, so old names follow today's naming.
+    """
+    record = {**SUMMARY_DEFAULTS, **record}
+    if record["metrics"] is not None:
+        record["metrics"] = {**METRICS_DEFAULTS, **record["metrics"]}
+    record["variant"] = training_variant(record["config"]["training"])
+    return record
+
+
+def read_summary(path) -> dict | None:
+    r"""The migrated summary at ``path``; None where there is none (missing, unreadable JSON, or
+    not a run summary)."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(record, dict) or record.get("kind") != SUMMARY_KIND:
+        return None
+    return migrate_summary(record)
+
+
 def write_summary(path, summary: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -135,13 +169,9 @@ def load_records(roots) -> list[dict]:
             elif path.name in (CONFIG_NAME, "provenance.json"):
                 continue
             else:
-                try:
-                    record = json.loads(path.read_text())
-                except (OSError, json.JSONDecodeError):
+                record = read_summary(path)
+                if record is None:
                     continue
-                if not isinstance(record, dict) or record.get("kind") != SUMMARY_KIND:
-                    continue
-                record["variant"] = training_variant(record["config"]["training"])
             key = (record["role"], record["benchmark"], record["protocol"], record["variant"],
                    record["seed"], json.dumps(_regularizer(record["config"]), sort_keys=True))
             if key not in seen:

@@ -21,8 +21,8 @@ from dhp_deploy.metrics import format_duration
 from dhp_deploy.run_dir import (CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, atomic_write_json,
                                 is_finished, read_config)
 from dhp_deploy.train import TrainConfig, TrainingDiverged, TrainingError, start_or_resume
-from reproduction.naming import DIVERGED_NAME, SUMMARY_KIND, train_command
-from reproduction.records import REPO, summarize_run, write_summary
+from reproduction.naming import DIVERGED_NAME, train_command
+from reproduction.records import REPO, read_summary, summarize_run, write_summary
 
 RUN_STATUS = ("finished", "skipped", "resumed", "started", "diverged", "failed", "postponed")
 
@@ -39,13 +39,10 @@ def same_training(config, training: dict) -> list[str]:
 def recorded_result(config, summary_path: Path) -> str | None:
     r"""``"skipped"``/``"diverged"`` when ``summary_path`` already records this exact run (its
     run directory may live on another machine), else None."""
-    try:
-        summary = json.loads(Path(summary_path).read_text())
-    except (OSError, json.JSONDecodeError):
+    summary = read_summary(summary_path)
+    if summary is None or same_training(config, summary["config"]["training"]):
         return None
-    if summary.get("kind") != SUMMARY_KIND or same_training(config, summary["config"]["training"]):
-        return None
-    return "diverged" if summary.get("diverged") else "skipped"
+    return "diverged" if summary["diverged"] else "skipped"
 
 
 def git_commit() -> dict:
