@@ -16,8 +16,14 @@ host and device; :attr:`PlasticSession.hebb` copies the trace out when asked. Wi
 the ONNX path imports no torch. ``check()`` replays the bundle's golden stream (calls
 of mixed sizes, some rows and one whole call unlabelled) and compares every call's logits and
 trace with the eager layer's.
+
+A session may be shared by threads: each call's read-modify-write of the trace runs under the
+session's lock, so no update is lost, and concurrent calls take effect in the order they acquire
+it (the order is theirs to race for; the serving model is one session per sequence, e.g. per user).
+A call that would make the trace non-finite is refused and leaves the trace as it was.
 """
 
+import threading
 from pathlib import Path
 import numpy as np
 
@@ -25,16 +31,22 @@ from dhp_deploy.bundle import (ARTIFACT_FILES, ATOL, FORMATS, HEBB_FILE, HEBB_NA
                                HEBB_OUT_NAME, INPUT_NAME, LABELS_NAME, NO_LABEL, OUTPUT_NAME,
                                PLASTIC_GOLDEN_FILES, RTOL, BundleError, read_manifest)
 from dhp_deploy.runtime import (DEVICES, InputError, artifact_device, check_input, compare,
-                                load_pt2, ort_session)
+                                load_pt2, ort_session, set_torch_threads)
 
 __all__ = ["PlasticSession", "verify_plastic_bundle"]
 
 
 class PlasticSession:
-    r"""A plastic bundle opened with one backend; holds the trace between calls."""
+    r"""A plastic bundle opened with one backend; holds the trace between calls.
+
+    ``threads``: intra-op threads of the backend (default 1, for latency: on a shared host more
+    threads made the p99 latency jump). onnxruntime takes it per session; torch has one
+    intra-op pool per process, so for TorchScript and ``.pt2`` it sets ``torch.set_num_threads``
+    process-wide. ``None`` leaves each library's own default (all cores).
+    """
 
     def __init__(self, bundle_dir, backend: str = "torchscript", device: str = "cpu",
-                 verify: bool = True) -> None:
+                 verify: bool = True, threads: int | None = 1) -> None:
         if backend not in FORMATS:
             raise BundleError(f"unknown backend {backend!r}, expected one of "
                               f"{', '.join(FORMATS)}")
@@ -53,26 +65,35 @@ class PlasticSession:
         self.num_classes = int(self.manifest["output"]["shape"][1])
         self.initial = _load(self.path / HEBB_FILE)
         artifact = self.path / ARTIFACT_FILES[backend]
+        if backend != "onnx":
+            set_torch_threads(threads)
         loaders = {"torchscript": lambda: _TorchState(_torchscript(artifact, device), device),
-                   "onnx": lambda: _OrtState(artifact, device),
+                   "onnx": lambda: _OrtState(artifact, device, threads),
                    "pt2": lambda: _TorchState(load_pt2(artifact, device, self.manifest), device,
                                               copy_outputs=True)}
         self._state = loaders[backend]()
         self._state.load(self.initial)
+        # One lock per session: a call's read of the trace, the model run and the write of the
+        # new trace form one atomic step (two threads interleaving them lose an update).
+        self._lock = threading.Lock()
 
     @property
     def hebb(self) -> np.ndarray:
         r"""The current trace, float32 ``(H, C)``: a host copy (the state itself stays put)."""
-        return self._state.read()
+        with self._lock:
+            return self._state.read()
 
     def step(self, x, labels=None, allow_nonfinite: bool = False) -> np.ndarray:
         r"""Logits of ``x`` with the current trace, then the trace learns the labelled rows.
 
         ``labels`` int64 ``(N,)``: a class id per row or -1 (no label); None = all unlabelled.
+        InputError, the trace untouched, if a learning call would make it hold NaN or inf (a
+        predict-only call keeps the trace as it was whatever its rows hold).
         """
         x = check_input(x, self.in_features, allow_nonfinite)
         labels = self._check_labels(labels, len(x))
-        return self._state.step(x, labels)
+        with self._lock:
+            return self._step(x, labels)
 
     def predict(self, x, allow_nonfinite: bool = False) -> np.ndarray:
         r"""Logits with the current trace; the trace does not move."""
@@ -80,37 +101,70 @@ class PlasticSession:
 
     def learn(self, x, labels, allow_nonfinite: bool = False) -> None:
         r"""Move the trace towards the labelled rows of ``x`` (Algorithm 1, one step)."""
+        if labels is None:  # step() reads None as "all unlabelled": a learn that learns nothing
+            raise InputError("learn needs labels (int64 (N,), -1 = no label for a row); "
+                             "use predict to run without learning")
         self.step(x, labels, allow_nonfinite)
 
     def reset(self) -> None:
         r"""Back to the trace the bundle was exported with."""
-        self._state.load(self.initial)
+        with self._lock:
+            self._state.load(self.initial)
 
     def set_state(self, hebb) -> None:
-        r"""Continue from a saved trace (e.g. one persisted from :attr:`hebb`)."""
+        r"""Continue from a saved trace (e.g. one persisted from :attr:`hebb`); it must be finite
+        (a NaN or inf in the trace makes every later logit NaN)."""
         hebb = np.asarray(hebb)
         if hebb.dtype != np.float32 or hebb.shape != self.initial.shape:
             raise InputError(f"hebb must be float32 {list(self.initial.shape)}, got "
                              f"{hebb.dtype} {list(hebb.shape)}")
-        self._state.load(np.ascontiguousarray(hebb))
+        bad = int(np.count_nonzero(~np.isfinite(hebb)))
+        if bad:
+            raise InputError(f"hebb holds NaN or infinite values in {bad} element(s); a trace "
+                             f"must be finite")
+        with self._lock:
+            self._state.load(np.ascontiguousarray(hebb))
 
     def check(self, atol: float = ATOL, rtol: float = RTOL) -> dict:
-        r"""Replay the golden stream from the exported trace; compare logits and every trace."""
+        r"""Replay the golden stream from the exported trace; compare logits and every trace.
+
+        Holds the session's lock for the whole replay: other threads' calls wait, then continue
+        from the trace the session had before.
+        """
         golden = {key: _load(self.path / name) for key, name in PLASTIC_GOLDEN_FILES.items()}
-        saved = self.hebb
-        self.reset()
+        with self._lock:
+            return self._replay(golden, atol, rtol)
+
+    def _step(self, x: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        r"""One call, under the lock: run, then keep the new trace only if it is finite."""
+        logits = self._state.run(x, labels)
+        if self._state.pending_is_finite():
+            self._state.commit()
+        elif (labels != NO_LABEL).any():
+            raise InputError("this call would make the trace NaN or infinite (non-finite or "
+                             "extreme inputs); refused, the trace is unchanged")
+        # else a predict-only call, whose trace must not move: the model's one-hot class means
+        # let a NaN or inf row poison hebb_out even when unlabelled (0 * NaN = NaN), so that
+        # hebb_out is dropped and the logits (NaN only in such rows) returned.
+        return logits
+
+    def _replay(self, golden: dict, atol: float, rtol: float) -> dict:
+        saved = self._state.read()
+        self._state.load(self.initial)
         logits, worst_trace, start = [], 0.0, 0
         traces_ok = unlabelled_exact = True
         try:
             for index, size in enumerate(golden["batch_sizes"].tolist()):
                 rows = slice(start, start + size)
-                before = self.hebb
-                logits.append(self.step(golden["inputs"][rows], golden["labels"][rows]))
+                before = self._state.read()
+                logits.append(self._step(check_input(golden["inputs"][rows], self.in_features),
+                                         self._check_labels(golden["labels"][rows], size)))
+                trace = self._state.read()
                 if (golden["labels"][rows] == NO_LABEL).all():
-                    unlabelled_exact &= bool(np.array_equal(self.hebb, before))
+                    unlabelled_exact &= bool(np.array_equal(trace, before))
                 expected = golden["traces"][index]
-                worst_trace = max(worst_trace, float(np.abs(self.hebb - expected).max()))
-                traces_ok &= bool(np.all(np.abs(self.hebb - expected)
+                worst_trace = max(worst_trace, float(np.abs(trace - expected).max()))
+                traces_ok &= bool(np.all(np.abs(trace - expected)
                                          <= atol + rtol * np.abs(expected)))
                 start += size
         finally:
@@ -168,7 +222,7 @@ class _TorchState:
         # trace column-major while it reads its inputs as row-major without checking strides:
         # its outputs are cloned into fresh row-major tensors.
         self.copy_outputs = copy_outputs
-        self.hebb = None
+        self.hebb = self.pending = None
 
     def load(self, hebb: np.ndarray) -> None:
         self.hebb = self.torch.from_numpy(hebb.copy()).to(self.device)
@@ -176,7 +230,8 @@ class _TorchState:
     def read(self) -> np.ndarray:
         return self.hebb.cpu().numpy().copy()
 
-    def step(self, x: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    def run(self, x: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        r"""Logits of one call; its new trace waits in ``pending`` until :meth:`commit`."""
         torch = self.torch
         with torch.inference_mode():
             logits, hebb = self.model(torch.from_numpy(x).to(self.device),
@@ -184,8 +239,14 @@ class _TorchState:
             if self.copy_outputs:
                 logits = logits.clone(memory_format=torch.contiguous_format)
                 hebb = hebb.clone(memory_format=torch.contiguous_format)
-        self.hebb = hebb
+        self.pending = hebb
         return logits.cpu().numpy()
+
+    def pending_is_finite(self) -> bool:
+        return bool(self.torch.isfinite(self.pending).all())
+
+    def commit(self) -> None:
+        self.hebb, self.pending = self.pending, None
 
 
 class _OrtState:
@@ -193,10 +254,10 @@ class _OrtState:
     call reads one and writes the other, then they swap. Inputs bind from host memory, the logits
     come back to it."""
 
-    def __init__(self, path: Path, device: str) -> None:
+    def __init__(self, path: Path, device: str, threads: int | None) -> None:
         import onnxruntime as ort
 
-        self.ort, self.session = ort, ort_session(path, device)
+        self.ort, self.session = ort, ort_session(path, device, threads)
         self.device = device
         self.binding = self.session.io_binding()
         self.buffers = None
@@ -208,7 +269,8 @@ class _OrtState:
     def read(self) -> np.ndarray:
         return np.array(self.buffers[0].numpy(), copy=True)
 
-    def step(self, x: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    def run(self, x: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        r"""Logits of one call; its new trace waits in the second buffer until :meth:`commit`."""
         binding = self.binding
         binding.bind_cpu_input(INPUT_NAME, x)
         binding.bind_cpu_input(LABELS_NAME, labels)
@@ -219,8 +281,14 @@ class _OrtState:
         logits = np.array(binding.get_outputs()[0].numpy(), copy=True)
         binding.clear_binding_inputs()
         binding.clear_binding_outputs()
-        self.buffers.reverse()
         return logits
+
+    def pending_is_finite(self) -> bool:
+        # One float64 sum: exact enough for finite fp32 values, NaN/inf propagate.
+        return bool(np.isfinite(self.buffers[1].numpy().sum(dtype=np.float64)))
+
+    def commit(self) -> None:
+        self.buffers.reverse()  # the written buffer becomes the state; the old one is reused
 
 
 def verify_plastic_bundle(bundle_dir, formats) -> None:
@@ -229,8 +297,9 @@ def verify_plastic_bundle(bundle_dir, formats) -> None:
     a bundle)."""
     manifest = read_manifest(bundle_dir)
     for fmt in formats:
-        report = PlasticSession(bundle_dir, backend=fmt,
-                                device=artifact_device(manifest, fmt)).check()
+        # threads=None: the exporting process keeps its own thread settings.
+        report = PlasticSession(bundle_dir, backend=fmt, device=artifact_device(manifest, fmt),
+                                threads=None).check()
         if not report["ok"]:
             raise BundleError(f"the plastic {fmt} artifact does not match the eager stream (max "
                               f"logit error {report['max_abs_error']:.3g}, max trace error "

@@ -5,6 +5,7 @@ Unit tests on a random network (no MNIST) for the maths; then one real run (the 
 """
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -139,6 +140,84 @@ def test_a_wrong_trace_and_the_wrong_bundle_kind_are_refused(served, plastic_bun
         PlasticSession(frozen)
     with pytest.raises(BundleError, match="plastic bundle"):
         open_bundle(plastic_bundle)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_a_non_finite_trace_is_refused_by_set_state(plastic_bundle, bad):
+    session = PlasticSession(plastic_bundle, backend="onnx")
+    trace = session.initial.copy()
+    trace[3, 4] = bad
+    with pytest.raises(InputError, match=r"hebb holds NaN or infinite values in 1 element"):
+        session.set_state(trace)
+    assert np.array_equal(session.hebb, session.initial)
+
+
+def test_learn_without_labels_is_refused(plastic_bundle):
+    session = PlasticSession(plastic_bundle, backend="onnx")
+    with pytest.raises(InputError, match="learn needs labels") as caught:
+        session.learn(np.zeros((2, 784), np.float32), None)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("backend", ["torchscript", "onnx", "pt2"])
+def test_a_learn_call_that_would_break_the_trace_is_refused_and_keeps_it(plastic_bundle,
+                                                                         backend):
+    # Finite but extreme pixels overflow the hidden units to inf; a NaN pixel (allowed through)
+    # spreads NaN: either would leave every later logit NaN. The trace before the call must
+    # survive bit for bit, and the session go on as if the call never happened.
+    session = PlasticSession(plastic_bundle, backend=backend)
+    x = np.load(plastic_bundle / "golden_inputs.npy")[:4]
+    labels = np.array([0, 1, 2, -1], dtype=np.int64)
+    session.learn(x, labels)
+    good = session.hebb
+    extreme = np.full_like(x, 3e38)
+    nan = x.copy()
+    nan[3, 0] = np.nan  # in the unlabelled row: it still reaches the class means
+    for bad, allow in ((extreme, False), (nan, True)):
+        with pytest.raises(InputError, match="would make the trace NaN or infinite.*unchanged"):
+            session.step(bad, labels, allow_nonfinite=allow)
+        assert session.hebb.tobytes() == good.tobytes()
+    # Predict-only calls never move the trace, whatever their rows hold.
+    logits = session.predict(nan, allow_nonfinite=True)
+    assert np.isnan(logits[3]).all() and np.isfinite(logits[:3]).all()
+    assert session.hebb.tobytes() == good.tobytes()
+    session.learn(x, labels)
+    assert np.isfinite(session.hebb).all() and not np.array_equal(session.hebb, good)
+
+
+@pytest.mark.parametrize("backend", ["torchscript", "onnx", "pt2"])
+def test_threads_sharing_a_session_lose_no_update(plastic_bundle, backend):
+    # 4 threads x 60 predict-then-learn calls on one session. Each call takes effect in the order
+    # it acquires the session's lock, recorded inside the lock (the backend's run is called
+    # under it): a serial replay of that order on a fresh session must return the same logits
+    # call by call and end with the same trace. Without the lock updates are lost and it differs.
+    session = PlasticSession(plastic_bundle, backend=backend)
+    admitted = []
+    run = session._state.run
+
+    def recording_run(x, labels):
+        logits = run(x, labels)
+        admitted.append((x, labels, logits))
+        return logits
+
+    session._state.run = recording_run
+    x = np.load(plastic_bundle / "golden_inputs.npy")
+    labels = np.load(plastic_bundle / "golden_stream_labels.npy")  # a third of them -1
+
+    def worker(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        for _ in range(60):
+            rows = rng.choice(len(x), size=3, replace=False)
+            session.step(x[rows], labels[rows])
+
+    with ThreadPoolExecutor(4) as pool:
+        for future in [pool.submit(worker, seed) for seed in range(4)]:
+            future.result()
+    assert len(admitted) == 240
+    replay = PlasticSession(plastic_bundle, backend=backend)
+    for inputs, call_labels, logits in admitted:
+        np.testing.assert_array_equal(replay.step(inputs, call_labels), logits)
+    assert replay.hebb.tobytes() == session.hebb.tobytes()
 
 
 def test_cli_exports_and_checks_a_plastic_bundle(served, tmp_path, data_dir):
