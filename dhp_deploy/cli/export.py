@@ -39,8 +39,11 @@ class ExportFailed(click.ClickException):
               "there); cuda needs a CUDA GPU on this host.")
 @click.option("--triton-cpu", is_flag=True,
               help="--format triton: instance_group KIND_CPU instead of KIND_GPU.")
+@click.option("--triton-sequences", type=click.IntRange(min=1), default=1, show_default=True,
+              help="--format triton: sequences the plastic models serve at once (one model "
+                   "instance each; each live sequence also holds one H x C float32 trace).")
 def main(run_dir, fmt, out_dir, overwrite, golden_count, data_dir, allow_unfinished, no_verify,
-         plastic, pt2_device, triton_cpu):
+         plastic, pt2_device, triton_cpu, triton_sequences):
     r"""Fold the trained model of RUN_DIR and write a self-checking bundle.
 
     The DHP head's latest trace is folded into one matrix (θ + α⊙Hebb), so the bundle is a
@@ -53,7 +56,7 @@ def main(run_dir, fmt, out_dir, overwrite, golden_count, data_dir, allow_unfinis
 
     if fmt == "triton":
         return _triton(run_dir, out_dir, overwrite, golden_count, data_dir, allow_unfinished,
-                       no_verify, triton_cpu)
+                       no_verify, triton_cpu, triton_sequences)
     formats = FORMATS if fmt == "all" else (fmt,)
     if pt2_device == "cuda" and "pt2" in formats:
         import torch
@@ -76,7 +79,7 @@ def main(run_dir, fmt, out_dir, overwrite, golden_count, data_dir, allow_unfinis
 
 
 def _triton(run_dir, out_dir, overwrite, golden_count, data_dir, allow_unfinished, no_verify,
-            cpu) -> None:
+            cpu, sequences) -> None:
     from dhp_deploy.export import ExportError
     from dhp_deploy.plastic_session import verify_plastic_bundle
     from dhp_deploy.runtime import verify_bundle
@@ -86,14 +89,15 @@ def _triton(run_dir, out_dir, overwrite, golden_count, data_dir, allow_unfinishe
     try:
         path = write_triton_repository(
             run_dir, out_dir, overwrite=overwrite, data_dir=data_dir, golden_count=golden_count,
-            allow_unfinished=allow_unfinished, gpu=not cpu,
+            allow_unfinished=allow_unfinished, gpu=not cpu, sequences=sequences,
             verify_frozen=None if no_verify else verify_bundle,
             verify_plastic=None if no_verify else verify_plastic_bundle)
     except ExportError as err:
         raise ExportFailed(str(err)) from None
     click.echo(f"wrote Triton model repository {path} (dhp: frozen, dhp_plastic: sequence "
                f"batching with the trace as implicit state; ONNX, and TorchScript as "
-               f"dhp_torchscript, dhp_plastic_torchscript; {'KIND_CPU' if cpu else 'KIND_GPU'})")
+               f"dhp_torchscript, dhp_plastic_torchscript; {'KIND_CPU' if cpu else 'KIND_GPU'}; "
+               f"{sequences} concurrent sequence(s); requirements in its README.md)")
 
 
 if __name__ == "__main__":  # pragma: no cover
