@@ -127,13 +127,19 @@ def mean_per_sample_gradient(model: nn.Module, inputs: Tensor, classes: Optional
     weights only. The model runs in eval mode, so the DHP head uses its current trace and does not
     update it; the previous mode is restored afterwards. ``classes`` restricts the logits to one
     task's head (task-incremental), ``None`` keeps all of them. Data-parallel, each rank sums
-    over its shard of ``inputs`` and the sums are all-reduced.
+    over its shard of ``inputs`` and the sums are all-reduced. No rows (a 0-row call, or a rank
+    whose shard is empty when there are fewer samples than ranks) sum to zeros, and every rank
+    still joins the all-reduce.
     """
+    total = torch.zeros(sum(p.numel() for p in slow_parameters(model).values()),
+                        dtype=inputs.dtype, device=inputs.device)
+    shard = replicas.shard(inputs)
+    if len(shard) == 0:  # neither path takes 0 rows: autograd of an empty sum, vmap of size 0
+        return replicas.all_reduce(total) / max(len(inputs), 1)
     if transform in MULTIPLICATIVE and supports_lean_step(model):  # the same sums, in closed form
-        total = sum(torch.cat([part.reshape(-1) for part in
-                               transformed_gradient_sums(model, chunk, classes, sample_loss,
-                                                         transform)])
-                    for chunk in replicas.shard(inputs).split(CLOSED_FORM_CHUNK))
+        for chunk in shard.split(CLOSED_FORM_CHUNK):
+            total += torch.cat([part.reshape(-1) for part in transformed_gradient_sums(
+                model, chunk, classes, sample_loss, transform)])
         return replicas.all_reduce(total) / max(len(inputs), 1)
     was_training = model.training
     model.eval()
@@ -149,9 +155,7 @@ def mean_per_sample_gradient(model: nn.Module, inputs: Tensor, classes: Optional
             return sample_loss(logits[0])
 
         per_sample_grads = vmap(grad(loss_of_one), in_dims=(None, 0))
-        total = torch.zeros(sum(p.numel() for p in slow.values()), dtype=inputs.dtype,
-                            device=inputs.device)
-        for chunk in replicas.shard(inputs).split(PER_SAMPLE_CHUNK):
+        for chunk in shard.split(PER_SAMPLE_CHUNK):
             grads = per_sample_grads(slow, chunk)
             flat = torch.cat([g.reshape(len(chunk), -1) for g in grads.values()], dim=1)
             total += transform(flat).sum(0)

@@ -296,3 +296,74 @@ def test_mas_importance_accumulates_over_tasks(split_tasks):
         if previous is not None:
             assert torch.all(mas.importances[0] >= previous)
     assert mas.anchors.shape[0] == 1
+
+
+# ------------------------------------------------------------- no rows: empty calls and shards
+
+
+def _importance_setup():
+    r"""A DHP model with a non-zero trace and 5 input rows, the same in every process."""
+    model = make_model(dhp=True)
+    with torch.no_grad():
+        model.head.hebb.copy_(torch.rand(model.head.hebb.shape,
+                                         generator=torch.Generator().manual_seed(1)))
+    return model, torch.rand(5, 784, generator=torch.Generator().manual_seed(2))
+
+
+def _importances(model, inputs, replicas) -> dict:
+    r"""EWC's Fisher and MAS's importance of one sample of ``inputs`` (fisher_samples=1)."""
+    from dhp_deploy.distributed import SINGLE
+
+    found = {}
+    for method in (ElasticWeightConsolidation, MemoryAwareSynapses):
+        regularizer = method(fisher_samples=1)
+        regularizer.after_task(model, inputs, torch.tensor([2, 3]),
+                               torch.Generator().manual_seed(0), replicas or SINGLE)
+        found[method.__name__] = regularizer.importances[0]
+    return found
+
+
+@pytest.mark.parametrize("dhp", [True, False], ids=["dhp", "plain"])
+def test_a_0_row_call_returns_zero_sums(dhp):
+    model = make_model(dhp)
+    size = flat_slow_weights(model).numel()
+    no_rows = torch.empty(0, 784)
+    for head in (None, torch.tensor([2, 3])):
+        for transform in (torch.square, torch.abs, lambda g: g ** 3):  # closed form, then vmap
+            got = mean_per_sample_gradient(model, no_rows, head, lambda z: z.square().sum(),
+                                           transform)
+            assert torch.equal(got, torch.zeros(size)), (head, transform)
+
+
+def _rank_importances(rank: int, init_file: str, out_dir: str) -> None:
+    r"""One gloo rank of two (torch.multiprocessing.spawn): rank 1's shard of one sample is empty."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from dhp_deploy.distributed import Replicas
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))  # a rank skipping a collective fails
+    try:
+        model, inputs = _importance_setup()
+        found = _importances(model, inputs, Replicas(rank, 2, "gloo"))
+        torch.save(found, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
+def test_two_ranks_with_fewer_samples_than_ranks_give_the_one_process_importances(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_rank_importances, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2,
+             join=True)
+    model, inputs = _importance_setup()
+    expected = _importances(model, inputs, None)
+    assert all(value.abs().sum() > 0 for value in expected.values())  # not vacuous zeros
+    for rank in (0, 1):
+        found = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        for name, value in expected.items():  # one sample's sum is rank 0's alone: bit-equal
+            assert torch.equal(found[name], value), (rank, name)
