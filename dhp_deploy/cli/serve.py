@@ -30,13 +30,44 @@ def _backends(bundle: Path, backend: str) -> list[str]:
         raise ServeFailed(str(err)) from None
 
 
-def _open(bundle: Path, backend: str, device: str):
+def _open(bundle: Path, backend: str, device: str, threads: int | None = 1):
     from dhp_deploy.runtime import BundleError, open_bundle
 
     try:
-        return open_bundle(bundle, backend=backend, device=device)
+        return open_bundle(bundle, backend=backend, device=device, threads=threads)
     except BundleError as err:
         raise ServeFailed(str(err)) from None
+
+
+def _read_npy(path: Path):
+    r"""The array in ``path``; ServeFailed unless it is a .npy array file (numpy would try any
+    other file as a pickle, and blame "pickled (object) data" on a text or image file)."""
+    import numpy as np
+
+    try:
+        with open(path, "rb") as file:
+            magic = file.read(6)
+    except OSError as err:
+        raise ServeFailed(f"cannot read {path}: {err.strerror or err}") from None
+    if magic != b"\x93NUMPY":
+        raise ServeFailed(f"{path} is not a .npy array file (no NumPy header; save the array "
+                          f"with numpy.save)")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise ServeFailed(f"{path} is not a readable .npy array "
+                          f"({str(err).splitlines()[0][:200]})") from None
+
+
+def _check_output_parent(path: Path) -> None:
+    r"""A usage error unless ``path``'s nearest existing ancestor is a directory (a file there
+    makes the write fail with a bare "Not a directory" or "File exists")."""
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise click.BadParameter(f"{parent} is a file, not a directory",
+                                 param_hint="--output")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -57,10 +88,16 @@ def check(bundle, backend, device, atol, rtol):
     r"""Run the golden inputs (one batch, then one row at a time) against the eager logits.
 
     Passes when |out − golden| ≤ atol + rtol·|golden| everywhere and every argmax (all classes
-    and within each row's task head) agrees; exit status 1 otherwise.
+    and within each row's task head) agrees; exit status 1 otherwise. A Triton repository
+    (dhp-export --format triton) is checked instead: files, sha256, every config against its model.
     """
     from dhp_deploy.runtime import ATOL, RTOL, BundleError, read_manifest
 
+    if not (bundle / "manifest.json").exists():  # not a bundle; maybe a Triton repository
+        from dhp_deploy.triton import is_repository  # (imports torch: only when needed)
+
+        if is_repository(bundle):
+            return _check_triton(bundle)
     try:
         plastic = bool(read_manifest(bundle, verify=False).get("plastic"))
     except BundleError as err:
@@ -85,6 +122,16 @@ def check(bundle, backend, device, atol, rtol):
                               f"batches={report['batch_sizes']} atol={a:g} rtol={r:g}")
 
     _report_each(_backends(bundle, backend), check_one, "parity check")
+
+
+def _check_triton(repo: Path) -> None:
+    from dhp_deploy.export import ExportError
+    from dhp_deploy.triton import check_repository
+
+    try:
+        click.echo("\n".join(check_repository(repo)))
+    except ExportError as err:
+        raise ServeFailed(" ".join(str(err).split())) from None
 
 
 def _report_each(backends: list, check_one, what: str) -> None:
@@ -131,30 +178,43 @@ def _check_plastic(bundle: Path, backends: list, device: str, atol, rtol) -> Non
               help="Where to write the results, atomically: FILE.npy holds the logits only, "
                    "any other name an .npz of logits, classes and labels.")
 @click.option("--task", type=int, default=None,
-              help="Task head: logits of the task's classes only, argmax within them.")
+              help="Task head: logits of the task's classes only, argmax within them. Required "
+                   "for a task-incremental (multi-head) bundle unless --all-classes.")
+@click.option("--all-classes", is_flag=True,
+              help="Logits of all classes, argmax over all of them, even for a task-incremental "
+                   "bundle (whose heads were never trained to compete).")
 @click.option("--backend", type=click.Choice(BACKEND_CHOICES[:3]), default="torchscript",
               show_default=True, help="Runtime to use.")
 @device_option
 @click.option("--allow-nonfinite", is_flag=True,
               help="Run rows with NaN/inf pixels instead of rejecting the input.")
-def predict(bundle, input_path, output_path, task, backend, device, allow_nonfinite):
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Intra-op threads of the runtime (1: steady latency on a shared host).")
+def predict(bundle, input_path, output_path, task, all_classes, backend, device,
+            allow_nonfinite, threads):
     r"""Predict the classes of the images in --input; write logits, classes and labels.
 
     The .npz holds ``logits`` float32 [N, K] (K = all classes, or the task's classes with --task),
     ``classes`` int64 [K] (the global class id of each column) and ``labels`` int64 [N] (the
     predicted global class ids). An --output ending in .npy gets the logits array alone.
+    A task-incremental bundle needs --task T (or --all-classes): its argmax over all classes
+    compares heads that were never trained against each other.
     """
     import numpy as np
 
     from dhp_deploy.run_dir import atomic_write_bytes
     from dhp_deploy.runtime import BundleError
 
-    try:
-        x = np.load(input_path, allow_pickle=False)
-    except (OSError, ValueError) as err:
-        raise ServeFailed(f"{input_path} is not a readable .npy array "
-                          f"({str(err).splitlines()[0][:200]})") from None
-    runtime = _open(bundle, backend, device)
+    if task is not None and all_classes:
+        raise click.UsageError("--task and --all-classes exclude each other")
+    _check_output_parent(output_path)
+    x = _read_npy(input_path)
+    runtime = _open(bundle, backend, device, threads)
+    if task is None and not all_classes and runtime.manifest.get("scenario") == "task":
+        raise click.UsageError(
+            f"{bundle} is task-incremental (multi-head): pass --task T (one of "
+            f"{', '.join(map(str, runtime.tasks))}) to predict within a task's classes, or "
+            f"--all-classes to predict over all {runtime.num_classes} classes")
     try:
         out = runtime.predict(x, task=task, allow_nonfinite=allow_nonfinite)
     except BundleError as err:
@@ -183,7 +243,10 @@ def predict(bundle, input_path, output_path, task, backend, device, allow_nonfin
               help="Batch size of the throughput run.")
 @click.option("--repeats", type=click.IntRange(min=1), default=20, show_default=True,
               help="Timed large-batch calls (the median gives the throughput).")
-def bench(bundle, backend, device, iters, batch_size, repeats):
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Intra-op threads of the runtime (more can raise the large-batch throughput "
+                   "and, on a shared host, the batch-1 p99 latency).")
+def bench(bundle, backend, device, iters, batch_size, repeats, threads):
     r"""Batch-1 latency (p50/p99) and large-batch throughput of each backend.
 
     Times the backend call alone (no input checks) on the golden images, tiled to the batch size.
@@ -194,7 +257,7 @@ def bench(bundle, backend, device, iters, batch_size, repeats):
     from dhp_deploy.runtime import time_calls
 
     for name in _backends(bundle, backend):
-        runtime = _open(bundle, name, device)
+        runtime = _open(bundle, name, device, threads)
         inputs = runtime.golden()["inputs"]
         one = np.ascontiguousarray(inputs[:1])
         big = np.ascontiguousarray(np.resize(inputs, (batch_size, inputs.shape[1])))
@@ -204,7 +267,8 @@ def bench(bundle, backend, device, iters, batch_size, repeats):
         gflops = per_second * runtime.manifest["model"]["flops_per_sample"] / 1e9
         click.echo(f"{name}/{device}: batch 1 p50={np.percentile(latency, 50):.3f} ms "
                    f"p99={np.percentile(latency, 99):.3f} ms; batch {batch_size} "
-                   f"{per_second:,.0f} samples/s = {gflops:.1f} GFLOP/s")
+                   f"{per_second:,.0f} samples/s = {gflops:.1f} GFLOP/s ({threads} thread"
+                   f"{'s' if threads > 1 else ''})")
 
 
 if __name__ == "__main__":  # pragma: no cover
