@@ -57,7 +57,8 @@ from dhp_deploy.regularizers import STRENGTH_OPTION  # noqa: E402
 from dhp_deploy.run_dir import CHECKPOINT_NAME, METRICS_NAME  # noqa: E402
 from reproduction.jobs import (MAX_EXTENSIONS, SEARCH_SEED, SEARCH_VALUES,  # noqa: E402
                                all_diverged, choose_strengths, grid_jobs, search_jobs)
-from reproduction.naming import PAPER_BENCHMARKS, VARIANT_GROUPS, train_command  # noqa: E402
+from reproduction.naming import (PAPER_BENCHMARKS, TRACE_BENCHMARKS, TRACE_SEEDS,  # noqa: E402
+                                 TRACE_VARIANTS, VARIANT_GROUPS, train_command)
 from reproduction.records import REPO  # noqa: E402
 from reproduction.runs import RUN_STATUS, ConfigMismatch, execute, recorded_result  # noqa: E402
 
@@ -99,7 +100,7 @@ def _variants(text: str) -> list[str]:
     for name in (part.strip() for part in text.split(",") if part.strip()):
         if name in VARIANT_GROUPS:
             names += VARIANT_GROUPS[name]
-        elif name in VARIANT_GROUPS["all"]:
+        elif name in VARIANT_GROUPS["all"] + TRACE_VARIANTS:
             names.append(name)
         else:
             raise argparse.ArgumentTypeError(
@@ -112,16 +113,19 @@ def parse_arguments(argv=None):
     from dhp_deploy.tasks import BENCHMARKS
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("step", choices=("search", "grid"),
-                        help="search strengths, or run the grid")
+    parser.add_argument("step", choices=("search", "grid", "trace"),
+                        help="search strengths, run the grid, or run the trace study (DHP on "
+                             "a shared head with its trace diagnostics, plain partners and the "
+                             "interventions: permuted-mnist, seeds 0-9 by default)")
     parser.add_argument("--runs", type=Path, default=REPO / "runs" / "reproduce",
                         help="root of the run directories (default runs/reproduce)")
     parser.add_argument("--summaries", type=Path, default=REPO / "docs" / "results",
                         help="where run summaries and strengths.json go (default docs/results)")
     parser.add_argument("--strengths", type=Path, help="chosen strengths JSON "
                         "(default SUMMARIES/strengths.json)")
-    parser.add_argument("--benchmarks", type=_names(BENCHMARKS), default=list(PAPER_BENCHMARKS),
-                        help="grid: comma-separated benchmarks (default the paper's three)")
+    parser.add_argument("--benchmarks", type=_names(BENCHMARKS),
+                        help="grid: comma-separated benchmarks (default the paper's three; "
+                             "trace: permuted-mnist)")
     parser.add_argument("--benchmark", choices=BENCHMARKS, default="split-mnist",
                         help="search: the benchmark to tune on (default split-mnist)")
     parser.add_argument("--variants", type=_variants, default=None,
@@ -132,8 +136,8 @@ def parse_arguments(argv=None):
                              "the Finetune/SI ablation on the permuted benchmarks)")
     parser.add_argument("--methods", type=_names(tuple(SEARCH_VALUES)),
                         help="search: regularisers to tune (default all four)")
-    parser.add_argument("--seeds", type=_seeds, default=_seeds("0-4"),
-                        help="grid: seeds, e.g. 0-4 or 0,2 (default 0-4)")
+    parser.add_argument("--seeds", type=_seeds,
+                        help="grid: seeds, e.g. 0-4 or 0,2 (default 0-4; trace: 0-9)")
     parser.add_argument("--seed", type=int, default=SEARCH_SEED,
                         help=f"search: the one seed (default {SEARCH_SEED})")
     parser.add_argument("--val-fraction", type=float, default=None,
@@ -165,6 +169,13 @@ def parse_arguments(argv=None):
         args.val_fraction = 0.1 if args.step == "search" else 0.0
     if args.strengths is None:
         args.strengths = args.summaries / "strengths.json"
+    trace = args.step == "trace"
+    if args.benchmarks is None:
+        args.benchmarks = list(TRACE_BENCHMARKS if trace else PAPER_BENCHMARKS)
+    if args.seeds is None:
+        args.seeds = list(TRACE_SEEDS) if trace else _seeds("0-4")
+    if args.variants is None and trace:
+        args.variants = list(TRACE_VARIANTS)
     args.log = lambda line: print(line, flush=True)
     return args
 
@@ -179,7 +190,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     if args.step == "search":
         return search(args)
-    jobs = grid_jobs(args)
+    jobs = grid_jobs(args, role=args.step)
     states = [run_state(*job) for job in jobs]
     print_plan(jobs, states, args.log)
     if args.dry_run:

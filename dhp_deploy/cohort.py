@@ -164,6 +164,8 @@ class Cohort:
                    else torch.stack([grads[j] for _, grads in per_run])
                    for j, grad in enumerate(task_grads)]
         torch._foreach_add_(self.params, stacked, alpha=-self.runs[0].config.lr)
+        for run in self.runs:  # the views of each run's η: as its one-run step bounds it
+            run.bound_eta()
         for index, (run, (own, _)) in enumerate(zip(self.runs, per_run)):
             for param, grad in zip(run.parameters, stacked):  # as the one-run step leaves them
                 param.grad = grad[index]
@@ -183,7 +185,7 @@ def _check_compatible(runs: list[TrainingRun]) -> None:
     def shape(run):  # what must be equal: the network, the protocol, the data's sizes, where
         tasks = run.benchmark.tasks
         return (run.config_json["model"], run.config.epochs, run.config.batch_size,
-                run.config.lr, run.device, run.benchmark.scenario,
+                run.config.lr, run.config.eta_bound, run.device, run.benchmark.scenario,
                 [(len(task.y_train), tuple(task.classes)) for task in tasks], run.position)
 
     for run in runs:

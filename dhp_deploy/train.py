@@ -43,7 +43,7 @@ from dhp_deploy.regularizers import (DEFAULTS, SEARCHED_STRENGTHS, STRENGTH_OPTI
                                     build_regularizer)
 
 __all__ = ["TrainConfig", "TrainingError", "TrainingDiverged", "UnstableStrength", "TrainingRun",
-           "start_or_resume", "derived_generator", "evaluate", "target_map"]
+           "start_or_resume", "derived_generator", "evaluate", "target_map", "dhp_heads"]
 
 EVAL_BATCH = 1000  # test examples per forward pass during evaluation
 
@@ -74,6 +74,9 @@ class TrainConfig:
     seed: int = 0  # seeds initial weights, batch order, Fisher subsets and the benchmark
     hidden: tuple = (256, 256)  # hidden layer widths (paper: 784-256-256)
     eta_init: float = 0.01  # initial DHP plasticity rate η
+    # Keep η in [0, 1] (projected SGD: clamped after every update). Ours, not the paper's: its
+    # text calls η a decay term, which it is only inside [0, 1]; Algorithm 1 leaves it free.
+    eta_bound: bool = False
     # θ's init, "authors" or "linear" (dhp_deploy.layer.WEIGHT_INITS); None: the paper's setup,
     # "authors" for the DHP head and "linear" for the plain head (network.default_head_init).
     head_init: Optional[str] = None
@@ -155,25 +158,40 @@ def _task_heads(benchmark: Benchmark, device) -> list[Optional[Tensor]]:
     return [torch.tensor(task.classes, device=device) for task in benchmark.tasks]
 
 
+def dhp_heads(model: nn.Module) -> list[DHPSoftmax]:
+    return [module for module in model.modules() if isinstance(module, DHPSoftmax)]
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, benchmark: Benchmark, split: str = "test",
-             replicas: Replicas = SINGLE) -> list[float]:
+             replicas: Replicas = SINGLE,
+             traces: Optional[Callable[[int], list[Tensor]]] = None) -> list[float]:
     r"""Accuracy (a fraction) on every task's ``split`` ("test" or "val"), in eval mode.
 
     Multi-head (scenario "task"): argmax within the task's classes. Otherwise over all classes.
-    The model's mode is restored; the DHP trace is read, never updated. Data-parallel, each rank
-    counts on its shard and one all-reduce sums the counts: every rank returns the same figures.
+    The model's mode is restored; the DHP trace is read, never updated. ``traces(k)``, if given,
+    is the trace of each DHP head to evaluate task k with (the model's own is put back after).
+    Data-parallel, each rank counts on its shard and one all-reduce sums the counts: every rank
+    returns the same figures.
     """
     was_training = model.training
     model.eval()
     tasks = benchmark.tasks
+    heads = dhp_heads(model) if traces is not None else []
+    kept = [head.hebb.clone() for head in heads]  # copied back in place: a cohort's are views
     correct = torch.zeros(len(tasks), dtype=torch.int64, device=tasks[0].y_train.device)
-    for index, (task, head) in enumerate(zip(tasks, _task_heads(benchmark, None))):
-        x = replicas.shard(getattr(task, f"x_{split}"))
-        y = replicas.shard(getattr(task, f"y_{split}"))
-        for xb, yb in zip(x.split(EVAL_BATCH), y.split(EVAL_BATCH)):
-            correct[index] += (predicted_classes(model(xb), head) == yb).sum()
-    model.train(was_training)
+    try:
+        for index, (task, head) in enumerate(zip(tasks, _task_heads(benchmark, None))):
+            for layer, trace in zip(heads, traces(index) if traces is not None else []):
+                layer.hebb.copy_(trace)
+            x = replicas.shard(getattr(task, f"x_{split}"))
+            y = replicas.shard(getattr(task, f"y_{split}"))
+            for xb, yb in zip(x.split(EVAL_BATCH), y.split(EVAL_BATCH)):
+                correct[index] += (predicted_classes(model(xb), head) == yb).sum()
+    finally:
+        for layer, trace in zip(heads, kept):
+            layer.hebb.copy_(trace)
+        model.train(was_training)
     counts = replicas.all_reduce(correct).tolist()
     return [count / max(len(getattr(task, f"y_{split}")), 1) for count, task in zip(counts, tasks)]
 
@@ -184,6 +202,12 @@ class Progress:
 
     acc_matrix: list = field(default_factory=list)  # rows of test accuracies, one per task done
     val_acc_matrix: list = field(default_factory=list)  # the same on validation data, if any
+    # DHP heads only, the same layout as acc_matrix: the same weights with the trace zeroed (θ
+    # alone), and each task k with the trace saved at the end of task k (tasks not yet learned:
+    # the current trace); per task, the trace's state (TrainingRun.trace_diagnostics).
+    acc_matrix_trace_zeroed: list = field(default_factory=list)
+    acc_matrix_own_trace: list = field(default_factory=list)
+    trace_diagnostics: list = field(default_factory=list)
     epochs: list = field(default_factory=list)  # per epoch: task, epoch, loss, train_acc, seconds
     timings: dict = field(default_factory=lambda: {"train_s": 0.0, "consolidate_s": 0.0,
                                                    "evaluate_s": 0.0, "samples": 0})
@@ -227,6 +251,8 @@ class TrainingRun:
         self.heads = _task_heads(benchmark, self.device)
         self.position = {"task": 0, "epoch": -1, "finished": False}
         self.progress = Progress()
+        self.saved_traces: list[list[Tensor]] = []  # per task done: each DHP head's trace then
+        self.bounded_etas = [head.eta for head in dhp_heads(self.model)] if config.eta_bound else []
         self.steps_this_process = 0
 
     @property
@@ -259,6 +285,8 @@ class TrainingRun:
         run.regularizer.load_state_dict(payload["regularizer"])
         run.position = dict(payload["position"])
         run.progress = Progress(**payload["metrics"])
+        run.saved_traces = [[trace.to(run.device) for trace in traces]
+                            for traces in payload.get("saved_traces", [])]
         _restore_rng(payload["rng"])
         if run.replicas.is_main:  # it may continue with another world size than it started with
             atomic_write_json(run.run_dir / CONFIG_NAME, run.config_json)
@@ -375,11 +403,20 @@ class TrainingRun:
         if self.config.momentum == 0:  # SGD's own foreach update without its per-call overhead
             with torch.no_grad():
                 torch._foreach_add_(self.parameters, ordered, alpha=-self.config.lr)
+            self.bound_eta()
             self.regularizer.after_sgd_step(self.model, task_grads, self.config.lr)
         else:
             self.optimizer.step()
+            self.bound_eta()
             self.regularizer.after_step(self.model)
         return task_loss, hits
+
+    @torch.no_grad()
+    def bound_eta(self) -> None:
+        r"""With ``eta_bound``, η back into [0, 1] after an update (projected SGD): η stays the
+        parameter every exporter reads, and inside the bounds it learns exactly as unbounded."""
+        for eta in self.bounded_etas:
+            eta.clamp_(0.0, 1.0)
 
     def gradients_with_penalty(self, task_grads: dict) -> list[Tensor]:
         r"""The lean step's gradients plus the regulariser's penalty's, in parameter order, also
@@ -403,12 +440,14 @@ class TrainingRun:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+        self.bound_eta()
         self.regularizer.after_step(self.model)
         return task_loss.detach(), (logits.detach().argmax(1) == targets).sum()
 
     def end_task(self, task_id: int) -> None:
         r"""The regulariser's end-of-task step, then one row of test (and val) accuracies."""
         task, started = self.benchmark.tasks[task_id], time.perf_counter()
+        curvature = self.regularizer.max_curvature()  # the penalty this task trained under
         generator = derived_generator(self.config.seed, "consolidation", task_id)
         self.regularizer.after_task(self.model, task.x_train, self.heads[task_id], generator,
                                     self.replicas)
@@ -418,8 +457,34 @@ class TrainingRun:
         if any(len(t.y_val) for t in self.benchmark.tasks):
             self.progress.val_acc_matrix.append(evaluate(self.model, self.benchmark, "val",
                                                          self.replicas))
-        self.progress.timings["consolidate_s"] += consolidated - started
-        self.progress.timings["evaluate_s"] += time.perf_counter() - consolidated
+        evaluated = time.perf_counter()
+        timings = self.progress.timings
+        timings["consolidate_s"] += consolidated - started
+        timings["evaluate_s"] += evaluated - consolidated
+        if dhp_heads(self.model):  # two more evaluations: their cost is kept apart
+            self.trace_diagnostics(task_id, curvature)
+            timings["trace_diagnostics_s"] = (timings.get("trace_diagnostics_s", 0.0)
+                                              + time.perf_counter() - evaluated)
+
+    def trace_diagnostics(self, task_id: int, curvature: float) -> None:
+        r"""What the Hebbian trace does to the accuracies after task ``task_id``: every task with
+        the trace zeroed (θ alone) and with its own trace (saved at the end of that task, kept in
+        the checkpoint); the trace's state; lr × the penalty's largest curvature."""
+        if len(self.saved_traces) != task_id:  # resumed from a checkpoint written before these
+            return
+        heads = dhp_heads(self.model)
+        self.saved_traces.append([head.hebb.detach().clone() for head in heads])
+        zeroed = [torch.zeros_like(head.hebb) for head in heads]
+        progress = self.progress
+        progress.acc_matrix_trace_zeroed.append(evaluate(
+            self.model, self.benchmark, "test", self.replicas, traces=lambda k: zeroed))
+        progress.acc_matrix_own_trace.append(evaluate(
+            self.model, self.benchmark, "test", self.replicas,
+            traces=lambda k: self.saved_traces[min(k, task_id)]))
+        progress.trace_diagnostics.append({
+            **heads[0].plasticity_summary(),
+            "max_abs_hebb": heads[0].hebb.abs().max().item(),
+            "lr_max_curvature": self.config.lr * curvature})
 
     # ------------------------------------------------------------------ state on disk
 
@@ -436,6 +501,7 @@ class TrainingRun:
             "rng": _rng_state(self.device),
             "position": dict(self.position),
             "metrics": asdict(self.progress),
+            "saved_traces": [[trace.cpu() for trace in traces] for traces in self.saved_traces],
         })
 
     def write_metrics(self) -> dict:
@@ -444,12 +510,16 @@ class TrainingRun:
         title = (f"{self.config.benchmark} · {self.config.method}"
                  f"{' + DHP' if self.config.dhp else ''}")
         extra = {}
-        heads = [m for m in self.model.modules() if isinstance(m, DHPSoftmax)]
+        heads = dhp_heads(self.model)
         if heads:  # how much plasticity the trained model uses
             extra["plasticity"] = heads[0].plasticity_summary()
         if self.progress.val_acc_matrix:  # for tuning strengths (never tune on test)
             extra.update(val_acc_matrix=self.progress.val_acc_matrix,
                          val_avg_acc=average_accuracies(self.progress.val_acc_matrix))
+        if self.progress.trace_diagnostics:  # what the trace does to the accuracies
+            extra.update(acc_matrix_trace_zeroed=self.progress.acc_matrix_trace_zeroed,
+                         acc_matrix_own_trace=self.progress.acc_matrix_own_trace,
+                         trace_diagnostics=self.progress.trace_diagnostics)
         if not self.replicas.is_main:  # rank 0 writes the files
             return run_metrics(self.progress.acc_matrix, self.config_json, timings, extra)
         return write_run_metrics(self.run_dir, self.progress.acc_matrix, self.config_json,

@@ -220,3 +220,80 @@ def test_random_streams_are_named_by_their_sha256():
     from dhp_deploy.tasks import _generator
     assert torch.equal(torch.randperm(50, generator=_generator(7, 2, 4)),
                        torch.randperm(50, generator=named("dhp/7/2/4")))
+
+
+# ---------------------------------------------------------------------- the trace's diagnostics
+
+def _dhp_run(tmp_path, name, **overrides):
+    config = TrainConfig(**{**dict(benchmark="split-mnist", method="si", dhp=True, epochs=2,
+                                   batch_size=16, hidden=(16,), lr=0.1, si_c=0.1), **overrides})
+    return TrainingRun.start(config, split_benchmark(20, train=128, test=64, num_tasks=3),
+                             tmp_path / name)
+
+
+def test_trace_diagnostics_evaluate_every_task_three_ways(tmp_path):
+    from dhp_deploy.train import evaluate
+
+    run = _dhp_run(tmp_path, "dhp")
+    metrics = run.run()
+    acc, zeroed, own = (metrics[name] for name in
+                        ("acc_matrix", "acc_matrix_trace_zeroed", "acc_matrix_own_trace"))
+    assert len(zeroed) == len(own) == len(acc) == 3 and all(len(row) == 3 for row in zeroed)
+    # A task's own trace at the end of that task is the trace it was evaluated with then.
+    assert [own[i][i] for i in range(3)] == [acc[i][i] for i in range(3)]
+    assert own[-1][-1] == acc[-1][-1] and own[0][1:] == acc[0][1:]  # not yet learned: current
+    # Zeroed equals an independent evaluation of the same weights without any trace.
+    plain_eval = build_model(run.config_json["model"])
+    plain_eval.load_state_dict(run.model.state_dict())
+    plain_eval.head.hebb.zero_()
+    assert evaluate(plain_eval, run.benchmark) == zeroed[-1]
+    assert evaluate(run.model, run.benchmark) == acc[-1]  # the model's own trace is back
+    # ... and the saved traces are the checkpoint's, so the own-trace row replays from it.
+    saved = load_checkpoint(tmp_path / "dhp")["saved_traces"]
+    assert len(saved) == 3 and saved[0][0].shape == (16, 6)
+    plain_eval.head.hebb.copy_(saved[0][0])
+    assert evaluate(plain_eval, run.benchmark)[0] == own[-1][0]
+    diagnostics = metrics["trace_diagnostics"]
+    assert len(diagnostics) == 3 and set(diagnostics[0]) == {
+        "eta", "max_abs_hebb", "plastic_to_slow", "mean_abs_alpha", "lr_max_curvature"}
+    assert diagnostics[0]["lr_max_curvature"] == 0.0 < diagnostics[1]["lr_max_curvature"]  # SI
+    assert diagnostics[-1]["max_abs_hebb"] == run.model.head.hebb.abs().max().item()
+    written = json.loads((tmp_path / "dhp" / "metrics.json").read_text())
+    assert written["acc_matrix_own_trace"] == own
+
+
+def test_trace_diagnostics_resume_exactly_and_skip_plain_heads(tmp_path):
+    straight = _dhp_run(tmp_path, "straight").run()
+
+    def stop(steps):  # 8 steps per epoch, 2 epochs per task: step 40 is inside task 3
+        if steps == 40:
+            raise Interrupted
+    cut = _dhp_run(tmp_path, "cut")
+    cut.on_step = stop
+    with pytest.raises(Interrupted):
+        cut.run()
+    resumed = TrainingRun.resume(load_checkpoint(tmp_path / "cut"), cut.benchmark, tmp_path / "cut")
+    again = resumed.run()
+    for name in ("acc_matrix", "acc_matrix_trace_zeroed", "acc_matrix_own_trace",
+                 "trace_diagnostics"):
+        assert again[name] == straight[name], name
+    plain = _dhp_run(tmp_path, "plain", dhp=False).run()
+    assert "acc_matrix_own_trace" not in plain and "trace_diagnostics" not in plain
+
+
+@pytest.mark.parametrize("eta_bound", [False, True], ids=["free", "bounded"])
+def test_eta_bound_keeps_eta_in_the_unit_interval(tmp_path, eta_bound):
+    # η starting at 0 on this stream is pushed below it by its gradient (free: the test's
+    # premise); bounded, every step leaves it in [0, 1].
+    run = _dhp_run(tmp_path, str(eta_bound), method="finetune", lr=0.5, eta_bound=eta_bound)
+    with torch.no_grad():
+        run.model.head.eta.fill_(0.0)
+    seen = []
+    run.on_step = lambda steps: seen.append(run.model.head.eta.item())
+    run.run()
+    if eta_bound:
+        assert 0.0 <= min(seen) and max(seen) <= 1.0 and max(seen) > 0.0
+        assert json.loads((tmp_path / "True" / "config.json").read_text())[
+            "training"]["eta_bound"] is True
+    else:
+        assert min(seen) < 0.0

@@ -8,9 +8,10 @@ from dhp_deploy.regularizers import STRENGTH_OPTION
 from dhp_deploy.run_dir import METRICS_NAME, atomic_write_json
 from dhp_deploy.train import TrainConfig
 from reproduction.naming import (DIVERGED_NAME, PAPER_PROTOCOL, SUMMARY_DIR_RUNS,
-                                 SUMMARY_DIR_SEARCH, grid_protocol, grid_variants, protocol_tag,
+                                 SUMMARY_DIR_SEARCH, SUMMARY_DIR_TRACE, grid_protocol, grid_variants, protocol_tag,
                                  strengths_key, variant_settings)
 from reproduction.records import read_summary, summarize_run
+from reproduction.runs import recorded_result
 
 # The values the search tries for each regulariser's strength option (STRENGTH_OPTION): around
 # the library's defaults, a decade apart. Online EWC's γ is not searched (1.0, the default).
@@ -144,7 +145,13 @@ def chosen_strengths(path: Path, benchmark: str, protocol: str, log) -> dict:
             for method, entry in chosen[source].items()}
 
 
-def grid_jobs(args) -> list:
+def grid_jobs(args, role: str = "grid") -> list:
+    r"""The runs of a grid (``role`` "grid") or of the trace study ("trace"): every benchmark ×
+    seed × variant with the chosen strengths, seed-major.
+
+    The trace study's DHP runs are its own (they record the trace diagnostics, which older grid
+    runs lack); a plain partner the grid already recorded is that record, not a new run.
+    """
     jobs = []
     for benchmark in args.benchmarks:
         plain = base_config(args, benchmark, seed=0, val_fraction=args.val_fraction)
@@ -156,8 +163,12 @@ def grid_jobs(args) -> list:
                 config = base_config(args, benchmark, **settings, seed=seed,
                                      val_fraction=args.val_fraction,
                                      **strengths.get(settings["method"], {}))
-                tag = protocol_tag(asdict(config))
-                jobs.append((config, args.runs / benchmark / tag / variant / f"seed{seed}", "grid",
-                             args.summaries / SUMMARY_DIR_RUNS / benchmark / tag / variant /
-                             f"seed{seed}.json"))
+                place = Path(benchmark) / protocol_tag(asdict(config)) / variant
+                grid_job = (config, args.runs / place / f"seed{seed}", "grid",
+                            args.summaries / SUMMARY_DIR_RUNS / place / f"seed{seed}.json")
+                if role == "grid" or (not config.dhp and recorded_result(config, grid_job[3])):
+                    jobs.append(grid_job)
+                else:
+                    jobs.append((config, args.runs / role / place / f"seed{seed}", role,
+                                 args.summaries / SUMMARY_DIR_TRACE / place / f"seed{seed}.json"))
     return jobs

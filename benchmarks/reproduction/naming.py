@@ -4,7 +4,7 @@ from dhp_deploy.network import default_head_init
 from dhp_deploy.train import TrainConfig
 
 SUMMARY_KIND, SUMMARY_VERSION = "dhp-run-summary", 1
-SUMMARY_DIR_RUNS, SUMMARY_DIR_SEARCH = "runs", "search"
+SUMMARY_DIR_RUNS, SUMMARY_DIR_SEARCH, SUMMARY_DIR_TRACE = "runs", "search", "trace"
 DIVERGED_NAME = "diverged.json"  # beside a run that stopped on a non-finite loss (reproduce.py)
 # The paper's protocol (docs/DESIGN.md §1) is TrainConfig's defaults; permuted-MNIST epochs are
 # not stated: 10, as for split.
@@ -22,6 +22,10 @@ VARIANTS = tuple(name for m in BASE_METHODS
 ABLATION_VARIANTS = tuple(f"{v}@{'linear' if v.startswith('dhp') else 'authors'}"
                           for v in VARIANTS)
 INIT_DISPLAY = {"authors": "authors' init", "linear": "nn.Linear init"}
+# Interventions on the DHP head (ours, not the paper's): a variant suffix ``~name`` and the
+# TrainConfig settings it stands for.
+INTERVENTIONS = {"eta-bound": {"eta_bound": True}}
+INTERVENTION_DISPLAY = {"eta-bound": "η in [0, 1]"}
 DISPLAY = {"finetune": "Finetune", "ewc": "EWC", "online-ewc": "Online EWC", "si": "SI",
            "mas": "MAS"}
 BENCHMARK_ORDER = ("permuted-mnist", "imbalanced-permuted-mnist", "split-mnist",
@@ -30,6 +34,12 @@ PAPER_BENCHMARKS = ("permuted-mnist", "imbalanced-permuted-mnist", "split-mnist"
 # Named groups of variants for --variants: the paper's table, the init ablation, both.
 VARIANT_GROUPS = {"paper": VARIANTS, "ablation": ABLATION_VARIANTS,
                   "all": VARIANTS + ABLATION_VARIANTS}
+# The trace study (reproduce.py trace): DHP on a shared head with its plain partners, with the
+# trace diagnostics, and each intervention on the same DHP variants.
+TRACE_PAIRS = (("finetune", "dhp"), ("online-ewc", "dhp+online-ewc"), ("si", "dhp+si"))
+TRACE_VARIANTS = (tuple(name for pair in TRACE_PAIRS for name in pair)
+                  + tuple(f"{dhp}~{name}" for name in INTERVENTIONS for _, dhp in TRACE_PAIRS))
+TRACE_BENCHMARKS, TRACE_SEEDS = ("permuted-mnist",), tuple(range(10))
 # The grid docs/RESULTS.md reports, per benchmark (a grid without --variants runs this): the
 # whole ablation on Split MNIST; on the permuted benchmarks, whose runs cost ~4 min each, the
 # ablation of Finetune and SI only (two method pairs answer what the θ init contributes).
@@ -45,23 +55,32 @@ def grid_variants(benchmark: str, requested=None) -> tuple:
     return tuple(requested) if requested else REPORTED_GRID.get(benchmark, VARIANTS)
 
 
-def variant_name(method: str, dhp: bool, head_init: str | None = None) -> str:
+def variant_name(method: str, dhp: bool, head_init: str | None = None,
+                 training: dict | None = None) -> str:
     r"""``("ewc", True)`` → ``"dhp+ewc"``; ``("finetune", True)`` → ``"dhp"`` (the paper's);
-    a head init other than the paper's for that head is a suffix: ``"dhp@linear"``."""
+    a head init other than the paper's for that head is a suffix: ``"dhp@linear"``; so is each
+    intervention ``training`` holds: ``"dhp+si~eta-bound"``."""
     name = (("dhp" if method == "finetune" else f"dhp+{method}") if dhp else method)
     if head_init is not None and head_init != default_head_init(dhp):
         name += f"@{head_init}"
+    for intervention, settings in INTERVENTIONS.items():
+        if training and all(training.get(key) == value for key, value in settings.items()):
+            name += f"~{intervention}"
     return name
 
 
 def training_variant(training: dict) -> str:
     r"""The variant of a run's ``training`` config (runs from before ``head_init``: linear)."""
-    return variant_name(training["method"], training["dhp"], training.get("head_init", "linear"))
+    return variant_name(training["method"], training["dhp"], training.get("head_init", "linear"),
+                        training)
 
 
 def display_name(variant: str) -> str:
+    variant, *interventions = variant.split("~")
     variant, _, init = variant.partition("@")
-    suffix = f" ({INIT_DISPLAY[init]})" if init else ""
+    notes = ([INIT_DISPLAY[init]] if init else []) + [
+        f"{INTERVENTION_DISPLAY[name]}, ours" for name in interventions]
+    suffix = f" ({'; '.join(notes)})" if notes else ""
     if variant == "dhp":
         return "DHP" + suffix
     if variant.startswith("dhp+"):
@@ -121,12 +140,16 @@ def train_command(training: dict) -> str:
 
 def variant_settings(variant: str) -> dict:
     r"""The TrainConfig settings of a variant: ``"dhp+ewc"`` → method ewc, DHP head;
-    ``"dhp"`` → finetune, DHP head; ``"si@authors"`` → si, plain head, the authors' θ init."""
+    ``"dhp"`` → finetune, DHP head; ``"si@authors"`` → si, plain head, the authors' θ init;
+    ``"dhp~eta-bound"`` → finetune, DHP head, η kept in [0, 1]."""
+    variant, *interventions = variant.split("~")
     name, _, head_init = variant.partition("@")
+    extra = {key: value for intervention in interventions
+             for key, value in INTERVENTIONS[intervention].items()}
     if name == "dhp":
         settings = {"method": "finetune", "dhp": True}
     elif name.startswith("dhp+"):
         settings = {"method": name[4:], "dhp": True}
     else:
         settings = {"method": name, "dhp": False}
-    return {**settings, "head_init": head_init or None}
+    return {**settings, "head_init": head_init or None, **extra}

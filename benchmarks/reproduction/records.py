@@ -85,9 +85,12 @@ def summarize_run(run_dir, command: str | None = None, device: str = "cpu") -> d
             "val_acc_matrix": val_matrix,
             "val_avg_acc": _averages(val_matrix) if val_matrix else None,
             "plasticity": metrics.get("plasticity"),
+            **{name: metrics.get(name) for name in ("acc_matrix_trace_zeroed",
+                                                    "acc_matrix_own_trace", "trace_diagnostics")},
         },
         "timings": timings,
-        "wall_s": timings["train_s"] + timings["consolidate_s"] + timings["evaluate_s"],
+        "wall_s": (timings["train_s"] + timings["consolidate_s"] + timings["evaluate_s"]
+                   + timings.get("trace_diagnostics_s", 0.0)),
         "config": config,
     }
 

@@ -29,8 +29,8 @@ from dhp_deploy.train import TrainConfig
 
 # Options that decide the result: with --resume they come from the checkpoint, never the command.
 TRAINING_OPTIONS = ("benchmark", "method", "dhp", "epochs", "batch_size", "lr", "momentum", "seed",
-                    "hidden", "head_init", "ewc_lambda", "online_ewc_gamma", "si_c", "si_epsilon", "mas_lambda",
-                    "fisher_samples", "val_fraction", "class_incremental", "num_tasks",
+                    "hidden", "head_init", "eta_bound", "ewc_lambda", "online_ewc_gamma", "si_c",
+                    "si_epsilon", "mas_lambda", "fisher_samples", "val_fraction", "class_incremental", "num_tasks",
                     "train_limit", "test_limit")
 SEARCHED = "the value searched for the benchmark (README)"
 DEFAULT = TrainConfig  # every training option's default is TrainConfig's (one place)
@@ -86,6 +86,10 @@ class HiddenSizes(click.ParamType):
               "linear with --no-dhp (the paper's setup)",
               help="Output layer θ init: the DHP authors' code (bound 1/√classes) or nn.Linear's "
                    "(bound 1/√inputs).")
+@click.option("--eta-bound/--no-eta-bound", default=DEFAULT.eta_bound, show_default=True,
+              help="Keep the DHP plasticity rate η in [0, 1] (clamped after every update; ours, "
+                   "not the paper's: Algorithm 1 leaves η free, and outside [0, 1] the trace "
+                   "can grow until NaN).")
 @click.option("--ewc-lambda", type=click.FloatRange(min=0), show_default=SEARCHED,
               help="EWC / Online EWC strength.")
 @click.option("--online-ewc-gamma", type=click.FloatRange(0, 1), default=DEFAULT.online_ewc_gamma,
