@@ -9,11 +9,21 @@ batch 64 (all rows labelled):
 median latency per call and the plastic / frozen ratio per backend. The plastic call does more
 (the trace's update and its copy in and out), so a ratio above 1 is expected; this measures how
 much. Times are wall clock on whatever else the machine is doing.
+
+    python benchmarks/bench_plastic.py --session BUNDLE   # also: the cost of the session's lock
+
+With ``--session`` (a plastic bundle, ``dhp-export RUN --plastic``), the cost of the lock that
+makes a shared PlasticSession safe: batch-1 predict-then-learn calls per second through
+``session.step`` (the lock taken uncontended) against the same call's unlocked core
+(``session._step``, what step ran before the lock: not safe to share), and the total calls per
+second of 2 and 4 threads sharing the one session (they take turns: the lock serialises them).
 """
 
 import argparse
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +74,59 @@ def backends(model: DHPNet, directory: Path) -> dict:
             ("onnx", "frozen"): ort_frozen, ("onnx", "plastic"): ort_plastic}
 
 
+def lock_cost(bundle: Path, calls: int, rounds: int, figures: Figures) -> None:
+    r"""Calls/s of a PlasticSession's locked step against its unlocked core, alone and shared."""
+    from dhp_deploy.plastic_session import PlasticSession
+    from dhp_deploy.runtime import check_input
+
+    x = np.load(bundle / "golden_inputs.npy")[:1]
+    labels = np.array([int(np.load(bundle / "golden_stream_labels.npy")[0]) % 10], np.int64)
+    figures.key(f"{'backend':<12}{'unlocked /s':>12}{'locked /s':>11}{'lock us':>9}"
+                f"{'2 threads /s':>14}{'4 threads /s':>14}")
+    for backend in ("torchscript", "onnx", "pt2"):
+        try:
+            session = PlasticSession(bundle, backend=backend, threads=1)
+        except Exception as err:  # an artifact this bundle lacks or this host cannot load
+            figures.key(f"{backend:<12}skipped ({str(err)[:80]})")
+            continue
+
+        def unlocked():  # step's checks and the call, without the lock
+            session._step(check_input(x, session.in_features), session._check_labels(labels, 1))
+
+        def locked():
+            session.step(x, labels)
+
+        times = median_times({"unlocked": unlocked, "locked": locked}, calls, rounds)
+        shared = {n: _shared_rate(session, x, labels, n, calls) for n in (2, 4)}
+        rates = {name: 1 / seconds for name, seconds in times.items()}
+        figures.key(f"{backend:<12}{rates['unlocked']:>12,.0f}{rates['locked']:>11,.0f}"
+                    f"{(times['locked'] - times['unlocked']) * 1e6:>9.2f}"
+                    f"{shared[2]:>14,.0f}{shared[4]:>14,.0f}")
+        figures.data[f"lock {backend}"] = {"unlocked_per_s": rates["unlocked"],
+                                           "locked_per_s": rates["locked"],
+                                           "threads_2_per_s": shared[2],
+                                           "threads_4_per_s": shared[4]}
+
+
+def _shared_rate(session, x, labels, threads: int, calls: int) -> float:
+    r"""Total calls/s of ``threads`` threads making ``calls`` step calls each on one session."""
+    start = threading.Barrier(threads + 1)
+
+    def worker():
+        start.wait()
+        for _ in range(calls):
+            session.step(x, labels)
+
+    pool = [threading.Thread(target=worker) for _ in range(threads)]
+    for thread in pool:
+        thread.start()
+    start.wait()
+    started = time.perf_counter()
+    for thread in pool:
+        thread.join()
+    return threads * calls / (time.perf_counter() - started)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--hidden", default="256,256")
@@ -73,6 +136,8 @@ def main(argv=None) -> int:
                         help="threads for torch and onnxruntime alike (default 1: steadier "
                              "ratios on a shared machine)")
     parser.add_argument("--json", help="also write the key figures and numbers here")
+    parser.add_argument("--session", type=Path,
+                        help="a plastic bundle: also time its PlasticSession's lock")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -98,6 +163,8 @@ def main(argv=None) -> int:
                             f"{plastic / frozen:>18.2f}")
                 figures.data[f"{backend} batch {batch}"] = {"frozen_s": frozen,
                                                             "plastic_s": plastic}
+    if args.session:
+        lock_cost(args.session, args.iters, args.rounds, figures)
     figures.write(args.json)
     return 0
 
