@@ -10,8 +10,11 @@
 // Frozen bundles: loads the model (eval mode), runs the golden inputs (golden_inputs.npy, float32
 // [G, 784]) as one batch and one row at a time, and compares with the eager model's logits
 // (golden_logits.npy, float32 [G, C]): passes when |out - golden| <= atol + rtol * |golden|
-// everywhere and every argmax agrees. --inputs / --logits check another pair of float32 .npy files
-// instead (e.g. a whole test set). Exit status: 0 pass, 1 parity failure, 2 usage or load error.
+// everywhere and every argmax agrees. --inputs / --logits (always both) check another pair of
+// float32 .npy files instead (e.g. a whole test set); a plastic bundle refuses them (its check is
+// a stream of calls that feed the trace back, not a pair of arrays). Inputs are validated against
+// the manifest before the model runs: width, at least one row, no NaN/inf, matching row counts.
+// Exit status: 0 pass, 1 parity failure, 2 usage, load or input error (one line on stderr).
 // Checksums are the Python runtime's job (dhp-serve check); this program needs no JSON library.
 
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
@@ -19,8 +22,10 @@
 #include <torch/script.h>
 #include <torch/version.h>
 
+#include <cerrno>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
@@ -107,16 +112,67 @@ at::Tensor load_i64(const std::string& path) {
   return torch::from_blob(npy.data.data(), npy.shape, torch::kInt64).clone();
 }
 
-bool check_manifest(const std::string& bundle) {  // true for a plastic bundle
-  const std::string manifest = read_file(bundle + "/manifest.json");
+// What this program needs from manifest.json, read with regexes (the exporter writes it with
+// json.dumps(indent=2); no JSON library needed).
+struct Manifest {
+  bool plastic = false;
+  int64_t in_features = 0, num_classes = 0;  // the model's [N, in] -> [N, classes]
+};
+
+// The width in `"KEY": {... "shape": ["N", WIDTH] ...}`, the first such object in the manifest.
+int64_t shape_width(const std::string& manifest, const std::string& key, const std::string& path) {
+  const auto at = manifest.find("\"" + key + "\": {");
+  std::smatch match;
+  const std::string rest = at == std::string::npos ? "" : manifest.substr(at);
+  if (!std::regex_search(rest, match, std::regex("\"shape\": \\[\\s*\"N\",\\s*([0-9]+)\\s*\\]")))
+    throw std::runtime_error(path + " has no " + key + " shape [\"N\", width]");
+  return std::stoll(match[1].str());
+}
+
+Manifest read_manifest(const std::string& bundle) {
+  const std::string path = bundle + "/manifest.json";
+  const std::string manifest = read_file(path);
   if (manifest.find("\"format\": \"dhp-deploy-bundle\"") == std::string::npos)
-    throw std::runtime_error(bundle + "/manifest.json is not a dhp-deploy-bundle manifest");
+    throw std::runtime_error(path + " is not a dhp-deploy-bundle manifest");
   std::smatch match;
   if (!std::regex_search(manifest, match, std::regex("\"format_version\": ([0-9]+)")) ||
       std::stoi(match[1].str()) != kBundleVersion)
-    throw std::runtime_error(bundle + "/manifest.json: bundle format version is not " +
+    throw std::runtime_error(path + ": bundle format version is not " +
                              std::to_string(kBundleVersion));
-  return manifest.find("\"plastic\": true") != std::string::npos;
+  Manifest m;
+  m.plastic = manifest.find("\"plastic\": true") != std::string::npos;
+  m.in_features = shape_width(manifest, "input", path);
+  m.num_classes = shape_width(manifest, "output", path);
+  return m;
+}
+
+std::string shape_of(const at::Tensor& t) {
+  std::string out = "[";
+  for (int64_t d = 0; d < t.dim(); ++d) out += (d ? ", " : "") + std::to_string(t.size(d));
+  return out + "]";
+}
+
+// A pair to check (goldens or --inputs/--logits) against the model's I/O, before anything runs:
+// a wrong width used to surface as a TorchScript traceback (or a C++ backtrace from .pt2), a NaN
+// as a parity failure, an empty file as torch.cat's complaint.
+void validate_pair(const at::Tensor& inputs, const at::Tensor& logits, const Manifest& m,
+                   const std::string& inputs_path, const std::string& logits_path) {
+  if (inputs.dim() != 2 || inputs.size(1) != m.in_features)
+    throw std::runtime_error(inputs_path + " has shape " + shape_of(inputs) +
+                             "; the model takes float32 [N, " + std::to_string(m.in_features) + "]");
+  if (inputs.size(0) == 0) throw std::runtime_error(inputs_path + " has no rows (shape " +
+                                                    shape_of(inputs) + ")");
+  if (logits.dim() != 2 || logits.size(1) != m.num_classes)
+    throw std::runtime_error(logits_path + " has shape " + shape_of(logits) +
+                             "; the model returns float32 [N, " + std::to_string(m.num_classes) + "]");
+  if (logits.size(0) != inputs.size(0))
+    throw std::runtime_error(inputs_path + " has " + std::to_string(inputs.size(0)) + " rows but " +
+                             logits_path + " has " + std::to_string(logits.size(0)));
+  for (const auto& [t, path] : {std::pair{inputs, inputs_path}, std::pair{logits, logits_path}}) {
+    const int64_t bad = (~torch::isfinite(t)).any(1).sum().item<int64_t>();
+    if (bad) throw std::runtime_error(path + " has NaN or infinite values in " +
+                                      std::to_string(bad) + " row(s)");
+  }
 }
 
 struct Errors {
@@ -137,10 +193,62 @@ Errors compare(const at::Tensor& out, const at::Tensor& golden, double atol, dou
   return e;
 }
 
-int usage() {
-  std::cerr << "usage: dhp_check BUNDLE_DIR [--backend torchscript|pt2] [--device cpu|cuda] "
-               "[--atol A] [--rtol R] [--inputs X.npy --logits Y.npy]\n";
-  return 2;
+constexpr const char* kUsage =
+    "usage: dhp_check BUNDLE_DIR [--backend torchscript|pt2] [--device cpu|cuda] "
+    "[--atol A] [--rtol R] [--inputs X.npy --logits Y.npy]";
+
+// A command-line mistake: one line on stderr, exit status 2.
+struct UsageError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+struct Options {
+  std::string bundle, device = "cpu", backend = "torchscript", inputs, logits;
+  double atol = kAtol, rtol = kRtol;
+};
+
+// A tolerance, all of the text a number (std::atof read "abc" as 0), finite and >= 0.
+double parse_tolerance(const std::string& flag, const std::string& text) {
+  char* end = nullptr;
+  errno = 0;
+  const double value = std::strtod(text.c_str(), &end);
+  if (text.empty() || *end != '\0' || errno == ERANGE || !std::isfinite(value) || value < 0)
+    throw UsageError(flag + " must be a finite number >= 0, got '" + text + "'");
+  return value;
+}
+
+Options parse_options(int argc, char** argv) {
+  if (argv[1][0] == '-') throw UsageError("the first argument must be BUNDLE_DIR");
+  Options o;
+  o.bundle = argv[1];
+  for (int i = 2; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg != "--device" && arg != "--backend" && arg != "--atol" && arg != "--rtol" &&
+        arg != "--inputs" && arg != "--logits")
+      throw UsageError("unknown argument '" + arg + "'");
+    if (i + 1 >= argc) throw UsageError(arg + " needs a value");
+    const std::string value = argv[++i];
+    if (arg == "--device") o.device = value;
+    else if (arg == "--backend") o.backend = value;
+    else if (arg == "--atol") o.atol = parse_tolerance(arg, value);
+    else if (arg == "--rtol") o.rtol = parse_tolerance(arg, value);
+    else if (arg == "--inputs") o.inputs = value;
+    else o.logits = value;
+  }
+  if (o.inputs.empty() != o.logits.empty())
+    throw UsageError("--inputs and --logits go together (the inputs and their expected logits)");
+  return o;
+}
+
+// The gist of a LibTorch error on one line: TorchScript's message is a traceback whose last
+// "RuntimeError: " line says what went wrong; anything else, its first line.
+std::string one_line(const std::string& message) {
+  const auto at = message.rfind("RuntimeError: ");
+  std::stringstream rest(message.substr(at == std::string::npos ? 0 : at + 14));
+  std::string line;
+  while (std::getline(rest, line) && line.find_first_not_of(' ') == std::string::npos) {
+  }
+  return line;
 }
 
 // One call of a bundle's model, whichever loader: the frozen model takes {input} and returns
@@ -153,7 +261,13 @@ Call open_model(const std::string& bundle, const std::string& backend, const tor
     if (device.is_cuda())
       throw std::runtime_error("the bundle's model.pt2 is compiled for cpu; re-export on a CUDA "
                                "host to run it there");
-    auto loader = std::make_shared<torch::inductor::AOTIModelPackageLoader>(bundle + "/model.pt2");
+    std::shared_ptr<torch::inductor::AOTIModelPackageLoader> loader;
+    try {
+      loader = std::make_shared<torch::inductor::AOTIModelPackageLoader>(bundle + "/model.pt2");
+    } catch (const c10::Error& err) {
+      throw std::runtime_error(bundle + "/model.pt2 is damaged or unreadable (" +
+                               one_line(err.what_without_backtrace()) + ")");
+    }
     keep = loader;
     return [loader](const std::vector<at::Tensor>& in) {
       // The package assumes the example's row-major strides and reuses its output buffers.
@@ -164,7 +278,13 @@ Call open_model(const std::string& bundle, const std::string& backend, const tor
     };
   }
   if (backend != "torchscript") throw std::runtime_error("unknown backend " + backend);
-  auto module = std::make_shared<torch::jit::script::Module>(torch::jit::load(bundle + "/model.ts", device));
+  std::shared_ptr<torch::jit::script::Module> module;
+  try {
+    module = std::make_shared<torch::jit::script::Module>(torch::jit::load(bundle + "/model.ts", device));
+  } catch (const c10::Error& err) {
+    throw std::runtime_error(bundle + "/model.ts is damaged or unreadable (" +
+                             one_line(err.what_without_backtrace()) + ")");
+  }
   module->eval();  // a loaded module keeps the training flag it was saved with
   keep = module;
   return [module](const std::vector<at::Tensor>& in) {
@@ -178,11 +298,10 @@ Call open_model(const std::string& bundle, const std::string& backend, const tor
 
 // Frozen bundle: the goldens as one batch and one row at a time.
 int check_frozen(const Call& call, const std::string& label, const torch::Device& device,
-                 const std::string& inputs_path, const std::string& logits_path, double atol,
-                 double rtol) {
+                 const Manifest& manifest, const std::string& inputs_path,
+                 const std::string& logits_path, double atol, double rtol) {
   const auto inputs = load_f32(inputs_path), golden = load_f32(logits_path);
-  if (inputs.dim() != 2 || golden.dim() != 2 || inputs.size(0) != golden.size(0))
-    throw std::runtime_error("golden arrays have inconsistent shapes");
+  validate_pair(inputs, golden, manifest, inputs_path, logits_path);
   torch::InferenceMode guard;
   const auto batched = call({inputs.to(device)})[0].to(torch::kCPU);
   std::vector<at::Tensor> rows;
@@ -241,34 +360,42 @@ int check_plastic(const Call& call, const std::string& bundle, const std::string
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc < 2) return usage();
-  std::string bundle = argv[1], device_name = "cpu", backend = "torchscript";
-  std::string inputs_path = bundle + "/golden_inputs.npy", logits_path = bundle + "/golden_logits.npy";
-  double atol = kAtol, rtol = kRtol;
-  for (int i = 2; i < argc; ++i) {
-    const std::string arg = argv[i];
-    if (i + 1 >= argc) return usage();
-    if (arg == "--device") device_name = argv[++i];
-    else if (arg == "--backend") backend = argv[++i];
-    else if (arg == "--atol") atol = std::atof(argv[++i]);
-    else if (arg == "--rtol") rtol = std::atof(argv[++i]);
-    else if (arg == "--inputs") inputs_path = argv[++i];
-    else if (arg == "--logits") logits_path = argv[++i];
-    else return usage();
+  for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--help") == 0 || std::strcmp(argv[i], "-h") == 0) {
+      std::cout << kUsage << "\n";
+      return 0;
+    }
+  }
+  if (argc < 2) {
+    std::cerr << kUsage << "\n";
+    return 2;
+  }
+  Options o;
+  try {
+    o = parse_options(argc, argv);
+  } catch (const UsageError& err) {
+    std::cerr << "dhp_check: " << err.what() << " (dhp_check --help: usage)\n";
+    return 2;
   }
   try {
-    const bool plastic = check_manifest(bundle);
-    const torch::Device device(device_name);
+    const Manifest manifest = read_manifest(o.bundle);
+    if (manifest.plastic && !o.inputs.empty())
+      throw std::runtime_error(o.bundle + " is a plastic bundle: it replays its golden stream of "
+                               "calls; --inputs/--logits check frozen bundles only");
+    const torch::Device device(o.device);
     if (device.is_cuda() && !torch::cuda::is_available())
       throw std::runtime_error("device cuda requested but LibTorch sees no CUDA device");
     std::shared_ptr<void> keep;
-    const Call call = open_model(bundle, backend, device, keep);
-    const std::string label = std::string(backend == "pt2" ? "aoti " : "libtorch ") +
-                              TORCH_VERSION + "/" + device_name;
-    return plastic ? check_plastic(call, bundle, label, device, atol, rtol)
-                   : check_frozen(call, label, device, inputs_path, logits_path, atol, rtol);
+    const Call call = open_model(o.bundle, o.backend, device, keep);
+    const std::string label = std::string(o.backend == "pt2" ? "aoti " : "libtorch ") +
+                              TORCH_VERSION + "/" + o.device;
+    if (manifest.plastic) return check_plastic(call, o.bundle, label, device, o.atol, o.rtol);
+    const bool goldens = o.inputs.empty();
+    return check_frozen(call, label, device, manifest,
+                        goldens ? o.bundle + "/golden_inputs.npy" : o.inputs,
+                        goldens ? o.bundle + "/golden_logits.npy" : o.logits, o.atol, o.rtol);
   } catch (const c10::Error& err) {
-    std::cerr << "dhp_check: LibTorch error: " << err.what_without_backtrace() << "\n";
+    std::cerr << "dhp_check: LibTorch error: " << one_line(err.what_without_backtrace()) << "\n";
     return 2;
   } catch (const std::exception& err) {
     std::cerr << "dhp_check: " << err.what() << "\n";
