@@ -147,6 +147,36 @@ def test_a_dead_rank_stops_the_other_and_resume_finishes_the_run(ewc_runs, tmp_p
         assert torch.equal(resumed[name], reference[name]), name
 
 
+@pytest.mark.parametrize("failing", [1, 0], ids=["rank 1 fails", "rank 0 (store host) fails"])
+def test_a_rank_failing_alone_stops_every_rank_within_seconds(tmp_path, data_dir, failing):
+    # Launched by hand as a scheduler would; the failing rank's data root is empty, so it stops
+    # while loading the data and its peer learns why at its first collective. The default
+    # --dist-timeout (300 s) stays in force: the bound below is far under it.
+    base = _env(data_dir, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2")
+    command = [sys.executable, "-m", "dhp_deploy.cli.train", *FIRST_TASK, "--out",
+               str(tmp_path / "run")]
+    started = time.monotonic()
+    ranks = [subprocess.Popen(command, env={**base, "RANK": str(rank), "LOCAL_RANK": str(rank),
+                                            **({"DHP_DATA_DIR": str(tmp_path / "no-data")}
+                                               if rank == failing else {})},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in (0, 1)]
+    try:
+        outputs = [rank.communicate(timeout=240) for rank in ranks]
+    finally:
+        for rank in ranks:
+            rank.kill()
+    elapsed = time.monotonic() - started
+    results = [subprocess.CompletedProcess(command, rank.returncode, *output)
+               for rank, output in zip(ranks, outputs)]
+    assert_one_line_error(results[failing], "missing", "MNIST", exit_code=1)
+    peer = 1 - failing
+    assert_one_line_error(results[peer], f"rank {peer} of 2", f"rank {failing}: missing",
+                          "MNIST", exit_code=1)
+    assert elapsed < 60, elapsed
+    print(f"rank {failing} failing alone: both ranks exited after {elapsed:.1f} s")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_nccl_ranks_train_the_cpu_model(tmp_path, data_dir):
