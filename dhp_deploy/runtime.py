@@ -280,11 +280,28 @@ def load_pt2(path: Path, device: str, manifest: dict):
     if built_with and built_with != torch.__version__:
         raise BundleError(f"{path} was compiled with torch {built_with}; this is torch "
                           f"{torch.__version__} (an AOTInductor package needs the same version)")
+    _check_zip(path)
     try:
         return torch._inductor.aoti_load_package(str(path))
     except Exception as err:  # the loader raises RuntimeError and others
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise BundleError(f"{path} is not a loadable .pt2 package ({first[:200]})") from None
+
+
+def _check_zip(path: Path) -> None:
+    r"""BundleError unless ``path`` is a complete zip archive (a ``.pt2`` is one). torch's loader
+    takes a damaged one for an old format first and logs "Loading outdated pt2 file" before its
+    own error, so the damage is named here, on one line, before it is called."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            broken = archive.testzip()  # the first member whose CRC does not match, or None
+    except (OSError, zipfile.BadZipFile, EOFError) as err:
+        raise BundleError(f"{path} is damaged or unreadable (not a complete .pt2 zip archive: "
+                          f"{err})") from None
+    if broken is not None:
+        raise BundleError(f"{path} is damaged (its member {broken} fails its CRC check)")
 
 
 def _pt2(path: Path, device: str, manifest: dict):

@@ -317,6 +317,30 @@ def test_cli_writes_a_triton_repository_or_nothing(served, tmp_path, data_dir):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]  # no temporary left behind
 
 
+@pytest.mark.parametrize("args, phrase", [
+    (["--format", "triton", "--plastic"], "--plastic does not apply to --format triton"),
+    (["--format", "triton", "--pt2-device", "cpu"], "--pt2-device applies to --format pt2 or all"),
+    (["--format", "onnx", "--pt2-device", "cpu"], "not onnx (which writes no .pt2)"),
+    (["--triton-cpu"], "--triton-cpu applies to --format triton only, not all"),
+    (["--format", "torchscript", "--triton-sequences", "2"], "--triton-sequences applies to"),
+])
+def test_export_refuses_options_its_format_would_ignore(served, tmp_path, args, phrase):
+    result = run_cli("export", served[0], *args, "--out", tmp_path / "out")
+    assert_one_line_error(result, phrase, exit_code=2)
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_names_an_out_parent_that_is_a_file(served, tmp_path):
+    (tmp_path / "file").write_text("")  # export's mkdir said only "File exists"
+    for fmt in ("onnx", "triton"):
+        result = run_cli("export", served[0], "--format", fmt, "--out",
+                         tmp_path / "file" / "sub" / "bundle")
+        assert_one_line_error(result, f"{tmp_path / 'file'} is a file, not a directory",
+                              exit_code=2)
+    help_text = run_cli("export", "--help").stdout
+    assert "export/triton/<RUN_DIR name>" in " ".join(help_text.split())
+
+
 def test_the_pt2_state_moves_and_outputs_are_not_reused_buffers(plastic_bundle):
     # An AOTInductor package may reuse its output buffers: a trace kept from one call must not
     # change under the next call (the stream check caught exactly that before the copy).

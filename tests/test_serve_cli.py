@@ -152,6 +152,19 @@ def test_damaged_bundles_fail_with_one_line(copy, tmp_path):
     assert_one_line_error(serve("check", tmp_path / "nowhere"), "does not exist")
 
 
+def test_a_truncated_pt2_is_named_damaged_in_one_line(copy):
+    # With a checksum that matches the damage: torch's loader logged "Loading outdated pt2
+    # file..." before its own error.
+    pt2 = copy / "model.pt2"
+    pt2.write_bytes(pt2.read_bytes()[:50_000])
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["files"]["model.pt2"] = {"sha256": sha256_file(pt2), "bytes": pt2.stat().st_size}
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    result = serve("check", copy, "--backend", "pt2")
+    assert_one_line_error(result, "model.pt2 is damaged or unreadable")
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
 def test_unknown_backend_or_device_and_cuda_without_gpu(served):
     bundle = served[1]
     assert_one_line_error(serve("check", bundle, "--backend", "tensorrt"), "tensorrt")

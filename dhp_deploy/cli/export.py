@@ -19,7 +19,8 @@ class ExportFailed(click.ClickException):
                                       "or all three; triton: a Triton model repository with the "
                                       "frozen and the plastic model.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
-              help="Bundle directory to create (default: export/bundles/<RUN_DIR name>).")
+              help="Bundle directory to create (default: export/bundles/<RUN_DIR name>; with "
+                   "--format triton, the repository: export/triton/<RUN_DIR name>).")
 @click.option("--overwrite", is_flag=True,
               help="Replace an existing bundle at --out (atomically).")
 @click.option("--golden", "golden_count", type=click.IntRange(min=1), default=64,
@@ -36,20 +37,24 @@ class ExportFailed(click.ClickException):
                    "(labels -1 = predict only), hebb.npy the initial state; it keeps learning.")
 @click.option("--pt2-device", type=click.Choice(["cpu", "cuda"]), default="cpu",
               show_default=True, help="The device the .pt2 package is compiled for (it runs only "
-              "there); cuda needs a CUDA GPU on this host.")
+              "there); cuda needs a CUDA GPU on this host. Only with --format pt2 or all.")
 @click.option("--triton-cpu", is_flag=True,
-              help="--format triton: instance_group KIND_CPU instead of KIND_GPU.")
+              help="--format triton only: instance_group KIND_CPU instead of KIND_GPU.")
 @click.option("--triton-sequences", type=click.IntRange(min=1), default=1, show_default=True,
-              help="--format triton: sequences the plastic models serve at once (one model "
+              help="--format triton only: sequences the plastic models serve at once (one model "
                    "instance each; each live sequence also holds one H x C float32 trace).")
-def main(run_dir, fmt, out_dir, overwrite, golden_count, data_dir, allow_unfinished, no_verify,
-         plastic, pt2_device, triton_cpu, triton_sequences):
+@click.pass_context
+def main(ctx, run_dir, fmt, out_dir, overwrite, golden_count, data_dir, allow_unfinished,
+         no_verify, plastic, pt2_device, triton_cpu, triton_sequences):
     r"""Fold the trained model of RUN_DIR and write a self-checking bundle.
 
     The DHP head's latest trace is folded into one matrix (θ + α⊙Hebb), so the bundle is a
     plain MLP. The bundle is built beside --out and renamed into place only when complete and
     verified: a failed export leaves nothing at --out.
     """
+    _refuse_ignored_options(ctx, fmt, plastic)
+    if out_dir is not None:
+        _check_out_parent(out_dir)
     from dhp_deploy.export import FORMATS, ExportError, export_run
     from dhp_deploy.plastic_session import verify_plastic_bundle
     from dhp_deploy.runtime import verify_bundle
@@ -76,6 +81,33 @@ def main(run_dir, fmt, out_dir, overwrite, golden_count, data_dir, allow_unfinis
     kind = "plastic bundle" if plastic else "bundle"
     click.echo(f"wrote {kind} {path} ({', '.join(formats)}; "
                f"{'verified against' if not no_verify else 'with'} {golden_count} goldens)")
+
+
+def _refuse_ignored_options(ctx, fmt: str, plastic: bool) -> None:
+    r"""A usage error for an option the chosen --format would otherwise ignore without a word."""
+    def given(name: str) -> bool:
+        return ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT
+
+    if fmt == "triton" and plastic:
+        raise click.UsageError("--plastic does not apply to --format triton: the repository "
+                               "always holds both the frozen and the plastic model")
+    if given("pt2_device") and fmt not in ("pt2", "all"):
+        raise click.UsageError(f"--pt2-device applies to --format pt2 or all, not {fmt} "
+                               f"(which writes no .pt2)")
+    for option in ("triton_cpu", "triton_sequences"):
+        if given(option) and fmt != "triton":
+            raise click.UsageError(f"--{option.replace('_', '-')} applies to --format triton "
+                                   f"only, not {fmt}")
+
+
+def _check_out_parent(out_dir: Path) -> None:
+    r"""A usage error unless --out's nearest existing ancestor is a directory (the export would
+    fail later with a bare "File exists" or "Not a directory")."""
+    parent = out_dir.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise click.BadParameter(f"{parent} is a file, not a directory", param_hint="--out")
 
 
 def _triton(run_dir, out_dir, overwrite, golden_count, data_dir, allow_unfinished, no_verify,
