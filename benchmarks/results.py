@@ -35,8 +35,9 @@ def main(argv=None) -> int:
     text = render(records, strengths, args.out, args.sources)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, text)  # a reader never sees half a report
-    grid = sum(r["role"] == "grid" for r in records)
-    print(f"{args.out}: {grid} grid runs, {len(records) - grid} search runs", file=sys.stderr)
+    roles = {role: sum(r["role"] == role for r in records) for role in ("grid", "search", "trace")}
+    print(f"{args.out}: " + ", ".join(f"{count} {role} runs" for role, count in roles.items()),
+          file=sys.stderr)
     return 0
 
 

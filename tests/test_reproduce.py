@@ -414,9 +414,69 @@ def test_findings_name_the_diverged_dhp_runs_and_their_trace():
     assert _divergences(records[:3], "b", "paper") == ""
 
 
-def test_sign_test_counts_pairs_and_gives_the_exact_two_sided_p():
+def test_sign_test_counts_signs_and_gives_the_exact_two_sided_p():
     from reproduction.stats import sign_test
 
     assert sign_test([-0.1] * 17 + [0.2] * 2) == (17, 19, pytest.approx(2 * 191 / 2 ** 19))
+    assert sign_test([-0.1] * 5) == (5, 5, pytest.approx(0.0625))  # 5 of 5 seeds: p = 1/16
     assert sign_test([0.1, -0.1, 0.0]) == (1, 2, 1.0)  # a zero difference is no sign
     assert sign_test([]) == (0, 0, 1.0)
+
+
+def test_t_distribution_against_published_values():
+    from reproduction.stats import t_quantile, t_two_sided_p
+
+    # Student's t tables: t(0.975; 4) = 2.7764, t(0.975; 9) = 2.2622; P(|T1| > 1) = 0.5 exactly
+    # (Cauchy); P(|T10| > 2) = 0.07339.
+    assert t_quantile(0.975, 4) == pytest.approx(2.776445, abs=1e-5)
+    assert t_quantile(0.975, 9) == pytest.approx(2.262157, abs=1e-5)
+    assert t_two_sided_p(2.776445, 4) == pytest.approx(0.05, abs=1e-6)
+    assert t_two_sided_p(1.0, 1) == pytest.approx(0.5, abs=1e-12)
+    assert t_two_sided_p(2.0, 10) == pytest.approx(0.0733880, abs=1e-6)
+    assert t_two_sided_p(0.0, 4) == pytest.approx(1.0)
+
+
+def test_paired_t_by_hand():
+    from reproduction.stats import paired_t
+
+    # diffs 1..5: mean 3, sd √2.5, se √0.5, t = 3/√0.5 = 4.2426 on 4 df -> p = 0.01324
+    result = paired_t([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert result["mean"] == 3.0 and result["median"] == 3.0 and result["n"] == 5
+    assert result["p"] == pytest.approx(0.013236, abs=1e-5)
+    half = 2.776445 * 0.5 ** 0.5
+    assert result["ci"] == pytest.approx((3 - half, 3 + half), abs=1e-5)
+    assert paired_t([0.1]) is None
+
+
+def test_wilcoxon_signed_rank_exact_against_published_values():
+    from reproduction.stats import wilcoxon_signed_rank
+
+    assert wilcoxon_signed_rank([1, 2, 3, 4, 5]) == pytest.approx(0.0625)  # 2 / 2^5
+    # Darwin's Zea mays differences (scipy.stats.wilcoxon's documented example): p = 0.04126.
+    darwin = [6, 8, 14, 16, 23, 24, 28, 29, 41, -48, 49, 56, 60, -67, 75]
+    assert wilcoxon_signed_rank(darwin) == pytest.approx(0.041259765625)
+    assert wilcoxon_signed_rank([1, -1, 2, -2]) == pytest.approx(1.0)  # ties, symmetric
+    assert wilcoxon_signed_rank([0, 0]) == 1.0
+
+
+def test_holm_step_down_by_hand():
+    from reproduction.stats import holm
+
+    # sorted 0.005, 0.01, 0.03, 0.04 -> ×4, ×3, ×2, ×1 = 0.02, 0.03, 0.06, 0.04 -> monotone 0.06
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
+    assert holm([]) == []
+
+
+def test_report_family_corrects_every_verdict_together():
+    from reproduction import stats
+
+    family = stats.TestFamily()
+    strong, weak = [0.050, 0.051, 0.049, 0.052, 0.050], [0.01, -0.02, 0.03, 0.0, 0.02]
+    assert family.adjusted_p(strong) is None  # registering pass
+    family.adjusted_p(weak)
+    family.close()
+    assert len(family) == 2
+    assert family.adjusted_p(strong) == pytest.approx(2 * stats.paired_t(strong)["p"])
+    assert family.adjusted_p(weak) == pytest.approx(stats.paired_t(weak)["p"])  # largest: ×1
+    assert stats.paired_t(weak)["p"] > 0.05

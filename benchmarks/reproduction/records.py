@@ -52,6 +52,9 @@ def summarize_run(run_dir, command: str | None = None, device: str = "cpu") -> d
         progress = last_good["metrics"]
         metrics = {"acc_matrix": progress["acc_matrix"], "timings": progress["timings"]}
         diverged["last_good_plastic_heads"] = plastic_heads(last_good["model"], config["model"])
+        # What the trace did up to the last good checkpoint (DHP runs with the diagnostics).
+        diverged["last_good"] = {name: progress.get(name) for name in (
+            "acc_matrix", "acc_matrix_trace_zeroed", "acc_matrix_own_trace", "trace_diagnostics")}
     provenance_path = run_dir / "provenance.json"
     provenance = (json.loads(provenance_path.read_text()) if provenance_path.exists()
                   else {"role": "grid", "sessions": []})

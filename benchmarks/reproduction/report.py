@@ -11,9 +11,10 @@ from reproduction.naming import (ABLATION_VARIANTS, BASE_METHODS, BENCHMARK_ORDE
                                  train_command, variant_name)
 from reproduction.plots import plot_curves
 from reproduction.records import _relative
-from reproduction.stats import (MIN_SEEDS_FOR_VERDICT, STOP_KINDS, dhp_gain, diverged_seeds,
-                                grouped, is_beyond_noise, mean_std, paired, pm, sign_test,
-                                stop_kind, verdict)
+from reproduction.trace_study import trace_section
+from reproduction.stats import (ALPHA, COLLAPSE_DROP, FAMILY, MIN_SEEDS_FOR_VERDICT, STOP_KINDS,
+                                collapsed, dhp_gain, diverged_seeds, grouped, is_beyond_noise,
+                                mean_std, paired, paired_t, pm, sign_test, stop_kind, verdict)
 
 CHOICES = """\
 - **Epochs on (Imbalanced) Permuted MNIST.** The paper states 10 epochs per task for Split MNIST
@@ -63,9 +64,11 @@ def benchmark_section(key, variants: dict, plot_name: str, diverged: dict) -> li
                   f"paper's settings; compare rows with one another, not with the paper.", ""]
     lines += [f"{num_tasks} tasks; final average accuracy = mean test accuracy over all "
               f"{num_tasks} tasks after the last one (%).", "",
-              "| Method | seeds | final avg acc (%) | BWT (pp) | forgetting (pp) | DHP gain (pp) "
-              "| wall / run |",
-              "|---|---|---|---|---|---|---|"]
+              f"Median beside the mean; *collapsed*: runs whose average accuracy fell by more "
+              f"than {100 * COLLAPSE_DROP:.0f} pp after one task.", "",
+              "| Method | seeds | final avg acc (%) | median | collapsed | BWT (pp) "
+              "| forgetting (pp) | DHP gain (pp) | wall / run |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for variant in VARIANTS + ABLATION_VARIANTS:
         runs = variants.get(variant)
         stops = {kind: diverged.get((benchmark, protocol, variant, kind), [])
@@ -78,7 +81,7 @@ def benchmark_section(key, variants: dict, plot_name: str, diverged: dict) -> li
             continue  # the ablation rows appear where they were run
         if not runs:
             lines.append(f"| {display_name(variant)} | —{note} | "
-                         f"{'diverged' if lost else 'not run yet'} | | | | |")
+                         f"{'diverged' if lost else 'not run yet'} | | | | | | |")
             continue
         gain = ""
         if "dhp" in variant and "@" not in variant:
@@ -88,6 +91,8 @@ def benchmark_section(key, variants: dict, plot_name: str, diverged: dict) -> li
         lines.append(
             f"| {display_name(variant)} | {','.join(str(r['seed']) for r in runs)}{note} "
             f"| {pm(r['metrics']['avg_acc'][-1] for r in runs)} "
+            f"| {100 * statistics.median(r['metrics']['avg_acc'][-1] for r in runs):.2f} "
+            f"| {sum(map(collapsed, runs))} of {len(runs)} "
             f"| {pm(r['metrics']['bwt'] for r in runs)} "
             f"| {pm(r['metrics']['forgetting'] for r in runs)} | {gain} "
             f"| {format_duration(statistics.fmean(r['wall_s'] for r in runs))} |")
@@ -120,14 +125,13 @@ def headline(key, variants: dict) -> str:
                                 variants.get(variant_name(method, True), []))
         if not seeds:
             continue
-        mean, std = mean_std(diffs)
-        if std is None:
-            verdict = "one seed"
-        elif abs(mean) > 2 * std / len(diffs) ** 0.5:
-            verdict = "beyond 2 standard errors"
+        mean = mean_std(diffs)[0]
+        if len(diffs) < MIN_SEEDS_FOR_VERDICT:
+            call = "too few seeds"
         else:
-            verdict = "within seed noise"
-        parts.append(f"{DISPLAY[method]} {100 * mean:+.2f} pp ({verdict}, n={len(seeds)})")
+            call = "beyond noise" if is_beyond_noise(diffs) else "within noise"
+        parts.append(f"{DISPLAY[method]} {100 * mean:+.2f} pp (median "
+                     f"{100 * statistics.median(diffs):+.2f}, {call}, n={len(seeds)})")
     seeds = sorted({r["seed"] for runs in variants.values() for r in runs})
     return (f"- **{benchmark}** (`{protocol}`, seeds {_seed_list(seeds)}): best "
             f"{display_name(best)} {pm(r['metrics']['avg_acc'][-1] for r in variants[best])}%. "
@@ -138,22 +142,27 @@ def headline(key, variants: dict) -> str:
 
 def gains_section(groups: dict) -> list[str]:
     lines = ["## DHP's gain over each base method", "",
-             "Final average accuracy of DHP+X minus X, in percentage points, mean ± std over "
-             "seeds paired by seed (n = seeds with both runs). The last column pools the four "
-             "regularisers' seed pairs: how many have DHP+X below X, and the two-sided sign-test "
-             "p of that count (each pair taken as one independent draw).", "",
+             "Final average accuracy of DHP+X minus X, in percentage points, paired by seed: "
+             "mean [95% t interval], median, n = seeds with both runs, the paired t-test's p "
+             "(t(n−1)) and Holm's adjusted p over the report's family of tests. The last column "
+             "takes the seed as the unit: a seed's four regulariser pairs share its "
+             "permutations, init and batch order, so they are one draw, not four. It counts the "
+             "seeds whose mean DHP+X − X over the regularisers is negative, with the exact "
+             "two-sided sign-test p.", "",
              "| Benchmark (protocol) | " + " | ".join(DISPLAY[m] for m in BASE_METHODS)
-             + " | regularisers pooled: DHP+X < X |",
+             + " | seeds with DHP+X < X (mean over regularisers) |",
              "|---|" + "---|" * (len(BASE_METHODS) + 1)]
     for (benchmark, protocol), variants in groups.items():
-        cells, pooled = [], []
+        cells, by_seed = [], defaultdict(list)
         for method in BASE_METHODS:
             diffs, seeds = dhp_gain(variants.get(method, []),
                                     variants.get(variant_name(method, True), []))
-            cells.append(f"{pm(diffs)} (n={len(seeds)})" if seeds else "—")
-            pooled += diffs if method != "finetune" else []
-        negatives, pairs, p_value = sign_test(pooled)
-        cells.append(f"{negatives} of {pairs} pairs, p = {p_value:.2g}" if pairs else "—")
+            cells.append(verdict(diffs) if seeds else "—")
+            for diff, seed in zip(diffs, seeds):
+                if method != "finetune":
+                    by_seed[seed].append(diff)
+        negatives, pairs, p_value = sign_test([statistics.fmean(d) for d in by_seed.values()])
+        cells.append(f"{negatives} of {pairs} seeds, p = {p_value:.2g}" if pairs else "—")
         lines.append(f"| {benchmark} (`{protocol}`) | " + " | ".join(cells) + " |")
     return lines + [""]
 
@@ -193,8 +202,9 @@ def ablation_section(groups: dict) -> list[str]:
                 f"{c} (n={len(variants.get(n, []))})" if variants.get(n) else "—"
                 for c, n in zip(cells, names)) + " |")
             rows.append(names)
-        lines += ["", "Paired differences (pp), mean ± std over seeds; **beyond 2 SE** = the mean "
-                  "exceeds two standard errors:", "",
+        lines += ["", "Paired differences (pp): mean [95% t interval], median, n, the paired "
+                  "t-test's p and Holm's adjusted p; **beyond noise** = Holm p < "
+                  f"{ALPHA:g}:", "",
                   "| X | paper's comparison: DHP+X − X | (a) init: plain authors' − plain "
                   "nn.Linear | (b) plasticity, authors' init | plasticity, nn.Linear init |",
                   "|---|---|---|---|---|"]
@@ -274,7 +284,7 @@ def _finding(benchmark, protocol, total, init, plastic, plastic_linear) -> str:
         mean = 100 * mean_std(diffs)[0]
         if len(diffs) < MIN_SEEDS_FOR_VERDICT:
             return f"{mean:+.2f} pp (n={len(diffs)}, too few seeds to judge)"
-        return f"{mean:+.2f} pp ({'beyond' if is_beyond_noise(diffs) else 'within'} seed noise)"
+        return f"{mean:+.2f} pp ({'beyond' if is_beyond_noise(diffs) else 'within'} noise)"
 
     return (f"- **{benchmark}** (`{protocol}`): DHP vs Finetune as the paper compares them, "
             f"{say(total)} = (a) initialisation {say(init)} + (b) plasticity {say(plastic)}; "
@@ -528,6 +538,15 @@ def provenance_section(records) -> list[str]:
 
 
 def render(records, strengths: dict, out: Path, sources) -> str:
+    r"""The report; rendered twice so that every test it makes is corrected together (Holm):
+    the first pass only registers the tests (stats.FAMILY)."""
+    FAMILY.__init__()
+    _render(records, strengths, out, sources)
+    FAMILY.close()
+    return _render(records, strengths, out, sources)
+
+
+def _render(records, strengths: dict, out: Path, sources) -> str:
     groups = grouped(records)
     lines = ["# Reproducing the DHP paper's table", "",
              "<!-- generated by benchmarks/results.py from the run summaries; do not edit -->", "",
@@ -552,17 +571,21 @@ def render(records, strengths: dict, out: Path, sources) -> str:
                      f"{', '.join(map(str, seeds))}.")
     if groups:
         lines += ["", "## Headline", "",
-                  "Final average accuracy (mean ± std over seeds). A DHP gain is called beyond "
-                  "noise when its paired mean exceeds two standard errors (2·std/√n).", ""]
+                  "Final average accuracy (mean ± std over seeds). A difference is called beyond "
+                  "noise when its paired t-test (seed = unit, t(n−1)) stays below p = "
+                  f"{ALPHA:g} after Holm's correction over all {len(FAMILY)} tests of this "
+                  "report; with 5 seeds that takes a large, consistent effect.", ""]
         lines += [headline(key, variants) for key, variants in groups.items()]
         lines += [""] + findings_section(groups, records)
     lines += ["", "## Final average accuracy", ""]
     for key, variants in groups.items():
         plot_name = f"results-{key[0]}-{key[1]}.png"
-        plot_curves(variants, f"{key[0]} ({key[1]})", out.parent / plot_name)
+        if FAMILY.final:  # the second pass writes the files
+            plot_curves(variants, f"{key[0]} ({key[1]})", out.parent / plot_name)
         lines += benchmark_section(key, variants, plot_name, diverged_seeds(records))
     lines += gains_section(groups) if groups else []
     lines += ablation_section(groups) if groups else []
+    lines += trace_section(records)
     lines += search_section(records, strengths)
     lines += protocol_section(groups) if groups else []
     lines += time_section(records, groups) if records else []
