@@ -104,9 +104,14 @@ PLOT_EXTRA_MISSING = ("accuracy.png skipped: matplotlib is not installed "
                       "(pip install 'dhp-deploy[train]' for the plot)")
 
 
-def accuracy_plot_png(acc_matrix: Matrix, title: str = "") -> Optional[bytes]:
+def accuracy_plot_png(acc_matrix: Matrix, title: str = "",
+                      trace: Optional[dict] = None) -> Optional[bytes]:
     r"""PNG bytes: the accuracy-matrix heatmap beside the average-accuracy curve; None without
-    matplotlib (the optional ``train`` extra: a serving host or a grid needs no plots)."""
+    matplotlib (the optional ``train`` extra: a serving host or a grid needs no plots).
+
+    ``trace`` (a DHP run's ``acc_matrix_trace_zeroed``, ``acc_matrix_own_trace`` and
+    ``trace_diagnostics``) adds those averages as curves and a third panel: η and
+    ‖α⊙Hebb‖/‖θ‖ after each task."""
     try:
         import matplotlib  # lazy: only runs that finish need it
     except ImportError:
@@ -115,8 +120,8 @@ def accuracy_plot_png(acc_matrix: Matrix, title: str = "") -> Optional[bytes]:
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(10, 4.2))
-    heat_axes, curve_axes = figure.subplots(1, 2)
+    figure = Figure(figsize=(15 if trace else 10, 4.2))
+    heat_axes, curve_axes, *trace_axes = figure.subplots(1, 3 if trace else 2)
     image = heat_axes.imshow(acc_matrix, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
     for i, row in enumerate(acc_matrix):
         for j, value in enumerate(row):
@@ -129,7 +134,10 @@ def accuracy_plot_png(acc_matrix: Matrix, title: str = "") -> Optional[bytes]:
                   xticklabels=[n + 1 for n in numbers], yticklabels=[n + 1 for n in numbers])
     figure.colorbar(image, ax=heat_axes, fraction=0.046)
     averages = average_accuracies(acc_matrix)
-    curve_axes.plot(range(1, len(averages) + 1), [100 * a for a in averages], marker="o")
+    curve_axes.plot(range(1, len(averages) + 1), [100 * a for a in averages], marker="o",
+                    label="with the trace")
+    if trace:
+        _plot_trace(curve_axes, trace_axes[0], trace)
     curve_axes.set(xlabel="tasks learned", ylabel="average accuracy (%)",
                    title="average accuracy over tasks seen", xticks=range(1, len(averages) + 1))
     curve_axes.grid(True, alpha=0.3)
@@ -139,6 +147,25 @@ def accuracy_plot_png(acc_matrix: Matrix, title: str = "") -> Optional[bytes]:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
     return buffer.getvalue()
+
+
+def _plot_trace(curve_axes, state_axes, trace: dict) -> None:
+    for key, label in (("acc_matrix_trace_zeroed", "trace zeroed (θ alone)"),
+                       ("acc_matrix_own_trace", "each task with its own trace")):
+        averages = average_accuracies(trace[key])
+        curve_axes.plot(range(1, len(averages) + 1), [100 * a for a in averages], marker=".",
+                        linestyle="--", label=label)
+    curve_axes.legend(fontsize=7)
+    tasks = range(1, len(trace["trace_diagnostics"]) + 1)
+    state_axes.plot(tasks, [d["eta"] for d in trace["trace_diagnostics"]], marker="o",
+                    label="η")
+    state_axes.plot(tasks, [d["plastic_to_slow"] for d in trace["trace_diagnostics"]],
+                    marker="s", label="‖α⊙Hebb‖ / ‖θ‖")
+    state_axes.axhline(0.0, color="gray", linewidth=0.5)
+    state_axes.set(xlabel="after task", title="the Hebbian trace", xticks=list(tasks))
+    state_axes.set_yscale("symlog", linthresh=0.01)  # η near 0 and a ratio that may explode
+    state_axes.legend(fontsize=7)
+    state_axes.grid(True, alpha=0.3)
 
 
 def run_metrics(acc_matrix: Matrix, config: dict, timings: dict,
@@ -159,7 +186,8 @@ def write_run_metrics(run_dir, acc_matrix: Matrix, config: dict, timings: dict,
     metrics = run_metrics(acc_matrix, config, timings, extra)
     atomic_write_json(run_dir / METRICS_JSON, metrics)
     atomic_write_text(run_dir / METRICS_CSV, metrics_csv(acc_matrix))
-    png = accuracy_plot_png(acc_matrix, title)
+    trace = extra if extra and extra.get("trace_diagnostics") else None
+    png = accuracy_plot_png(acc_matrix, title, trace)
     if png is None:
         log(PLOT_EXTRA_MISSING)
     else:
