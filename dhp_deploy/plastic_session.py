@@ -60,6 +60,8 @@ class PlasticSession:
         if backend not in (self.manifest.get("artifacts") or {}):
             raise BundleError(f"{self.path} has no {backend} artifact; re-export with "
                               f"--format {backend} or all")
+        if threads is not None and threads < 1:
+            raise BundleError(f"threads must be >= 1 or None, got {threads}")
         self.backend, self.device = backend, device
         self.in_features = int(self.manifest["input"]["shape"][1])
         self.num_classes = int(self.manifest["output"]["shape"][1])

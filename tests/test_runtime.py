@@ -231,3 +231,25 @@ def test_input_check_accepts_tensors_and_opt_in_nonfinite_rows():
     assert check_input(strided, 4).flags["C_CONTIGUOUS"]
     nan = np.full((1, 4), np.nan, np.float32)
     assert np.isnan(check_input(nan, 4, allow_nonfinite=True)).all()
+
+
+def test_runtimes_default_to_one_intra_op_thread_and_take_another(served):
+    # Latency serving: all-core defaults made the batch-1 p99 jump on a shared host. onnxruntime
+    # takes threads per session; torch has one intra-op pool per process.
+    from dhp_deploy.runtime import ort_session
+
+    onnx = served[1] / "model.onnx"
+    assert ort_session(onnx, "cpu").get_session_options().intra_op_num_threads == 1
+    assert ort_session(onnx, "cpu", threads=2).get_session_options().intra_op_num_threads == 2
+    assert ort_session(onnx, "cpu", threads=None).get_session_options().intra_op_num_threads == 0
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        open_bundle(served[1], backend="torchscript", threads=None)
+        assert torch.get_num_threads() == 2  # None: torch's setting left alone
+        open_bundle(served[1], backend="pt2")
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(saved)
+    with pytest.raises(BundleError, match="threads must be >= 1"):
+        open_bundle(served[1], threads=0)
