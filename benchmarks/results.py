@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the reproduction package beside us
 from dhp_deploy.run_dir import atomic_write_text  # noqa: E402
-from reproduction.records import load_records  # noqa: E402
+from reproduction.records import load_adaptations, load_records  # noqa: E402
 from reproduction.report import render  # noqa: E402
 
 
@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     records = load_records(args.sources)
     strengths_path = args.strengths or Path(args.sources[0]) / "strengths.json"
     strengths = json.loads(strengths_path.read_text()) if strengths_path.exists() else {}
-    text = render(records, strengths, args.out, args.sources)
+    text = render(records, strengths, args.out, args.sources, load_adaptations(args.sources))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, text)  # a reader never sees half a report
     roles = {role: sum(r["role"] == role for r in records) for role in ("grid", "search", "trace")}

@@ -4,6 +4,7 @@ from dhp_deploy.network import default_head_init
 from dhp_deploy.train import TrainConfig
 
 SUMMARY_KIND, SUMMARY_VERSION = "dhp-run-summary", 1
+ADAPTATION_KIND = "dhp-adaptation"  # benchmarks/adaptation.py's records
 SUMMARY_DIR_RUNS, SUMMARY_DIR_SEARCH, SUMMARY_DIR_TRACE = "runs", "search", "trace"
 DIVERGED_NAME = "diverged.json"  # beside a run that stopped on a non-finite loss (reproduce.py)
 # The paper's protocol (docs/DESIGN.md §1) is TrainConfig's defaults; permuted-MNIST epochs are

@@ -12,8 +12,8 @@ from dhp_deploy.layer import DHPSoftmax
 from dhp_deploy.train import TrainConfig
 from dhp_deploy.run_dir import (CONFIG_NAME, METRICS_NAME, atomic_write_json, build_model,
                                 load_checkpoint)
-from reproduction.naming import (DIVERGED_NAME, SUMMARY_KIND, SUMMARY_VERSION, protocol_tag,
-                                 train_command, training_variant)
+from reproduction.naming import (ADAPTATION_KIND, DIVERGED_NAME, SUMMARY_KIND, SUMMARY_VERSION,
+                                 protocol_tag, train_command, training_variant)
 
 REPO = Path(__file__).resolve().parents[2]  # the repository root
 
@@ -184,6 +184,21 @@ def load_records(roots) -> list[dict]:
                 seen.add(key)
                 records.append(record)
     return records
+
+
+def load_adaptations(roots) -> list[dict]:
+    r"""The adaptation records (benchmarks/adaptation.py) found under ``roots``."""
+    found = {}
+    for root in map(Path, roots):
+        for path in sorted(root.rglob("*.json")):
+            try:
+                record = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            if isinstance(record, dict) and record.get("kind") == ADAPTATION_KIND:
+                key = (record["benchmark"], record["protocol"], record["variant"], record["seed"])
+                found.setdefault(key, record)
+    return list(found.values())
 
 
 def _regularizer(config: dict) -> dict:

@@ -3,6 +3,7 @@ each intervention does (records of ``reproduce.py trace``: role "trace")."""
 
 import statistics
 from collections import defaultdict
+from pathlib import Path
 
 from reproduction.naming import INTERVENTIONS, TRACE_PAIRS, display_name
 from reproduction.stats import collapsed, mean_std, verdict
@@ -219,3 +220,71 @@ def trace_section(records) -> list[str]:
                     grid_dhp[r["variant"]].setdefault(r["seed"], r)
             lines += _intervention_rows({**grid_dhp, **runs})
     return lines
+
+
+ADAPTATION_INTRO = """\
+The trace is the part of DHP a deployed model can keep using. Each finished DHP run of the study
+was exported with `dhp-export --plastic` and served by `PlasticSession` (TorchScript), which was
+fed labelled test rows predict-then-learn, {call} rows a call, {stream} rows a stream; the frozen
+reference is the same bundle predicting only. Streams: the task the model learned last, its
+first (most forgotten) task, and MNIST under a permutation it never saw. After the unseen
+stream, every learned task is scored with the adapted trace and with the exported one (the
+cost). `python benchmarks/adaptation.py RUN_DIR ...` makes these records."""
+
+
+def adaptation_section(adaptations: list, out_dir, plot: bool = True) -> list[str]:
+    r"""Per variant, each stream's accuracy frozen vs plastic (paired by seed) and the cost of
+    adapting on the other tasks; one plot of the running accuracy."""
+    if not adaptations:
+        return []
+    first = adaptations[0]
+    lines = ["## What the trace does in a deployed model", "",
+             ADAPTATION_INTRO.format(call=first["call"], stream=first["stream"]), "",
+             "| benchmark (protocol) | variant | seeds | stream | frozen (%) | plastic (%) "
+             "| plastic − frozen | learned tasks after − before |", "|---|---|---|---|---|---|---|---|"]
+    groups = defaultdict(list)
+    for record in adaptations:
+        groups[(record["benchmark"], record["protocol"], record["variant"])].append(record)
+    for (benchmark, protocol, variant), records in sorted(groups.items()):
+        records.sort(key=lambda r: r["seed"])
+        for stream in records[0]["streams"]:
+            frozen = [r["streams"][stream]["frozen"] for r in records]
+            plastic = [r["streams"][stream]["plastic"] for r in records]
+            cost = "—"
+            if "learned_tasks_after" in records[0]["streams"][stream]:
+                cost = verdict([statistics.fmean(r["streams"][stream]["learned_tasks_after"])
+                                - statistics.fmean(r["streams"][stream]["learned_tasks_before"])
+                                for r in records])
+            lines.append(f"| {benchmark} (`{protocol}`) | {display_name(variant)} "
+                         f"| {len(records)} | {stream} | {100 * statistics.fmean(frozen):.2f} "
+                         f"| {100 * statistics.fmean(plastic):.2f} "
+                         f"| {verdict([b - a for a, b in zip(frozen, plastic)])} | {cost} |")
+    name = "results-adaptation.png"
+    if plot:
+        _plot_adaptation(groups, Path(out_dir) / name)
+    return lines + ["", f"![running accuracy over the streams, frozen vs plastic]({name})", ""]
+
+
+def _plot_adaptation(groups: dict, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    streams = list(next(iter(groups.values()))[0]["streams"])
+    figure = Figure(figsize=(5 * len(streams), 4))
+    for axes, stream in zip(figure.subplots(1, len(streams)), streams):
+        for (benchmark, protocol, variant), records in sorted(groups.items()):
+            for mode, style in (("frozen", ":"), ("plastic", "-")):
+                curves = [r["streams"][stream][f"{mode}_curve"] for r in records]
+                mean = [100 * statistics.fmean(values) for values in zip(*curves)]
+                window = records[0]["stream"] / len(mean)
+                axes.plot([window * (i + 1) for i in range(len(mean))], mean, linestyle=style,
+                          label=f"{display_name(variant)}, {mode}")
+        axes.set(title=stream, xlabel="rows of the stream seen",
+                 ylabel="accuracy over the last window (%)")
+        axes.grid(True, alpha=0.3)
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, format="png", dpi=90, metadata={"Software": None})
