@@ -48,7 +48,10 @@ class PlasticMLP(nn.Module):
         logits = dhp_logits(h, self.w, self.alpha, hebb)
         onehot = (labels.unsqueeze(1) == self.classes.unsqueeze(0)).to(h.dtype)  # (N, C)
         counts = onehot.sum(0)
-        means = onehot.t().matmul(h) / counts.clamp_min(1.0).unsqueeze(1)  # (C, H)
+        # Unlabelled rows zeroed before the matmul: a NaN in one would reach every class's mean
+        # through 0 · NaN = NaN, though no class takes it.
+        labelled = torch.where(onehot.sum(1, keepdim=True) > 0, h, torch.zeros_like(h))
+        means = onehot.t().matmul(labelled) / counts.clamp_min(1.0).unsqueeze(1)  # (C, H)
         rate = self.eta * (counts > 0).to(h.dtype)
         return logits, torch.lerp(hebb, means.t(), rate)
 

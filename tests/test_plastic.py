@@ -52,6 +52,21 @@ def test_an_unlabelled_call_returns_the_trace_bit_for_bit():
     assert torch.equal(hebb_out, hebb)
 
 
+def test_a_non_finite_unlabelled_row_does_not_reach_the_trace():
+    # The trace learns the labelled rows only: an unlabelled row holding NaN must not reach any
+    # class's mean (through the one-hot matmul's 0 · NaN), in the exported graphs too.
+    net = random_net()
+    x, hebb = torch.rand(4, 784), net.head.hebb.clone()
+    x[1, 5] = float("nan")
+    y = torch.tensor([2, -1, 7, 2])
+    expected = reference_step(net, x, y, hebb)[1]
+    for model in (plastic_model(net), torch.jit.script(plastic_model(net))):
+        logits, hebb_out = model(x, y, hebb)
+        assert torch.isnan(logits[1]).all() and torch.isfinite(logits[[0, 2, 3]]).all()
+        torch.testing.assert_close(hebb_out, expected, rtol=1e-6, atol=1e-7)
+        assert torch.isfinite(hebb_out).all()
+
+
 def test_a_plain_head_has_no_plastic_model():
     with pytest.raises(ValueError, match="DHP head"):
         plastic_model(DHPNet(hidden=(8,), dhp=False))
@@ -172,14 +187,14 @@ def test_a_learn_call_that_would_break_the_trace_is_refused_and_keeps_it(plastic
     good = session.hebb
     extreme = np.full_like(x, 3e38)
     nan = x.copy()
-    nan[3, 0] = np.nan  # in the unlabelled row: it still reaches the class means
+    nan[0, 0] = np.nan  # in a labelled row: its class mean is NaN
     for bad, allow in ((extreme, False), (nan, True)):
         with pytest.raises(InputError, match="would make the trace NaN or infinite.*unchanged"):
             session.step(bad, labels, allow_nonfinite=allow)
         assert session.hebb.tobytes() == good.tobytes()
     # Predict-only calls never move the trace, whatever their rows hold.
     logits = session.predict(nan, allow_nonfinite=True)
-    assert np.isnan(logits[3]).all() and np.isfinite(logits[:3]).all()
+    assert np.isnan(logits[0]).all() and np.isfinite(logits[1:]).all()
     assert session.hebb.tobytes() == good.tobytes()
     session.learn(x, labels)
     assert np.isfinite(session.hebb).all() and not np.array_equal(session.hebb, good)
