@@ -194,8 +194,19 @@ class Regularizer:
 
     def gradients_with_penalty(self, model: nn.Module, grads: dict) -> dict:
         r"""The task gradients ``grads`` (``{id(parameter): tensor}``, left unchanged) plus the
-        penalty's gradient in closed form; for the lean step, which runs without autograd."""
-        return grads
+        penalty's gradient; for the lean step, which runs without autograd.
+
+        Here by autograd of :meth:`penalty`, so a method that defines only its penalty is right
+        on the lean path too (just slower); the built-in methods override this with closed forms.
+        """
+        with torch.enable_grad():
+            penalty = self.penalty(model)
+            if not isinstance(penalty, Tensor) or not penalty.requires_grad:
+                return grads  # no penalty (yet): nothing to add
+            params = [p for p in model.parameters() if p.requires_grad]
+            extra = torch.autograd.grad(penalty, params, allow_unused=True)
+        return {**grads, **{id(p): grads[id(p)] + g for p, g in zip(params, extra)
+                            if g is not None}}
 
     def max_curvature(self) -> float:
         return 0.0

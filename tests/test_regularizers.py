@@ -367,3 +367,33 @@ def test_two_ranks_with_fewer_samples_than_ranks_give_the_one_process_importance
         found = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         for name, value in expected.items():  # one sample's sum is rank 0's alone: bit-equal
             assert torch.equal(found[name], value), (rank, name)
+
+
+class _PenaltyOnly(Finetune):
+    r"""A new method as a user would start one: a penalty and nothing else (L2 on the weights)."""
+
+    def penalty(self, model):
+        return 0.5 * sum((p ** 2).sum() for p in model.parameters())
+
+
+@pytest.mark.parametrize("dhp", [True, False], ids=["dhp", "plain"])
+def test_a_method_with_only_a_penalty_is_applied_on_the_lean_path(dhp, tmp_path):
+    # The lean step runs without autograd; a method without a closed form must still get its
+    # penalty's gradient (by autograd of penalty()), not silently none.
+    benchmark = split_benchmark(20, train=64, test=16)
+
+    def one_step(lean, regularizer):
+        config = TrainConfig(benchmark="split-mnist", method="finetune", dhp=dhp, hidden=(8,),
+                             lr=0.1, batch_size=16)
+        run = TrainingRun(config, benchmark, tmp_path, "cpu", lean=lean)
+        run.regularizer = regularizer
+        task, head = benchmark.tasks[0], run.heads[0]
+        run.train_step(task.x_train[:16], task.y_train[:16], head,
+                       target_map(head, benchmark.num_classes, run.device))
+        return {name: p.detach().clone() for name, p in run.model.named_parameters()}
+
+    lean, autograd = one_step(True, _PenaltyOnly()), one_step(False, _PenaltyOnly())
+    for name, value in autograd.items():
+        torch.testing.assert_close(lean[name], value, rtol=1e-5, atol=1e-6)
+    unpenalised = one_step(True, Finetune())  # the penalty mattered
+    assert any(not torch.allclose(lean[name], unpenalised[name]) for name in lean)
