@@ -286,9 +286,11 @@ def _wait_until_ready(server, client, log_path, limit_s: float = 120) -> None:
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
 def test_a_real_triton_server_keeps_interleaved_sequences_apart(served, tmp_path, data_dir,
                                                                 strategy):
+    import subprocess
+    from pathlib import Path
+
     import pytriton
     import tritonclient.http as http
-    from pathlib import Path
 
     from dhp_deploy.export import export_run
     from dhp_deploy.plastic_session import PlasticSession
@@ -333,6 +335,10 @@ def test_a_real_triton_server_keeps_interleaved_sequences_apart(served, tmp_path
         # Both ended, so a new sequence gets a slot and starts from the exported trace.
         _, hebb = call(303, [-1] * 6, start=True, end=True)
         np.testing.assert_array_equal(hebb, trace)
-    finally:
-        server.kill()
-        server.wait(timeout=30)
+    finally:  # SIGTERM: the server stops its Python stubs (SIGKILL would orphan them)
+        server.terminate()
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(timeout=30)
