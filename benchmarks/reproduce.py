@@ -59,6 +59,7 @@ from reproduction.jobs import (MAX_EXTENSIONS, SEARCH_SEED, SEARCH_VALUES,  # no
                                all_diverged, choose_strengths, grid_jobs, search_jobs)
 from reproduction.naming import (PAPER_BENCHMARKS, TRACE_BENCHMARKS, TRACE_SEEDS,  # noqa: E402
                                  TRACE_VARIANTS, VARIANT_GROUPS, train_command)
+from dhp_deploy.metrics import format_duration  # noqa: E402
 from reproduction.records import REPO  # noqa: E402
 from reproduction.runs import RUN_STATUS, ConfigMismatch, execute, recorded_result  # noqa: E402
 
@@ -192,7 +193,7 @@ def main(argv=None) -> int:
         return search(args)
     jobs = grid_jobs(args, role=args.step)
     states = [run_state(*job) for job in jobs]
-    print_plan(jobs, states, args.log)
+    print_plan(jobs, states, args.log, args.jobs)
     if args.dry_run:
         for (config, run_dir, _, _), state in zip(jobs, states):
             print(f"{state:>10}  {run_dir}  ({train_command(asdict(config))})")
@@ -223,16 +224,46 @@ def run_state(config, run_dir, role, summary_path) -> str:
     return "to resume" if (run_dir / CHECKPOINT_NAME).exists() else "to run"
 
 
-def print_plan(jobs, states, log) -> None:
-    r"""One line per benchmark: its runs, and how many are already done or will be trained."""
-    plan = {}
-    for (config, _, _, _), state in zip(jobs, states):
+def print_plan(jobs, states, log, processes: int = 1) -> None:
+    r"""One line per benchmark: its runs, how many are already done or will be trained, and an
+    estimate of the training time from the recorded runs of the same benchmark, protocol and
+    method (their wall times, on the hosts their summaries name)."""
+    plan, seconds, unknown = {}, {}, {}
+    for (config, _, _, summary_path), state in zip(jobs, states):
         counts = plan.setdefault(config.benchmark, {})
         counts[state] = counts.get(state, 0) + 1
+        if state in ("to run", "to resume"):
+            estimate = _recorded_wall(summary_path.parents[4], config)
+            seconds[config.benchmark] = seconds.get(config.benchmark, 0.0) + (estimate or 0.0)
+            unknown[config.benchmark] = unknown.get(config.benchmark, 0) + (estimate is None)
     for benchmark, counts in plan.items():
         done = counts.get("finished", 0) + counts.get("recorded", 0)
-        log(f"plan: {benchmark}: {sum(counts.values())} runs, {done} already done, "
-            f"{counts.get('to resume', 0)} to resume, {counts.get('to run', 0)} to train")
+        line = (f"plan: {benchmark}: {sum(counts.values())} runs, {done} already done, "
+                f"{counts.get('to resume', 0)} to resume, {counts.get('to run', 0)} to train")
+        if seconds.get(benchmark):
+            line += (f"; ≈ {format_duration(seconds[benchmark])} of one-process training as "
+                     f"recorded here (≈ {format_duration(seconds[benchmark] / processes)} at "
+                     f"--jobs {processes})")
+            if unknown.get(benchmark):
+                line += f", {unknown[benchmark]} run(s) with no recorded peer not counted"
+        log(line)
+
+
+def _recorded_wall(summaries: Path, config) -> float | None:
+    r"""Mean wall time of the recorded runs of ``config``'s benchmark, protocol, head and method
+    (any seed, any strength) under ``summaries``; None where none is recorded."""
+    from reproduction.records import read_summary
+    from reproduction.naming import SUMMARY_DIR_RUNS, SUMMARY_DIR_TRACE, protocol_tag
+
+    tag = protocol_tag(asdict(config))
+    walls = []
+    for folder in (SUMMARY_DIR_RUNS, SUMMARY_DIR_TRACE):
+        for path in (summaries / folder / config.benchmark / tag).glob("*/seed*.json"):
+            record = read_summary(path)
+            if (record and record["metrics"] is not None and record["method"] == config.method
+                    and record["dhp"] == config.dhp):
+                walls.append(record["wall_s"])
+    return sum(walls) / len(walls) if walls else None
 
 
 def search(args) -> int:
@@ -246,7 +277,7 @@ def search(args) -> int:
     while True:
         jobs = search_jobs(args, values)
         states = [run_state(*job) for job in jobs]
-        print_plan(jobs, states, args.log)
+        print_plan(jobs, states, args.log, args.jobs)
         if args.dry_run:
             for (_, run_dir, _, _), state in zip(jobs, states):
                 print(f"{state:>10}  {run_dir}")
