@@ -23,12 +23,13 @@ import hashlib
 import io
 import os
 import pathlib
-import tempfile
 import urllib.request
 import zlib
 from collections.abc import Sequence
 
 import torch
+
+from dhp_deploy.io import atomic_writer
 
 DATASETS = ("MNIST", "FashionMNIST")
 IMAGE_SIZE = 28
@@ -222,26 +223,21 @@ def download_file(
 
 
 def _download_verified(url: str, dest: pathlib.Path, md5: str) -> pathlib.Path:
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    try:
-        digest, got = hashlib.md5(), 0
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
-            expected_len = response.headers.get("Content-Length")
-            for chunk in iter(lambda: response.read(_CHUNK), b""):
-                out.write(chunk)
-                digest.update(chunk)
-                got += len(chunk)
+    # The checks raise inside the atomic writer: a short or corrupt download never replaces
+    # dest, and its temporary file is removed.
+    digest, got = hashlib.md5(), 0
+    with atomic_writer(dest) as out, urllib.request.urlopen(url, timeout=60) as response:
+        expected_len = response.headers.get("Content-Length")
+        for chunk in iter(lambda: response.read(_CHUNK), b""):
+            out.write(chunk)
+            digest.update(chunk)
+            got += len(chunk)
         # http.client returns a short body silently when the server closes early.
         if expected_len is not None and got != int(expected_len):
             raise DataError(f"connection closed after {got} of {expected_len} bytes")
         if digest.hexdigest() != md5:
             raise DataError(f"MD5 {digest.hexdigest()} of the download, expected {md5}")
-        os.chmod(tmp_name, 0o644)  # mkstemp makes 0600; a shared data root must stay readable
-        os.replace(tmp_name, dest)
-        return dest
-    finally:
-        if os.path.exists(tmp_name):
-            os.remove(tmp_name)
+    return dest
 
 
 def ensure_files(

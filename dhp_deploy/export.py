@@ -23,10 +23,8 @@ folds to itself. The full format is documented in ``export/README.md``.
 import copy
 import json
 import logging
-import os
 import platform
 import shutil
-import tempfile
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,6 +38,7 @@ from dhp_deploy.bundle import (ARTIFACT_FILES, ATOL, BUNDLE_FORMAT, BUNDLE_VERSI
                                GOLDEN_FILES, HEBB_FILE, HEBB_NAME, HEBB_OUT_NAME, INPUT_NAME,
                                LABELS_NAME, MANIFEST_NAME, NO_LABEL, OUTPUT_NAME,
                                PLASTIC_GOLDEN_FILES, RTOL, sha256_file)
+from dhp_deploy.io import commit_directory, make_sibling_dir
 from dhp_deploy.run_dir import METRICS_NAME, CheckpointError, load_model
 from dhp_deploy.layer import DHPSoftmax, dhp_logits
 from dhp_deploy.network import DHPNet, PlainHead, predicted_classes
@@ -378,10 +377,7 @@ def export_run(run_dir, out_dir, formats: Sequence[str] = FORMATS, *, overwrite:
     parent = out_dir.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out_dir.name}.tmp-"))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a bundle is a normal directory
+        tmp = make_sibling_dir(out_dir)
     except OSError as err:
         raise ExportError(f"cannot create the bundle beside {out_dir}: {err.strerror or err}") \
             from None
@@ -414,7 +410,6 @@ def export_run(run_dir, out_dir, formats: Sequence[str] = FORMATS, *, overwrite:
             manifest["files"][path.name] = {"sha256": sha256_file(path),
                                             "bytes": path.stat().st_size}
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-        _fsync_tree(tmp)
         if verify is not None:
             try:
                 verify(tmp, formats)
@@ -516,28 +511,14 @@ def _plastic_manifest(model: DHPNet) -> dict:
     }
 
 
-def _fsync_tree(directory: Path) -> None:
-    for path in directory.iterdir():
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _commit(tmp: Path, out_dir: Path, overwrite: bool) -> None:
-    # A rename is atomic: readers see no bundle or a whole one. Replacing moves the old bundle
-    # aside first (a directory cannot be renamed over a non-empty one), then deletes it.
-    if not out_dir.exists():
-        os.rename(tmp, out_dir)
-        return
-    if not overwrite:
-        raise ExportError(f"{out_dir} already exists (pass overwrite / --overwrite to replace it)")
-    if not out_dir.is_dir() or out_dir.is_symlink():
-        raise ExportError(f"{out_dir} exists and is not a bundle directory; not replacing it")
-    old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
-    os.rename(out_dir, old / "bundle")
-    os.rename(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    r"""Rename the finished ``tmp`` into place as ``out_dir`` (:func:`commit_directory`); an
+    :class:`ExportError` when ``out_dir`` is in the way."""
+    try:
+        commit_directory(tmp, out_dir, overwrite=overwrite)
+    except FileExistsError:
+        raise ExportError(f"{out_dir} already exists (pass overwrite / --overwrite to replace "
+                          f"it)") from None
+    except NotADirectoryError:
+        raise ExportError(f"{out_dir} exists and is not a bundle directory; not replacing it") \
+            from None

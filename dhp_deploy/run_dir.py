@@ -19,13 +19,13 @@ A run directory holds ``checkpoint.pt`` (the latest), ``config.json`` and, when 
 """
 
 import json
-import os
-import tempfile
 from pathlib import Path
-from typing import Any
 
 import torch
 
+# The atomic writes live in dhp_deploy.io (no torch); they are re-exported here, where the run
+# directory's writers have always found them.
+from dhp_deploy.io import atomic_write_bytes, atomic_write_json, atomic_write_text, atomic_writer
 from dhp_deploy.network import DHPNet
 
 __all__ = ["CheckpointError", "CHECKPOINT_NAME", "CONFIG_NAME", "METRICS_NAME",
@@ -45,38 +45,11 @@ class CheckpointError(Exception):
     r"""A checkpoint or run directory that cannot be used; the message names the file and why."""
 
 
-def _atomic_write(path: Path, write) -> None:
-    # Write beside the target, flush to disk, then rename: readers see the old file or the new
-    # one, never half of one, even if the process is killed mid-write.
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_bytes(path, data: bytes) -> None:
-    _atomic_write(Path(path), lambda f: f.write(data))
-
-
-def atomic_write_text(path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
-
 def save_checkpoint(path, payload: dict) -> None:
     r"""Write ``payload`` (the layout above, without format/version) atomically to ``path``."""
     payload = {"format": FORMAT, "version": VERSION, **payload}
-    _atomic_write(Path(path), lambda f: torch.save(payload, f))
+    with atomic_writer(path) as file:
+        torch.save(payload, file)
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:

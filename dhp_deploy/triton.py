@@ -39,9 +39,7 @@ runtime. The repository's own README.md says this with its figures, the minimum 
 """
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +47,7 @@ import numpy as np
 from dhp_deploy.bundle import (ARTIFACT_FILES, HEBB_FILE, HEBB_NAME, HEBB_OUT_NAME, INPUT_NAME,
                                LABELS_NAME, MANIFEST_NAME, OUTPUT_NAME, sha256_file)
 from dhp_deploy.export import ExportError, _commit, export_run
+from dhp_deploy.io import make_sibling_dir
 
 __all__ = ["write_triton_repository", "validate_repository", "check_repository", "is_repository",
            "frozen_config", "plastic_config", "model_name", "triton_requirements", "FROZEN_MODEL",
@@ -171,7 +170,7 @@ def write_triton_repository(run_dir, out_dir, *, overwrite: bool = False, data_d
         raise ExportError(f"{out_dir} already exists (pass overwrite / --overwrite to replace it)")
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+        work = make_sibling_dir(out_dir)
     except OSError as err:
         raise ExportError(f"cannot create the repository beside {out_dir}: "
                           f"{err.strerror or err}") from None
@@ -185,8 +184,7 @@ def write_triton_repository(run_dir, out_dir, *, overwrite: bool = False, data_d
                                        verify=verify)
         repo = work / "repository"
         _assemble(repo, bundles, gpu, sequences)
-        _fsync_all(repo)
-        _commit(repo, out_dir, overwrite)
+        _commit(repo, out_dir, overwrite)  # flushes the repository to disk, then renames it
     except OSError as err:
         raise ExportError(f"writing the repository failed: {err}") from None
     finally:
@@ -301,20 +299,6 @@ call(42, x, np.array([3, 1, -1, 0, 7, 7, 2, -1]))   # predict, then learn the la
 call(42, x, np.full(8, -1, np.int64), end=True)    # the last request: frees the slot
 ```
 """
-
-
-def _fsync_all(root: Path) -> None:
-    for path in sorted(root.rglob("*"), reverse=True):  # files before the folders holding them
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    fd = os.open(root, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def is_repository(path) -> bool:

@@ -103,11 +103,11 @@ def _refuse_ignored_options(ctx, fmt: str, plastic: bool) -> None:
 def _check_out_parent(out_dir: Path) -> None:
     r"""A usage error unless --out's nearest existing ancestor is a directory (the export would
     fail later with a bare "File exists" or "Not a directory")."""
-    parent = out_dir.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise click.BadParameter(f"{parent} is a file, not a directory", param_hint="--out")
+    from dhp_deploy.io import non_directory_ancestor
+
+    blocker = non_directory_ancestor(out_dir)
+    if blocker is not None:
+        raise click.BadParameter(f"{blocker} is a file, not a directory", param_hint="--out")
 
 
 def _triton(run_dir, out_dir, overwrite, golden_count, data_dir, allow_unfinished, no_verify,

@@ -1,6 +1,5 @@
 r"""``dhp-serve check|predict|bench BUNDLE``: run a bundle with the Python runtimes."""
 
-import io
 from pathlib import Path
 
 import click
@@ -62,11 +61,11 @@ def _read_npy(path: Path):
 def _check_output_parent(path: Path) -> None:
     r"""A usage error unless ``path``'s nearest existing ancestor is a directory (a file there
     makes the write fail with a bare "Not a directory" or "File exists")."""
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise click.BadParameter(f"{parent} is a file, not a directory",
+    from dhp_deploy.io import non_directory_ancestor
+
+    blocker = non_directory_ancestor(path)
+    if blocker is not None:
+        raise click.BadParameter(f"{blocker} is a file, not a directory",
                                  param_hint="--output")
 
 
@@ -202,7 +201,7 @@ def predict(bundle, input_path, output_path, task, all_classes, backend, device,
     """
     import numpy as np
 
-    from dhp_deploy.run_dir import atomic_write_bytes
+    from dhp_deploy.io import atomic_writer  # not run_dir's re-export: that one loads torch
     from dhp_deploy.runtime import BundleError
 
     if task is not None and all_classes:
@@ -219,13 +218,12 @@ def predict(bundle, input_path, output_path, task, all_classes, backend, device,
         out = runtime.predict(x, task=task, allow_nonfinite=allow_nonfinite)
     except BundleError as err:
         raise ServeFailed(f"{input_path}: {err}") from None
-    buffer = io.BytesIO()
-    if output_path.suffix == ".npy":
-        np.save(buffer, out.logits, allow_pickle=False)
-    else:
-        np.savez(buffer, logits=out.logits, classes=out.classes, labels=out.labels)
     try:
-        atomic_write_bytes(output_path, buffer.getvalue())
+        with atomic_writer(output_path) as file:
+            if output_path.suffix == ".npy":
+                np.save(file, out.logits, allow_pickle=False)
+            else:
+                np.savez(file, logits=out.logits, classes=out.classes, labels=out.labels)
     except OSError as err:
         raise ServeFailed(f"cannot write {output_path}: {err.strerror or err}") from None
     click.echo(f"wrote {output_path}: {len(out.labels)} predictions "
