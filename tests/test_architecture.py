@@ -6,10 +6,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
+
 PACKAGE = Path(__file__).resolve().parents[1] / "dhp_deploy"
 # data → model → train → export → serve → command line: a module may import only from its own
-# stage or earlier ones.
-STAGES = {"data": 0, "tasks": 0, "layer": 1, "network": 1, "fused_head": 1, "lean_step": 2,
+# stage or earlier ones. io (atomic writes) is a utility below every stage: it sits with data,
+# which imports it, and imports nothing of the package itself (checked below).
+STAGES = {"io": 0, "data": 0, "tasks": 0, "layer": 1, "network": 1, "fused_head": 1, "lean_step": 2,
           "cuda_graph": 2, "distributed": 2,
           "plastic": 3, "triton": 3, "plastic_session": 4,
           "regularizers": 2, "metrics": 2, "run_dir": 2, "train": 2, "cohort": 2, "bundle": 3,
@@ -60,19 +64,64 @@ def test_imports_form_a_chain_without_cycles():
         visit(module, [])
 
 
+def test_io_is_below_every_stage():
+    assert import_graph()["dhp_deploy.io"] == set(), "dhp_deploy.io imports nothing of the package"
+
+
+def assert_imports_no_torch(body: str) -> str:
+    r"""Run ``body`` in a fresh interpreter; fail if it fails or leaves torch in sys.modules."""
+    script = body + """
+ours = sorted(m for m in sys.modules if m.startswith("dhp_deploy"))
+assert "torch" not in sys.modules, f"torch was loaded; the package's modules loaded: {ours}"
+"""
+    result = subprocess.run([sys.executable, "-c", "import sys\n" + script], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr + result.stdout
+    return result.stdout
+
+
+def dhp_serve(*args) -> str:
+    r"""Python that runs ``dhp-serve ARGS`` in its own process, so sys.modules then shows what
+    the command loaded; a failing command raises."""
+    return (f"from dhp_deploy.cli.serve import main\n"
+            f"main({[str(a) for a in args]!r}, standalone_mode=False)\n")
+
+
 def test_serving_a_bundle_with_onnxruntime_imports_no_torch(served):
     _, bundle = served
-    script = f"""
-import sys
+    assert_imports_no_torch(f"""
 import numpy as np
 from dhp_deploy.runtime import open_bundle
 runtime = open_bundle({str(bundle)!r}, backend="onnx")
 assert runtime.check()["ok"]
 runtime.predict(np.zeros((2, runtime.in_features), np.float32), task=1)
-loaded = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))
-print(loaded)
-assert not loaded, loaded
-"""
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 0, result.stderr + result.stdout
+""")
+
+
+@pytest.mark.parametrize("command", ["check", "predict", "bench"])
+def test_dhp_serve_with_onnxruntime_imports_no_torch(served, tmp_path, command):
+    _, bundle = served
+    np.save(tmp_path / "x.npy", np.load(bundle / "golden_inputs.npy")[:4])
+    out = tmp_path / "out.npz"
+    args = {"check": (),
+            "predict": ("--input", tmp_path / "x.npy", "--output", out, "--task", 1),
+            "bench": ("--iters", 10, "--batch-size", 8, "--repeats", 1)}[command]
+    assert_imports_no_torch(dhp_serve(command, bundle, "--backend", "onnx", *args))
+    if command == "predict":  # the output is written (atomically) without torch too
+        with np.load(out) as saved:
+            assert saved["logits"].shape == (4, 2) and saved["labels"].shape == (4,)
+
+
+def test_a_plastic_session_with_onnxruntime_imports_no_torch(served, tmp_path, data_dir):
+    from dhp_deploy.export import export_run
+
+    run, _ = served
+    bundle = export_run(run, tmp_path / "plastic", ("onnx",), data_dir=data_dir, plastic=True,
+                        golden_count=60)
+    assert_imports_no_torch(f"""
+import numpy as np
+from dhp_deploy.plastic_session import PlasticSession
+session = PlasticSession({str(bundle)!r}, backend="onnx")
+assert session.check()["ok"]
+session.step(np.zeros((2, session.in_features), np.float32), np.array([0, -1]))
+""" + dhp_serve("check", bundle, "--backend", "onnx"))
