@@ -322,7 +322,7 @@ def test_cli_bad_out_parent_leaves_nothing(served, tmp_path, data_dir):
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where the bundle's parent should be")
     result = run_cli("export", run, "--out", blocker / "bundle", "--data-dir", data_dir)
-    assert_one_line_error(result, "cannot create the bundle")
+    assert_one_line_error(result, "not-a-dir", "is a file, not a directory")
     assert blocker.read_text().startswith("a file") and sorted(tmp_path.iterdir()) == [blocker]
 
 
