@@ -84,6 +84,9 @@ def main() -> int:
                 if code != 0:
                     last = (stderr.strip().splitlines() or ["(no stderr)"])[-1][:200]
                     print(f"run {run + 1} rank {rank}: {describe(code)}: {last}", flush=True)
+            if (run + 1) % 10 == 0:  # partial counts survive an interrupted loop
+                print(f"after {run + 1} runs ({time.monotonic() - started:.0f} s): "
+                      f"{dict(outcomes)}", flush=True)
     signalled = sum(n for what, n in outcomes.items() if what.startswith("died"))
     print(f"{args.runs} runs x 2 ranks in {time.monotonic() - started:.0f} s: "
           f"{signalled} rank(s) died with a signal; "
