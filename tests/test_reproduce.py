@@ -235,8 +235,10 @@ def test_summaries_of_every_committed_format_read():
         assert read["metrics"][field] is None
     assert read["metrics"]["acc_matrix"] == record["metrics"]["acc_matrix"]
     # Every committed summary reads, and reads the same through each entry point.
-    for path in (REPO / "docs" / "results").rglob("seed*.json"):
-        assert read_summary(path)["metrics"] is None or "plasticity" in read_summary(path)["metrics"]
+    for folder in ("runs", "search", "trace"):
+        for path in (REPO / "docs" / "results" / folder).rglob("seed*.json"):
+            record = read_summary(path)
+            assert record["metrics"] is None or "plasticity" in record["metrics"], path
 
 
 def test_search_plan_matches_the_committed_choice(tmp_path):

@@ -200,7 +200,8 @@ def test_a_diverged_run_names_its_cause(tmp_path, eta, cause):
     # any learning rate, so "lower --lr" would be the wrong advice; with η in [0, 1] a huge lr is
     # the cause and the advice stands.
     config = TrainConfig(benchmark="split-mnist", method="finetune", dhp=True, epochs=2,
-                         batch_size=16, hidden=(16,), lr=0.01 if eta < 0 else 1e30)
+                         batch_size=16, hidden=(16,), lr=0.01 if eta < 0 else 1e30,
+                         eta_bound=False)  # the paper's free η
     run = TrainingRun.start(config, split_benchmark(20, train=256, test=32), tmp_path)
     with torch.no_grad():
         run.model.head.eta.fill_(eta)
@@ -226,7 +227,8 @@ def test_random_streams_are_named_by_their_sha256():
 
 def _dhp_run(tmp_path, name, **overrides):
     config = TrainConfig(**{**dict(benchmark="split-mnist", method="si", dhp=True, epochs=2,
-                                   batch_size=16, hidden=(16,), lr=0.1, si_c=0.1), **overrides})
+                                   batch_size=16, hidden=(16,), lr=0.1, si_c=0.1,
+                                   eta_bound=False), **overrides})
     return TrainingRun.start(config, split_benchmark(20, train=128, test=64, num_tasks=3),
                              tmp_path / name)
 
@@ -297,3 +299,9 @@ def test_eta_bound_keeps_eta_in_the_unit_interval(tmp_path, eta_bound):
             "training"]["eta_bound"] is True
     else:
         assert min(seen) < 0.0
+
+
+def test_dhp_train_bounds_eta_by_default_and_old_runs_read_as_free():
+    # Users get η kept in [0, 1]; a run saved before the option existed trained with η free.
+    assert TrainConfig().eta_bound is True
+    assert TrainConfig.from_json({"training": {"benchmark": "split-mnist"}}).eta_bound is False

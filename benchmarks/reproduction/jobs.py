@@ -7,9 +7,10 @@ from pathlib import Path
 from dhp_deploy.regularizers import STRENGTH_OPTION
 from dhp_deploy.run_dir import METRICS_NAME, atomic_write_json
 from dhp_deploy.train import TrainConfig
-from reproduction.naming import (DIVERGED_NAME, PAPER_PROTOCOL, SUMMARY_DIR_RUNS,
-                                 SUMMARY_DIR_SEARCH, SUMMARY_DIR_TRACE, grid_protocol, grid_variants, protocol_tag,
-                                 strengths_key, variant_settings)
+from reproduction.naming import (DIVERGED_NAME, PAPER_PROTOCOL, PAPER_SETTINGS,
+                                 SUMMARY_DIR_RUNS, SUMMARY_DIR_SEARCH, SUMMARY_DIR_TRACE,
+                                 grid_protocol, grid_variants, protocol_tag, strengths_key,
+                                 variant_settings)
 from reproduction.records import read_summary, summarize_run
 from reproduction.runs import recorded_result
 
@@ -29,7 +30,7 @@ def base_config(args, benchmark: str, **overrides):
                  "fisher_samples"):
         if getattr(args, name) is not None:
             protocol[name] = getattr(args, name)
-    return TrainConfig(benchmark=benchmark, **protocol, **overrides)
+    return TrainConfig(**{"benchmark": benchmark, **PAPER_SETTINGS, **protocol, **overrides})
 
 
 def search_jobs(args, values: dict) -> list:

@@ -12,6 +12,9 @@ DIVERGED_NAME = "diverged.json"  # beside a run that stopped on a non-finite los
 PAPER_PROTOCOL = {name: getattr(TrainConfig(), name)
                   for name in ("epochs", "batch_size", "lr", "hidden", "num_tasks", "train_limit",
                                "test_limit", "fisher_samples", "val_fraction")}
+# The paper's method where dhp-train's default differs from it: η free (Algorithm 1). Every
+# reproduction run sets these; an intervention variant (``~eta-bound``) overrides them.
+PAPER_SETTINGS = {"eta_bound": False}
 # Short names of the protocol options in run-directory names (``e2`` = 2 epochs per task).
 PROTOCOL_TAGS = {"epochs": "e", "batch_size": "b", "lr": "lr", "hidden": "h", "num_tasks": "t",
                  "train_limit": "n", "test_limit": "m", "fisher_samples": "f", "val_fraction": "v"}
@@ -119,19 +122,22 @@ def train_command(training: dict) -> str:
     # The defaults dhp-train would apply to this benchmark, method and head.
     default = TrainConfig(benchmark=training["benchmark"], method=training["method"],
                           dhp=training["dhp"])
-    training = {"head_init": "linear", **training}  # runs from before the option: linear
+    # Runs from before an option: linear init, η free.
+    training = {"head_init": "linear", "eta_bound": False, **training}
     words = ["dhp-train", "--benchmark", training["benchmark"], "--method", training["method"],
              "--dhp" if training["dhp"] else "--no-dhp"]
     for name, value in training.items():
         if name in ("benchmark", "method", "dhp", "download") or not hasattr(default, name):
+            continue
+        if name == "eta_bound" and not training["dhp"]:  # no η without a DHP head
             continue
         if isinstance(value, list):
             value = tuple(value)
         if value == getattr(default, name):
             continue
         option = f"--{name.replace('_', '-')}"
-        if isinstance(value, bool):
-            words.append(option if value else "")
+        if isinstance(value, bool):  # a value other than the default: --x or --no-x
+            words.append(option if value else f"--no-{name.replace('_', '-')}")
         elif name == "hidden":
             words += [option, ",".join(map(str, value))]
         else:

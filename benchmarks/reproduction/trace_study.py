@@ -148,6 +148,22 @@ def _diagnostics_table(name: str, runs: dict) -> list[str]:
     return lines + [""]
 
 
+def _eta_summary(name: str, runs: dict) -> str | None:
+    r"""Where η went at the task ends of a variant's runs (stopped runs up to their last good
+    checkpoint): below 0, above 1, exactly at the bound 0 (the clamp holding it there)."""
+    ends = []
+    for record in runs.values():
+        source = record["metrics"] or (record["diverged"] or {}).get("last_good") or {}
+        ends += [entry["eta"] for entry in source.get("trace_diagnostics") or []]
+    if not ends:
+        return None
+    below, above = sum(eta < 0 for eta in ends), sum(eta > 1 for eta in ends)
+    pinned = sum(eta == 0 for eta in ends)
+    return (f"{display_name(name)}: of {len(ends)} task ends ({len(runs)} runs), η < 0 at "
+            f"{below}, η > 1 at {above}, η exactly 0 at {pinned}; η ranged "
+            f"{min(ends):.3g} … {max(ends):.3g}.")
+
+
 def _outcome(runs: dict) -> str:
     finished = [r for r in runs.values() if r["metrics"] is not None]
     stopped = len(runs) - len(finished)
@@ -204,6 +220,14 @@ def trace_section(records) -> list[str]:
                 lines += _pair_table(plain_name, dhp_name,
                                      _recovery_rows(runs.get(plain_name, {}), runs[dhp_name]),
                                      stopped)
+        etas = [_eta_summary(variant, runs[variant]) for _, dhp_name in TRACE_PAIRS
+                for variant in (dhp_name, *(f"{dhp_name}~{name}" for name in INTERVENTIONS))
+                if runs.get(variant)]
+        if any(etas):
+            lines += ["Where the learned rate η went (the trace update (1 − η)·Hebb + η·mean "
+                      "decays only for η in [0, 1]; below 0 it grows, above 1 it overshoots "
+                      "and alternates sign, above 2 it grows):", ""]
+            lines += [f"- {text}" for text in etas if text] + [""]
         for _, dhp_name in TRACE_PAIRS:
             for variant in (dhp_name, *(f"{dhp_name}~{name}" for name in INTERVENTIONS)):
                 lines += _diagnostics_table(variant, runs.get(variant, {}))
