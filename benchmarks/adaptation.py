@@ -36,9 +36,10 @@ from reproduction.records import REPO  # noqa: E402
 STREAM_SEED = 20261204  # the stream order and the unseen permutation: apart from every grid seed
 
 
-def export_plastic(run_dir: Path, out: Path) -> Path:
+def export_plastic(run_dir: Path, out: Path, data_dir) -> Path:
     result = subprocess.run([sys.executable, "-m", "dhp_deploy.cli.export", str(run_dir),
-                             "--plastic", "--format", "torchscript", "--out", str(out)],
+                             "--plastic", "--format", "torchscript", "--out", str(out),
+                             "--data-dir", str(data_dir)],
                             capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"error: dhp-export failed for {run_dir}: {result.stderr.strip()}")
@@ -79,7 +80,8 @@ def measure(run_dir: Path, data_dir, stream: int, call: int) -> dict:
                "new permutation": (identity_x[:, unseen], identity_y)}
     order = torch.randperm(len(identity_y), generator=generator).numpy()[:stream]
     with tempfile.TemporaryDirectory() as tmp:
-        session = PlasticSession(export_plastic(run_dir, Path(tmp) / "bundle"), "torchscript")
+        session = PlasticSession(export_plastic(run_dir, Path(tmp) / "bundle", data_dir),
+                                 "torchscript")
         results = {}
         for name, (x, y) in streams.items():
             x, y = np.ascontiguousarray(x[order]), np.ascontiguousarray(y[order])

@@ -36,3 +36,11 @@ def served(tmp_path_factory, data_dir) -> tuple[Path, Path]:
         result = run_cli(command, *args, "--data-dir", data_dir)
         assert result.returncode == 0, f"dhp-{command} failed:\n{result.stderr}"
     return root / "run", root / "bundle"
+
+
+def pytest_collection_modifyitems(items):
+    r"""Mark every test that reads the real MNIST files (through ``data_dir``, directly or via a
+    fixture such as ``served``) ``mnist``: ``pytest -m "not mnist"`` is the fast lane."""
+    for item in items:
+        if "data_dir" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.mnist)

@@ -28,7 +28,7 @@ def test_adaptation_streams_through_the_plastic_bundle(permuted_run, data_dir, t
     assert adaptation.main([str(permuted_run), "--out", str(tmp_path), "--data-dir",
                             str(data_dir), "--stream", "100", "--call", "10"]) == 0
     record = json.loads(next(tmp_path.rglob("seed0.json")).read_text())
-    assert record["kind"] == "dhp-adaptation" and record["variant"] == "dhp"
+    assert record["kind"] == "dhp-adaptation" and record["variant"] == "dhp~eta-bound"  # default
     assert set(record["streams"]) == {"last task", "first task", "new permutation"}
     metrics = json.loads((permuted_run / "metrics.json").read_text())
     unseen = record["streams"]["new permutation"]

@@ -35,10 +35,18 @@ def grid(tmp: Path, *extra: str) -> int:
                            "--variants", ",".join(VARIANTS), "--seeds", "0-1", *TINY, *extra])
 
 
+@pytest.fixture(scope="module", autouse=True)
+def data_root_in_environment():
+    # reproduce.py reads its --data-dir default from $DHP_DATA_DIR: set for this module only.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DHP_DATA_DIR", os.environ.get("DHP_DATA_DIR")
+                     or str(REPO.parent / "shared" / "data"))
+        yield
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, data_dir):
     tmp = tmp_path_factory.mktemp("reproduce")
-    os.environ["DHP_DATA_DIR"] = str(data_dir)
     # As a search would have chosen for this tiny protocol (Split MNIST's λ = 10⁴ is too stiff
     # for these 16-unit nets at lr 0.01: the stability check refuses it).
     (tmp / "sum").mkdir()
@@ -60,7 +68,8 @@ def test_grid_writes_runs_and_summaries(tiny):
             assert summary["variant"] == variant and summary["protocol"] == TAG
             assert summary["metrics"]["acc_matrix"] == metrics["acc_matrix"]
             assert summary["config"]["training"]["hidden"] == [16]
-            assert summary["commit"] is None or len(summary["commit"]) == 40
+            if (REPO / ".git").exists():  # provenance must be there when git can give it
+                assert len(summary["commit"]) == 40 and summary["sessions"], summary["commit"]
             assert summary["command"].startswith("dhp-train --benchmark split-mnist --method")
             assert "checkpoint" not in json.dumps(summary["metrics"])  # small: numbers only
 
@@ -109,7 +118,6 @@ def test_run_directory_of_other_settings_is_refused(tiny, capsys):
 
 
 def test_search_chooses_by_validation_accuracy(tmp_path, data_dir, capsys):
-    os.environ["DHP_DATA_DIR"] = str(data_dir)
     argv = ["search", "--runs", str(tmp_path / "runs"), "--summaries", str(tmp_path / "sum"),
             "--methods", "si", *TINY[2:]]
     assert reproduce.main(argv) == 0
@@ -257,7 +265,6 @@ def test_search_plan_matches_the_committed_choice(tmp_path):
 
 
 def test_diverged_run_is_recorded_not_retried(tmp_path, data_dir, capsys):
-    os.environ["DHP_DATA_DIR"] = str(data_dir)
     argv = ["grid", "--runs", str(tmp_path / "runs"), "--summaries", str(tmp_path / "sum"),
             "--variants", "finetune", "--seeds", "0", *TINY, "--lr", "1e30"]
     assert reproduce.main(argv) == 0
