@@ -168,12 +168,20 @@ def main(ctx, out_dir, resume_dir, overwrite, data_dir, download, device, cuda_g
         detail = str(err).splitlines()[0].rsplit("] ", 1)[-1]  # gloo prefixes a source path
         raise TrainCommandError(
             f"rank {replicas.rank} of {replicas.world_size}: lost the other ranks "
-            f"({detail[:160]}); the last checkpoint in "
-            f"{resume_dir or out_dir} is intact: continue with torchrun ... --resume") from None
+            f"({detail[:160]}); {_where_to_continue(resume_dir or out_dir)}") from None
     finally:
         _leave_replicas(replicas)
     if not quiet:
         click.echo(summary_table(metrics, run_dir))
+
+
+def _where_to_continue(run_dir: Path) -> str:
+    r"""What a user can do after a lost rank: resume from the checkpoint, if there is one yet."""
+    from dhp_deploy.run_dir import CHECKPOINT_NAME
+
+    if (run_dir / CHECKPOINT_NAME).exists():
+        return f"the last checkpoint in {run_dir} is intact: continue with torchrun ... --resume"
+    return f"no checkpoint was written to {run_dir} yet: start the run again"
 
 
 def _join_replicas(device: str, timeout_s: float):
