@@ -93,7 +93,7 @@ def test_interrupted_dhp_train_run_is_resumed_exactly(tiny, tmp_path, capsys):
                "--method", "finetune", "--dhp", "--epochs", "1", "--num-tasks", "2",
                "--train-limit", "200", "--test-limit", "100", "--hidden", "16",
                "--fisher-samples", "20", "--seed", "0", "--device", "cpu", "--quiet",
-               "--out", str(run_dir)]
+               "--no-eta-bound", "--out", str(run_dir)]  # the reproduction's: the paper's η
     env = {**os.environ, "DHP_TRAIN_FAULT": "sigkill-after-steps=4"}
     killed = subprocess.run(command, env=env, capture_output=True, text=True)
     assert killed.returncode < 0, killed.stderr  # died by the signal, no metrics
@@ -157,7 +157,13 @@ def test_report_numbers_are_the_runs_numbers(tiny):
         assert row[1] == "0,1" and row[2] == f"{100 * mean:.2f} ± {100 * std:.2f}"
     gains = [d - b for d, b in zip(final["dhp+ewc"], final["ewc"])]
     gain = f"{100 * statistics.fmean(gains):.2f} ± {100 * statistics.stdev(gains):.2f} (n=2)"
-    assert _table_row(text, "DHP+EWC")[5] == gain
+    row = _table_row(text, "DHP+EWC")
+    assert row[7] == gain  # columns: method, seeds, mean, median, collapsed, BWT, forgetting, gain
+    assert row[3] == f"{100 * statistics.median(final['dhp+ewc']):.2f}"
+    curves = [json.loads((tiny / "runs" / "split-mnist" / TAG / "dhp+ewc" / f"seed{s}" /
+                          "metrics.json").read_text())["avg_acc"] for s in (0, 1)]
+    drops = sum(any(a - b > 0.2 for a, b in zip(c, c[1:])) for c in curves)
+    assert row[4] == f"{drops} of 2"
     assert "| Online EWC | — | not run yet |" in text
     assert (out.parent / f"results-split-mnist-{TAG}.png").stat().st_size > 1000
     # The same report straight from the run directories (summarised on the fly).
