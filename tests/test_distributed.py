@@ -114,6 +114,22 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+def _two_ranks(command: list, base: dict, extra_env: dict) -> list:
+    r"""Ranks 0 and 1 started by hand (as a scheduler would), each with ``extra_env[rank]``;
+    their CompletedProcess results once both have exited (killed after 240 s)."""
+    ranks = [subprocess.Popen(command, env={**base, "RANK": str(rank), "LOCAL_RANK": str(rank),
+                                            **extra_env.get(rank, {})},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in (0, 1)]
+    try:
+        outputs = [rank.communicate(timeout=240) for rank in ranks]
+    finally:
+        for rank in ranks:
+            rank.kill()
+    return [subprocess.CompletedProcess(command, rank.returncode, *output)
+            for rank, output in zip(ranks, outputs)]
+
+
 def test_a_dead_rank_stops_the_other_and_resume_finishes_the_run(ewc_runs, tmp_path, data_dir):
     # Launched as a cluster scheduler would (the torchrun variables set by hand), so the survivor's
     # own behaviour shows: rank 1 is SIGKILLed in the middle of task 2.
@@ -122,18 +138,10 @@ def test_a_dead_rank_stops_the_other_and_resume_finishes_the_run(ewc_runs, tmp_p
     command = [sys.executable, "-m", "dhp_deploy.cli.train", *EWC_RUN, "--dist-timeout", "60",
                "--out", str(run_dir)]
     started = time.monotonic()
-    ranks = [subprocess.Popen(command, env={**base, "RANK": str(rank), "LOCAL_RANK": str(rank),
-                                            **({"DHP_TRAIN_FAULT": f"sigkill-after-steps="
-                                                f"{STEPS_PER_TASK + 40}"} if rank else {})},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for rank in (0, 1)]
-    try:
-        outputs = [rank.communicate(timeout=240) for rank in ranks]
-    finally:
-        for rank in ranks:
-            rank.kill()
-    assert ranks[1].returncode == -signal.SIGKILL
-    survivor = subprocess.CompletedProcess(command, ranks[0].returncode, *outputs[0])
+    fault = {"DHP_TRAIN_FAULT": f"sigkill-after-steps={STEPS_PER_TASK + 40}"}
+    results = _two_ranks(command, base, {1: fault})
+    assert results[1].returncode == -signal.SIGKILL
+    survivor = results[0]
     assert_one_line_error(survivor, "rank 0 of 2: lost the other ranks", "--resume", exit_code=1)
     assert time.monotonic() - started < 120  # the survivor did not wait for the timeout
     assert checkpoint(run_dir)["position"] == {"task": 1, "epoch": 0, "finished": False}
@@ -156,19 +164,8 @@ def test_a_rank_failing_alone_stops_every_rank_within_seconds(tmp_path, data_dir
     command = [sys.executable, "-m", "dhp_deploy.cli.train", *FIRST_TASK, "--out",
                str(tmp_path / "run")]
     started = time.monotonic()
-    ranks = [subprocess.Popen(command, env={**base, "RANK": str(rank), "LOCAL_RANK": str(rank),
-                                            **({"DHP_DATA_DIR": str(tmp_path / "no-data")}
-                                               if rank == failing else {})},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for rank in (0, 1)]
-    try:
-        outputs = [rank.communicate(timeout=240) for rank in ranks]
-    finally:
-        for rank in ranks:
-            rank.kill()
+    results = _two_ranks(command, base, {failing: {"DHP_DATA_DIR": str(tmp_path / "no-data")}})
     elapsed = time.monotonic() - started
-    results = [subprocess.CompletedProcess(command, rank.returncode, *output)
-               for rank, output in zip(ranks, outputs)]
     assert_one_line_error(results[failing], "missing", "MNIST", exit_code=1)
     peer = 1 - failing
     assert_one_line_error(results[peer], f"rank {peer} of 2", f"rank {failing}: missing",

@@ -172,8 +172,9 @@ def test_report_numbers_are_the_runs_numbers(tiny):
     assert _table_row(again.read_text(), "DHP+EWC") == _table_row(text, "DHP+EWC")
 
 
-def test_committed_report_regenerates_from_committed_summaries(tmp_path, monkeypatch):
-    # The committed state (HEAD), not the working tree, where a running grid adds summaries.
+def _committed_records(into: Path) -> str:
+    r"""HEAD's docs/results/ extracted under ``into``; returns HEAD's docs/RESULTS.md. The
+    committed state, not the working tree, where a running grid adds summaries."""
     def git(*args, **kwargs):
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True, check=True, **kwargs)
 
@@ -182,7 +183,12 @@ def test_committed_report_regenerates_from_committed_summaries(tmp_path, monkeyp
         archive = git("archive", "HEAD", "docs/results").stdout
     except (OSError, subprocess.CalledProcessError):
         pytest.skip("no committed docs/RESULTS.md and docs/results/ (or no git)")
-    subprocess.run(["tar", "-x", "-C", str(tmp_path)], input=archive, check=True)
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return committed
+
+
+def test_committed_report_regenerates_from_committed_summaries(tmp_path, monkeypatch):
+    committed = _committed_records(tmp_path)
     monkeypatch.chdir(tmp_path)  # the report quotes its --from argument
     assert results.main(["--from", "docs/results", "--out", "docs/RESULTS.md"]) == 0
     assert (tmp_path / "docs" / "RESULTS.md").read_text() == committed
@@ -192,15 +198,7 @@ def test_make_reproduce_on_the_committed_records_trains_nothing(tmp_path):
     # The README's reproduction steps, as subprocesses, against a copy of the committed records:
     # every run is recorded, so nothing trains (no data needed) and the report comes back byte
     # for byte, with the strengths each search prints equal to the committed strengths.json.
-    def git(*args, **kwargs):
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, check=True, **kwargs)
-
-    try:
-        committed = git("show", "HEAD:docs/RESULTS.md", text=True).stdout
-        archive = git("archive", "HEAD", "docs/results").stdout
-    except (OSError, subprocess.CalledProcessError):
-        pytest.skip("no committed docs/RESULTS.md and docs/results/ (or no git)")
-    subprocess.run(["tar", "-x", "-C", str(tmp_path)], input=archive, check=True)
+    committed = _committed_records(tmp_path)
     summaries = tmp_path / "docs" / "results"
     strengths = (summaries / "strengths.json").read_bytes()
     where = ["--summaries", str(summaries), "--runs", str(tmp_path / "runs")]
