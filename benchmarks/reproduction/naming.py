@@ -1,5 +1,7 @@
 r"""The reproduction's vocabulary: protocols, variants and their names, summary constants."""
 
+from dataclasses import asdict
+
 from dhp_deploy.network import default_head_init
 from dhp_deploy.train import TrainConfig
 
@@ -74,9 +76,15 @@ def variant_name(method: str, dhp: bool, head_init: str | None = None,
 
 
 def training_variant(training: dict) -> str:
-    r"""The variant of a run's ``training`` config (runs from before ``head_init``: linear)."""
-    return variant_name(training["method"], training["dhp"], training.get("head_init", "linear"),
-                        training)
+    r"""The variant of a run's ``training`` config, read through TrainConfig's one migration
+    (runs from before an option get the behaviour they ran with)."""
+    config = _migrated(training)
+    return variant_name(config["method"], config["dhp"], config["head_init"], config)
+
+
+def _migrated(training: dict) -> dict:
+    config = asdict(TrainConfig.from_json({"training": training}))
+    return {**config, "hidden": list(config["hidden"])}
 
 
 def display_name(variant: str) -> str:
@@ -122,8 +130,7 @@ def train_command(training: dict) -> str:
     # The defaults dhp-train would apply to this benchmark, method and head.
     default = TrainConfig(benchmark=training["benchmark"], method=training["method"],
                           dhp=training["dhp"])
-    # Runs from before an option: linear init, η free.
-    training = {"head_init": "linear", "eta_bound": False, **training}
+    training = _migrated(training)
     words = ["dhp-train", "--benchmark", training["benchmark"], "--method", training["method"],
              "--dhp" if training["dhp"] else "--no-dhp"]
     for name, value in training.items():
