@@ -20,7 +20,6 @@ Each run leaves ``<out>/<benchmark>/<protocol>/<variant>/seed<k>.json`` (kind
 """
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
@@ -67,7 +66,7 @@ def measure(run_dir: Path, data_dir, stream: int, call: int) -> dict:
 
     from dhp_deploy.plastic_session import PlasticSession
     from dhp_deploy.tasks import build_benchmark
-    from dhp_deploy.train import TrainConfig
+    from dhp_deploy.config import TrainConfig
 
     config = read_config(run_dir)
     benchmark = build_benchmark(**TrainConfig.from_json(config).data_arguments(),

@@ -43,7 +43,7 @@ from dhp_deploy.run_dir import METRICS_NAME, CheckpointError, load_model
 from dhp_deploy.layer import DHPSoftmax, dhp_logits
 from dhp_deploy.network import DHPNet, PlainHead, predicted_classes
 from dhp_deploy.plastic import PlasticMLP, plastic_model, reference_step
-from dhp_deploy.train import TrainConfig
+from dhp_deploy.config import TrainConfig
 
 __all__ = ["ExportError", "FrozenMLP", "fold_model", "export_run", "write_torchscript",
            "write_onnx", "write_plastic_onnx", "write_pt2", "benchmark_of_run", "evaluate_accuracy", "sha256_file",

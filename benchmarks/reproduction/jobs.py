@@ -6,7 +6,7 @@ from pathlib import Path
 
 from dhp_deploy.regularizers import STRENGTH_OPTION
 from dhp_deploy.run_dir import METRICS_NAME, atomic_write_json
-from dhp_deploy.train import TrainConfig
+from dhp_deploy.config import TrainConfig
 from reproduction.naming import (DIVERGED_NAME, PAPER_PROTOCOL, PAPER_SETTINGS,
                                  SUMMARY_DIR_RUNS, SUMMARY_DIR_SEARCH, SUMMARY_DIR_TRACE,
                                  grid_protocol, grid_variants, protocol_tag, strengths_key,

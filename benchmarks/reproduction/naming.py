@@ -3,7 +3,7 @@ r"""The reproduction's vocabulary: protocols, variants and their names, summary 
 from dataclasses import asdict
 
 from dhp_deploy.network import default_head_init
-from dhp_deploy.train import TrainConfig
+from dhp_deploy.config import TrainConfig
 
 SUMMARY_KIND, SUMMARY_VERSION = "dhp-run-summary", 1
 ADAPTATION_KIND = "dhp-adaptation"  # benchmarks/adaptation.py's records

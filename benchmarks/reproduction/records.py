@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from dhp_deploy.layer import DHPSoftmax
-from dhp_deploy.train import TrainConfig
+from dhp_deploy.config import TrainConfig
 from dhp_deploy.run_dir import (CONFIG_NAME, METRICS_NAME, atomic_write_json, build_model,
                                 load_checkpoint)
 from reproduction.naming import (ADAPTATION_KIND, DIVERGED_NAME, SUMMARY_KIND, SUMMARY_VERSION,

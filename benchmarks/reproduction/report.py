@@ -14,7 +14,7 @@ from reproduction.records import _relative
 from reproduction.trace_study import adaptation_section, trace_section
 from reproduction.stats import (ALPHA, COLLAPSE_DROP, FAMILY, MIN_SEEDS_FOR_VERDICT, STOP_KINDS,
                                 collapsed, dhp_gain, diverged_seeds, grouped, is_beyond_noise,
-                                mean_std, paired, paired_t, pm, sign_test, stop_kind, verdict)
+                                mean_std, paired, pm, sign_test, stop_kind, verdict)
 
 CHOICES = """\
 - **Epochs on (Imbalanced) Permuted MNIST.** The paper states 10 epochs per task for Split MNIST

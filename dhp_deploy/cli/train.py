@@ -25,7 +25,7 @@ from dhp_deploy.distributed import DEFAULT_TIMEOUT_S
 from dhp_deploy.tasks import BENCHMARKS
 from dhp_deploy.layer import WEIGHT_INITS
 from dhp_deploy.regularizers import METHODS
-from dhp_deploy.train import TrainConfig
+from dhp_deploy.config import TrainConfig
 
 # Options that decide the result: with --resume they come from the checkpoint, never the command.
 TRAINING_OPTIONS = ("benchmark", "method", "dhp", "epochs", "batch_size", "lr", "momentum", "seed",
@@ -290,7 +290,7 @@ def _benchmark_builder(data_dir, download: bool, device: str):
 
 def _start_run(training: dict, out_dir: Path, data_dir, download: bool, device: str, log,
                cuda_graphs: bool, replicas):
-    from dhp_deploy.train import TrainConfig, TrainingError, start_or_resume
+    from dhp_deploy.train import TrainingError, start_or_resume
 
     config = TrainConfig(**training, download=download)
     try:  # the directory holds no run files (checked by _prepare_run_dir): this starts
