@@ -193,6 +193,22 @@ def _retrained_lines(records, runs: dict, benchmark: str, protocol: str) -> list
             "comparisons are within its own runs.", ""]
 
 
+def _cost_line(runs: dict) -> list[str]:
+    r"""What the two extra evaluations per task cost, from the runs' own timings."""
+    timings = [r["timings"] | {"wall": r["wall_s"]} for variant in runs.values()
+               for r in variant.values()
+               if r["metrics"] is not None and r["timings"].get("trace_diagnostics_s")]
+    if not timings:
+        return []
+    median = statistics.median
+    return [f"The diagnostics cost {median(t['trace_diagnostics_s'] for t in timings):.1f} s a "
+            f"run here (median of {len(timings)}): "
+            f"{median(t['trace_diagnostics_s'] / t['evaluate_s'] for t in timings):.2f}× the "
+            f"run's own evaluations, "
+            f"{100 * median(t['trace_diagnostics_s'] / t['wall'] for t in timings):.1f}% of its "
+            f"wall time.", ""]
+
+
 def _outcome(runs: dict) -> str:
     finished = [r for r in runs.values() if r["metrics"] is not None]
     stopped = len(runs) - len(finished)
@@ -242,7 +258,7 @@ def trace_section(records) -> list[str]:
     for benchmark, protocol in keys:
         runs = _study_runs(records, benchmark, protocol)
         lines += [f"### {benchmark} — protocol `{protocol}`", ""]
-        lines += _retrained_lines(records, runs, benchmark, protocol)
+        lines += _retrained_lines(records, runs, benchmark, protocol) + _cost_line(runs)
         for plain_name, dhp_name in TRACE_PAIRS:
             if runs.get(dhp_name):
                 lines += [f"{display_name(dhp_name)}: {_outcome(runs[dhp_name])}.", ""]
