@@ -493,3 +493,26 @@ def test_report_family_corrects_every_verdict_together():
     assert family.adjusted_p(strong) == pytest.approx(2 * stats.paired_t(strong)["p"])
     assert family.adjusted_p(weak) == pytest.approx(stats.paired_t(weak)["p"])  # largest: ×1
     assert stats.paired_t(weak)["p"] > 0.05
+
+
+def test_trace_study_verdicts_follow_the_stated_criteria():
+    from reproduction.trace_study import _pair_verdict, _recovery_rows
+
+    def run(final, zeroed=None, own=None):
+        metrics = None if final is None else {
+            "avg_acc": [final], "acc_matrix_trace_zeroed": [[zeroed]],
+            "acc_matrix_own_trace": [[own]]}
+        return {"metrics": metrics, "diverged": None if metrics else {}}
+    plain = {seed: run(0.90) for seed in range(5)}
+    # Gap 0.10 each: zeroing wins back 80% (seeds 0-3), 10% (seed 4): 4 of 5 recover -> confirmed.
+    dhp = {seed: run(0.80, zeroed=0.88 if seed < 4 else 0.81, own=0.80) for seed in range(5)}
+    assert _pair_verdict(_recovery_rows(plain, dhp)).startswith("**confirmed**: of 5")
+    # Neither evaluation wins back a quarter anywhere -> refuted.
+    dhp = {seed: run(0.80, zeroed=0.81, own=0.79) for seed in range(5)}
+    assert _pair_verdict(_recovery_rows(plain, dhp)).startswith("**refuted**")
+    # Mixed, and a stopped run left out of the count but named.
+    dhp = {0: run(0.80, 0.88, 0.8), 1: run(0.80, 0.81, 0.8), 2: run(None)}
+    verdict = _pair_verdict(_recovery_rows(plain, dhp))
+    assert verdict.startswith("**partial**: of 2") and "1 stopped run(s)" in verdict
+    # No seed where DHP+X ends below X: the hypothesis has nothing to explain.
+    assert _pair_verdict(_recovery_rows(plain, {0: run(0.95, 0.9, 0.9)})).startswith("no finished")
