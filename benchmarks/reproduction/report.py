@@ -488,6 +488,12 @@ def time_section(records, groups: dict) -> list[str]:
         total += search_wall
         lines.append(f"| strength search | {len(search)} | {format_duration(search_wall)} | "
                      f"{format_duration(search_wall / len(search))} | |")
+    study = [r for r in records if r["role"] == "trace"]
+    if study:  # stopped runs count what they trained before they stopped
+        study_wall = sum(r["wall_s"] for r in study)
+        total += study_wall
+        lines.append(f"| trace study | {len(study)} | {format_duration(study_wall)} | "
+                     f"{format_duration(study_wall / len(study))} | |")
     return lines + ["", f"Total: {format_duration(total)} of training.", ""]
 
 
