@@ -19,10 +19,10 @@ the trace saved at the end of task k (*own trace*: what the trace held for that 
 later tasks rewrote it). The recovered share of the gap is (evaluation − DHP+X) / g. The
 hypothesis — on a shared head every later task rewrites every class's trace column and nothing
 protects it — is **confirmed** for a pair when the own-trace or the zeroed evaluation recovers
-≥ {RECOVERED:.0%} of the gap in at least {CONFIRM_SHARE:.0%} of its seeds with a gap (8 of 10, 4
-of 5), **refuted** when both recover < {NOT_RECOVERED:.0%} in that many seeds (the damage is
-then in the slow weights, not in what the trace does at test time); otherwise it is partial and
-the table says where the damage is. A run that stopped without an accuracy has no final weights
+≥ {RECOVERED:.0%} of the gap in at least {CONFIRM_SHARE:.0%} of its seeds with a gap (8 of 10,
+4 of 5), **refuted** when both recover < {NOT_RECOVERED:.0%} in that many seeds (the damage is
+then in the slow weights, not in what the trace does at test time); otherwise it is partial
+and the table says where the damage is. A run that stopped without an accuracy has no final weights
 to evaluate: it is left out of the count and listed with the three evaluations at its last good
 checkpoint (this treatment of stopped runs was settled after the first run of the study, a stop,
 and before any finished run was seen)."""
