@@ -16,6 +16,8 @@ from reproduction.naming import (ADAPTATION_KIND, DIVERGED_NAME, SUMMARY_KIND, S
                                  protocol_tag, train_command, training_variant)
 
 REPO = Path(__file__).resolve().parents[2]  # the repository root
+# A DHP run's trace diagnostics in metrics.json (dhp_deploy.train.Progress), as summaries keep them.
+TRACE_FIELDS = ("acc_matrix_trace_zeroed", "acc_matrix_own_trace", "trace_diagnostics")
 
 
 def machine(device: str = "cpu") -> dict:
@@ -53,8 +55,8 @@ def summarize_run(run_dir, command: str | None = None, device: str = "cpu") -> d
         metrics = {"acc_matrix": progress["acc_matrix"], "timings": progress["timings"]}
         diverged["last_good_plastic_heads"] = plastic_heads(last_good["model"], config["model"])
         # What the trace did up to the last good checkpoint (DHP runs with the diagnostics).
-        diverged["last_good"] = {name: progress.get(name) for name in (
-            "acc_matrix", "acc_matrix_trace_zeroed", "acc_matrix_own_trace", "trace_diagnostics")}
+        diverged["last_good"] = {name: progress.get(name)
+                                 for name in ("acc_matrix", *TRACE_FIELDS)}
     provenance_path = run_dir / "provenance.json"
     provenance = (json.loads(provenance_path.read_text()) if provenance_path.exists()
                   else {"role": "grid", "sessions": []})
@@ -88,8 +90,7 @@ def summarize_run(run_dir, command: str | None = None, device: str = "cpu") -> d
             "val_acc_matrix": val_matrix,
             "val_avg_acc": _averages(val_matrix) if val_matrix else None,
             "plasticity": metrics.get("plasticity"),
-            **{name: metrics.get(name) for name in ("acc_matrix_trace_zeroed",
-                                                    "acc_matrix_own_trace", "trace_diagnostics")},
+            **{name: metrics.get(name) for name in TRACE_FIELDS},
         },
         "timings": timings,
         "wall_s": (timings["train_s"] + timings["consolidate_s"] + timings["evaluate_s"]
@@ -127,8 +128,7 @@ def _relative(path: Path) -> str:
 # that lacks them has: it predates the field. Every reader goes through ``migrate_summary``.
 SUMMARY_DEFAULTS = {"diverged": None, "dirty": [], "sessions": []}
 METRICS_DEFAULTS = {"plasticity": None, "val_acc_matrix": None, "val_avg_acc": None,
-                    "acc_matrix_trace_zeroed": None, "acc_matrix_own_trace": None,
-                    "trace_diagnostics": None}
+                    **dict.fromkeys(TRACE_FIELDS)}
 
 
 def migrate_summary(record: dict) -> dict:

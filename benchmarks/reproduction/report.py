@@ -547,7 +547,7 @@ def provenance_section(records) -> list[str]:
 def render(records, strengths: dict, out: Path, sources, adaptations=()) -> str:
     r"""The report; rendered twice so that every test it makes is corrected together (Holm):
     the first pass only registers the tests (stats.FAMILY)."""
-    FAMILY.__init__()
+    FAMILY.reset()
     _render(records, strengths, out, sources, adaptations)
     FAMILY.close()
     return _render(records, strengths, out, sources, adaptations)

@@ -202,6 +202,9 @@ class TestFamily:
     """
 
     def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
         self.p, self.adjusted, self.final = {}, {}, False
 
     @staticmethod

@@ -28,6 +28,11 @@ checkpoint (this treatment of stopped runs was settled after the first run of th
 and before any finished run was seen)."""
 
 
+def _progress(record) -> dict:
+    r"""A run's metrics, or for a stopped run what it had at its last good checkpoint."""
+    return record["metrics"] or (record["diverged"] or {}).get("last_good") or {}
+
+
 def _final_average(matrix) -> float:
     return statistics.fmean(matrix[-1]) if matrix else None
 
@@ -107,7 +112,7 @@ def _stopped_lines(stopped: list) -> list[str]:
     r"""Each stopped run at its last good checkpoint: the three evaluations and the trace."""
     lines = []
     for record in stopped:
-        good = (record["diverged"] or {}).get("last_good") or {}
+        good = _progress(record)
         if not good.get("acc_matrix_trace_zeroed"):
             continue
         task = len(good["acc_matrix"])
@@ -130,8 +135,8 @@ def _diagnostics_table(name: str, runs: dict) -> list[str]:
     r"""Per task, the median over seeds of each diagnostic (medians: a few exploding traces
     would swamp a mean), with the seed count; the min of η beside it."""
     per_task = defaultdict(list)
-    for record in runs.values():  # a stopped run: its diagnostics up to its last good state
-        source = record["metrics"] or (record["diverged"] or {}).get("last_good") or {}
+    for record in runs.values():
+        source = _progress(record)
         for task, entry in enumerate(source.get("trace_diagnostics") or []):
             per_task[task].append(entry)
     if not per_task:
@@ -153,7 +158,7 @@ def _eta_summary(name: str, runs: dict) -> str | None:
     checkpoint): below 0, above 1, exactly at the bound 0 (the clamp holding it there)."""
     ends = []
     for record in runs.values():
-        source = record["metrics"] or (record["diverged"] or {}).get("last_good") or {}
+        source = _progress(record)
         ends += [entry["eta"] for entry in source.get("trace_diagnostics") or []]
     if not ends:
         return None
