@@ -13,6 +13,12 @@
 #
 #   OUT=/tmp/gpu DHP_DATA_DIR=/path/to/data bash benchmarks/gpu_session.sh
 # PARTS (default "tests bench search grid") picks the sections, e.g. PARTS=grid for grid runs only.
+# Three more, not in the default: cpp (a CUDA .pt2, frozen and plastic, checked by the C++ program
+# built against this host's LibTorch; runs beside the others, on the CPU cores, in $OUT/cpp.log),
+# ort (onnxruntime's providers; the CUDA ones' tests where onnxruntime-gpu is installed), cohorts
+# (throughput of the paper's protocols trained as cohorts of COHORT runs: Split MNIST's paper grid,
+# the trace study on Permuted MNIST, a slice of Imbalanced Permuted MNIST; summaries and logs in
+# $OUT/cohorts.tgz, for runs/hour per benchmark).
 # Measured on an H200 (2026-11-27): tests ~7 min (the serving tests' exports on the device ~2.5,
 # the cohort's 0.5), bench ~5 min. A lease of 15 minutes with at most 10 per command fits two
 # calls: PARTS=tests, then PARTS=bench.
@@ -37,6 +43,65 @@ $PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cu
 $PY -m pip install -q --no-deps --no-build-isolation --no-index -e . || echo "pip install failed"
 
 wants() { case " $PARTS " in *" $1 "*) return 0;; esac; return 1; }
+cpp_check() {  # train 1 epoch, export .pt2 for CUDA (frozen, plastic), build dhp_check, check both
+  local run=/tmp/dhp-cpp-run bundles=/tmp/dhp-cpp-bundles build=/tmp/dhp-cpp-build
+  dhp-train --benchmark split-mnist --method finetune --dhp --epochs 1 --device "${DEVICE:-cuda}" \
+    --out $run --overwrite | tail -1
+  cmake -S serve/cpp -B $build -DCMAKE_BUILD_TYPE=Release \
+    -DCMAKE_PREFIX_PATH="$($PY -c 'import torch; print(torch.utils.cmake_prefix_path)')" >/dev/null
+  cmake --build $build -j 6 2>&1 | tail -3
+  for kind in frozen plastic; do
+    flag=$([ $kind = plastic ] && echo --plastic)
+    local t0=$SECONDS
+    dhp-export $run --format pt2 --pt2-device "${DEVICE:-cuda}" $flag \
+      --out $bundles/$kind --overwrite | tail -1
+    echo "export $kind: $((SECONDS - t0)) s"
+    for backend in pt2 torchscript; do
+      [ $backend = torchscript ] && dhp-export $run --format torchscript $flag \
+        --out $bundles/$kind-ts --overwrite >/dev/null && bundle=$bundles/$kind-ts
+      [ $backend = pt2 ] && bundle=$bundles/$kind
+      echo "dhp_check $kind $backend ${DEVICE:-cuda}:"; $build/dhp_check $bundle --backend $backend --device "${DEVICE:-cuda}"
+      echo "exit $?"
+    done
+  done
+}
+if wants cpp; then
+  section "cpp: CUDA .pt2 and TorchScript from C++ (in the background, log in cpp.log)"
+  (cpp_check > "$OUT/cpp.log" 2>&1) &
+  cpp_pid=$!
+fi
+if wants ort; then
+  section "onnxruntime providers"
+  $PY -c 'import onnxruntime as o; print(o.__version__, o.get_available_providers())'
+  if $PY -c 'import onnxruntime as o, sys; sys.exit("CUDAExecutionProvider" not in o.get_available_providers())'; then
+    timeout 240 $PY -m pytest -q -rs -p no:cacheprovider tests/test_runtime.py tests/test_plastic.py -k "onnxruntime_cuda or cuda_torchscript or on_cuda"
+  else
+    echo "no CUDAExecutionProvider: onnxruntime-gpu is not installed here"
+  fi
+fi
+if wants cohorttest; then
+  section "the cohort's CUDA test"
+  timeout 120 $PY -m pytest -q -rs -p no:cacheprovider tests/test_cohort.py -m gpu
+fi
+cohort_grid() {  # NAME TIMEOUT_S reproduce.py-arguments...: one timed grid of cohorts
+  local name=$1 limit=$2; shift 2
+  section "cohorts: $name"
+  local start=$SECONDS
+  timeout "$limit" $PY benchmarks/reproduce.py "$@" --device "${DEVICE:-cuda}" \
+    --cohort "${COHORT:-10}" --runs /tmp/cohort-runs/$name \
+    --summaries /tmp/cohort-results/$name --strengths docs/results/strengths.json \
+    ${COHORT_ARGS:-} 2>&1 | grep -v "^  task"
+  local rc=${PIPESTATUS[0]}
+  echo "$name: wall $((SECONDS - start)) s (exit $rc)"
+}
+if wants cohorts; then
+  cohort_grid split-paper "${SPLIT_S:-100}" grid --benchmarks split-mnist --variants paper --seeds 0-4
+  cohort_grid permuted-trace "${PERMUTED_S:-200}" trace --seeds 0-4
+  cohort_grid imbalanced "${IMBALANCED_S:-90}" grid --benchmarks imbalanced-permuted-mnist \
+    --variants finetune,si,dhp,dhp+si --seeds 0-2
+  (cd /tmp && tar czf "$OUT/cohorts.tgz" cohort-results \
+     $(find cohort-runs -name metrics.json -o -name config.json))
+fi
 if wants tests; then
 section "CUDA tests"
 timeout "${TESTS_TIMEOUT:-540}" $PY -m pytest -q -rsP -m gpu -p no:cacheprovider tests
@@ -74,6 +139,11 @@ if wants grid && [ "$searched" = 4 ] && [ "$(minutes_left)" -ge 2 ]; then
   timeout $(( deadline - $(date +%s) )) $PY benchmarks/reproduce.py grid \
     --benchmarks "$GRID_BENCHMARKS" --variants "$GRID_VARIANTS" \
     --device cuda --jobs "$GRID_JOBS" --stop-after $(( $(minutes_left) - 1 ))
+fi
+if [ -n "${cpp_pid:-}" ]; then  # at most CPP_WAIT seconds more for the C++ checks
+  for _ in $(seq "${CPP_WAIT:-120}"); do kill -0 $cpp_pid 2>/dev/null || break; sleep 1; done
+  kill $cpp_pid 2>/dev/null && echo "cpp checks cut after waiting ${CPP_WAIT:-120} s"
+  section "cpp.log"; cat "$OUT/cpp.log"
 fi
 section "done"
 tar czf "$OUT/results.tgz" docs/results

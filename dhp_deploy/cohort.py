@@ -19,6 +19,7 @@ of the cohort's training time (the time divided by the runs trained); ``timings[
 records how many runs trained together.
 """
 
+import json
 import time
 from typing import Iterator, Optional
 
@@ -178,16 +179,21 @@ def _finish(run: TrainingRun, task_id: int, epoch: int, loss_sum: float, correct
     run.finish_epoch(task_id, epoch, loss, accuracy, seconds)
 
 
+def stack_key(run: TrainingRun) -> str:
+    r"""What runs of one cohort must share: the network, the protocol, the data's sizes (which
+    differ between seeds of Imbalanced Permuted MNIST), the device and the position."""
+    tasks = run.benchmark.tasks
+    return json.dumps([run.config_json["model"], run.config.epochs, run.config.batch_size,
+                       run.config.lr, run.config.eta_bound, str(run.device),
+                       run.benchmark.scenario,
+                       [(len(task.y_train), list(task.classes)) for task in tasks],
+                       run.position], sort_keys=True, default=str)
+
+
 def _check_compatible(runs: list[TrainingRun]) -> None:
     r"""Raise a one-line :class:`TrainingError` unless ``runs`` can train as one stacked model."""
     first = runs[0]
-
-    def shape(run):  # what must be equal: the network, the protocol, the data's sizes, where
-        tasks = run.benchmark.tasks
-        return (run.config_json["model"], run.config.epochs, run.config.batch_size,
-                run.config.lr, run.config.eta_bound, run.device, run.benchmark.scenario,
-                [(len(task.y_train), tuple(task.classes)) for task in tasks], run.position)
-
+    shape = stack_key
     for run in runs:
         if not run.lean or run.config.momentum != 0 or run.replicas.distributed:
             raise TrainingError(f"{run.run_dir}: a cohort trains with the lean plain-SGD step "

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from dhp_deploy.cohort import Cohort
+from dhp_deploy.cohort import Cohort, stack_key
 from dhp_deploy.tasks import build_benchmark
 from dhp_deploy.metrics import format_duration
 from dhp_deploy.run_dir import (CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, atomic_write_json,
@@ -213,10 +213,12 @@ def _run_cohort(jobs, *, cache, device, summaries, log, stop_at) -> list[tuple]:
             results[index] = (status, None, 0.0)
         else:
             opened.append((index, status, run))
-    by_position = {}  # a cohort killed between its runs' checkpoints resumes them apart
+    # Only runs of one stack key train together: a cohort killed between its runs' checkpoints
+    # resumes them apart, and seeds of Imbalanced Permuted MNIST differ in their data sizes.
+    by_key = {}
     for entry in opened:
-        by_position.setdefault(json.dumps(entry[2].position, sort_keys=True), []).append(entry)
-    for group in by_position.values():
+        by_key.setdefault(stack_key(entry[2]), []).append(entry)
+    for group in by_key.values():
         started = time.perf_counter()
         outcomes = _train_together([run for _, _, run in group], log)
         share = (time.perf_counter() - started) / len(group)
@@ -231,10 +233,11 @@ def _run_cohort(jobs, *, cache, device, summaries, log, stop_at) -> list[tuple]:
 def _train_together(runs, log) -> dict:
     r"""``{run: metrics or TrainingError}`` of ``runs`` trained as one cohort, or one at a time
     where they cannot share a stack (the cohort's error says why)."""
-    try:
-        return Cohort(runs).run()
-    except TrainingError as err:
-        log(f"  {err}; training them one at a time")
+    if len(runs) > 1:
+        try:
+            return Cohort(runs).run()
+        except TrainingError as err:
+            log(f"  {err}; training them one at a time")
     outcomes = {}
     for run in runs:
         try:
