@@ -58,7 +58,8 @@ from dhp_deploy.run_dir import CHECKPOINT_NAME, METRICS_NAME  # noqa: E402
 from reproduction.jobs import (MAX_EXTENSIONS, SEARCH_SEED, SEARCH_VALUES,  # noqa: E402
                                all_diverged, choose_strengths, grid_jobs, search_jobs)
 from reproduction.naming import (PAPER_BENCHMARKS, TRACE_BENCHMARKS, TRACE_SEEDS,  # noqa: E402
-                                 TRACE_VARIANTS, VARIANT_GROUPS, train_command)
+                                 SUFFIXES, TRACE_VARIANTS, VARIANT_GROUPS,
+                                 train_command)
 from dhp_deploy.metrics import format_duration  # noqa: E402
 from reproduction.records import REPO  # noqa: E402
 from reproduction.runs import RUN_STATUS, ConfigMismatch, execute, recorded_result  # noqa: E402
@@ -96,12 +97,19 @@ def _names(choices):
     return parse
 
 
+def _known_variant(name: str) -> bool:
+    r"""A variant of the grid with suffixes (``si~fixed-perms``); η's bound only on a DHP head."""
+    base, *suffixes = name.split("~")
+    return (base in VARIANT_GROUPS["all"] and all(suffix in SUFFIXES for suffix in suffixes)
+            and (base.startswith("dhp") or "eta-bound" not in suffixes))
+
+
 def _variants(text: str) -> list[str]:
     names = []
     for name in (part.strip() for part in text.split(",") if part.strip()):
         if name in VARIANT_GROUPS:
             names += VARIANT_GROUPS[name]
-        elif name in VARIANT_GROUPS["all"] + TRACE_VARIANTS:
+        elif _known_variant(name):
             names.append(name)
         else:
             raise argparse.ArgumentTypeError(

@@ -33,6 +33,9 @@ class TrainConfig:
     lr: float = 0.01  # plain SGD learning rate (paper: 0.01)
     momentum: float = 0.0  # SGD momentum (paper: none)
     seed: int = 0  # seeds initial weights, batch order, Fisher subsets and the benchmark
+    # Permuted benchmarks: seeds the pixel orders alone (None: the run's seed), so that seeds can
+    # vary init and batch order over one fixed sequence of tasks.
+    permutation_seed: Optional[int] = None
     hidden: tuple = (256, 256)  # hidden layer widths (paper: 784-256-256)
     eta_init: float = 0.01  # initial DHP plasticity rate η
     # Keep η in [0, 1] (projected SGD: clamped after every update). Ours, not the paper's: its
@@ -74,7 +77,8 @@ class TrainConfig:
 
     def data_arguments(self) -> dict:
         r"""The ``build_benchmark`` keyword arguments (all but ``data_dir`` and ``device``)."""
-        return {"name": self.benchmark, "seed": self.seed, "val_fraction": self.val_fraction,
+        return {"name": self.benchmark, "seed": self.seed,
+                "permutation_seed": self.permutation_seed, "val_fraction": self.val_fraction,
                 "class_incremental": self.class_incremental, "num_tasks": self.num_tasks,
                 "train_limit": self.train_limit, "test_limit": self.test_limit,
                 "download": self.download}

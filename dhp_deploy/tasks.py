@@ -186,6 +186,7 @@ def build_benchmark(
     data_dir: str | os.PathLike | None = None,
     *,
     seed: int = 0,
+    permutation_seed: int | None = None,
     val_fraction: float = 0.0,
     device: str | torch.device = "cpu",
     class_incremental: bool = False,
@@ -200,6 +201,7 @@ def build_benchmark(
         name: one of :data:`BENCHMARKS`.
         data_dir: data root (None → ``$DHP_DATA_DIR`` → ``./data``), torchvision layout.
         seed: seeds permutations, limits, the validation carve and the imbalance.
+        permutation_seed: permuted benchmarks: seeds the permutations instead of ``seed``.
         val_fraction: in [0, 1): share of each task's training examples held out for
             validation (tuning), disjoint from train. 0 gives empty val tensors.
         device: where the task tensors live.
@@ -214,6 +216,9 @@ def build_benchmark(
         DataError: an unknown name, an argument out of range, or a missing/corrupt file.
     """
     _check_arguments(name, val_fraction, class_incremental, num_tasks, train_limit, test_limit)
+    if permutation_seed is not None and (name.startswith("split") or permutation_seed < 0):
+        raise DataError(f"permutation_seed={permutation_seed} for {name!r}, expected a "
+                        f"non-negative seed of a permuted benchmark")
     dataset = "FashionMNIST" if name == "split-fashion-mnist" else "MNIST"
     x_train, y_train = load_split(data_dir, dataset, train=True, download=download)
     x_test, y_test = load_split(data_dir, dataset, train=False, download=download)
@@ -225,7 +230,8 @@ def build_benchmark(
         plans = [(t, classes, None) for t, classes in enumerate(SPLIT_CLASSES[: num_tasks or 5])]
         scenario = "class" if class_incremental else "task"
     else:
-        perms = permutations(num_tasks or DEFAULT_PERMUTED_TASKS, seed)
+        perms = permutations(num_tasks or DEFAULT_PERMUTED_TASKS,
+                             seed if permutation_seed is None else permutation_seed)
         plans = [(t, tuple(range(NUM_CLASSES)), perm) for t, perm in enumerate(perms)]
         scenario = "domain"
     limits = dict(train_limit=train_limit, test_limit=test_limit, val_fraction=val_fraction)
@@ -237,7 +243,8 @@ def build_benchmark(
     ]
     return Benchmark(
         name=name, tasks=tasks, scenario=scenario, seed=seed, scheme=_scheme(name, scenario),
-        options=dict(limits, dataset=dataset, class_incremental=class_incremental),
+        options=dict(limits, dataset=dataset, class_incremental=class_incremental,
+                     **({} if permutation_seed is None else {"permutation_seed": permutation_seed})),
     )
 
 

@@ -109,6 +109,20 @@ def test_permutations_seeded(data_dir):
         == 10
 
 
+def test_a_permutation_seed_fixes_the_tasks_and_leaves_the_rest_to_the_seed(data_dir):
+    tiny = dict(train_limit=50, test_limit=50, num_tasks=3)
+    fixed = [B.build_benchmark("imbalanced-permuted-mnist", data_dir, seed=seed,
+                               permutation_seed=0, **tiny) for seed in (0, 1)]
+    redrawn = B.build_benchmark("imbalanced-permuted-mnist", data_dir, seed=0, **tiny)
+    for a, b, own in zip(fixed[0].tasks, fixed[1].tasks, redrawn.tasks):
+        assert torch.equal(a.permutation, b.permutation)  # one sequence of tasks for both seeds
+        assert torch.equal(a.x_train, own.x_train)  # seed 0 with its own seed's permutations
+        assert a.task_id == 0 or not torch.equal(a.y_train, b.y_train)  # subsets: the seed's
+    assert fixed[0].describe()["options"]["permutation_seed"] == 0
+    with pytest.raises(DataError, match="permutation_seed"):
+        B.build_benchmark("split-mnist", data_dir, permutation_seed=0, **tiny)
+
+
 def test_imbalance_realised_equals_scheme(data_dir):
     options = dict(seed=3, num_tasks=3, train_limit=6000, test_limit=300, val_fraction=0.1)
     balanced = B.build_benchmark("permuted-mnist", data_dir, **options)

@@ -31,7 +31,11 @@ INIT_DISPLAY = {"authors": "authors' init", "linear": "nn.Linear init"}
 # Interventions on the DHP head (ours, not the paper's): a variant suffix ``~name`` and the
 # TrainConfig settings it stands for.
 INTERVENTIONS = {"eta-bound": {"eta_bound": True}}
-INTERVENTION_DISPLAY = {"eta-bound": "η in [0, 1]"}
+# Protocol variants, a suffix of the same kind: ``~fixed-perms`` draws the ten permutations from
+# one seed for every run, so that a seed varies only the init, batch order and subsets.
+PROTOCOL_VARIANTS = {"fixed-perms": {"permutation_seed": 0}}
+SUFFIXES = {**INTERVENTIONS, **PROTOCOL_VARIANTS}
+SUFFIX_DISPLAY = {"eta-bound": "η in [0, 1], ours", "fixed-perms": "permutations fixed per task"}
 DISPLAY = {"finetune": "Finetune", "ewc": "EWC", "online-ewc": "Online EWC", "si": "SI",
            "mas": "MAS"}
 BENCHMARK_ORDER = ("permuted-mnist", "imbalanced-permuted-mnist", "split-mnist",
@@ -69,9 +73,9 @@ def variant_name(method: str, dhp: bool, head_init: str | None = None,
     name = (("dhp" if method == "finetune" else f"dhp+{method}") if dhp else method)
     if head_init is not None and head_init != default_head_init(dhp):
         name += f"@{head_init}"
-    for intervention, settings in INTERVENTIONS.items():
+    for suffix, settings in SUFFIXES.items():
         if training and all(training.get(key) == value for key, value in settings.items()):
-            name += f"~{intervention}"
+            name += f"~{suffix}"
     return name
 
 
@@ -88,10 +92,9 @@ def _migrated(training: dict) -> dict:
 
 
 def display_name(variant: str) -> str:
-    variant, *interventions = variant.split("~")
+    variant, *suffixes = variant.split("~")
     variant, _, init = variant.partition("@")
-    notes = ([INIT_DISPLAY[init]] if init else []) + [
-        f"{INTERVENTION_DISPLAY[name]}, ours" for name in interventions]
+    notes = ([INIT_DISPLAY[init]] if init else []) + [SUFFIX_DISPLAY[name] for name in suffixes]
     suffix = f" ({'; '.join(notes)})" if notes else ""
     if variant == "dhp":
         return "DHP" + suffix
@@ -156,10 +159,9 @@ def variant_settings(variant: str) -> dict:
     r"""The TrainConfig settings of a variant: ``"dhp+ewc"`` → method ewc, DHP head;
     ``"dhp"`` → finetune, DHP head; ``"si@authors"`` → si, plain head, the authors' θ init;
     ``"dhp~eta-bound"`` → finetune, DHP head, η kept in [0, 1]."""
-    variant, *interventions = variant.split("~")
+    variant, *suffixes = variant.split("~")
     name, _, head_init = variant.partition("@")
-    extra = {key: value for intervention in interventions
-             for key, value in INTERVENTIONS[intervention].items()}
+    extra = {key: value for suffix in suffixes for key, value in SUFFIXES[suffix].items()}
     if name == "dhp":
         settings = {"method": "finetune", "dhp": True}
     elif name.startswith("dhp+"):

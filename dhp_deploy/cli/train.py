@@ -29,6 +29,7 @@ from dhp_deploy.config import TrainConfig
 
 # Options that decide the result: with --resume they come from the checkpoint, never the command.
 TRAINING_OPTIONS = ("benchmark", "method", "dhp", "epochs", "batch_size", "lr", "momentum", "seed",
+                    "permutation_seed",
                     "hidden", "head_init", "eta_bound", "ewc_lambda", "online_ewc_gamma", "si_c",
                     "si_epsilon", "mas_lambda", "fisher_samples", "val_fraction", "class_incremental", "num_tasks",
                     "train_limit", "test_limit")
@@ -79,6 +80,10 @@ class HiddenSizes(click.ParamType):
               show_default=True, help="SGD momentum.")
 @click.option("--seed", type=click.IntRange(min=0), default=DEFAULT.seed, show_default=True,
               help="Seeds weights, batch order, Fisher subsets and the benchmark.")
+@click.option("--permutation-seed", type=click.IntRange(min=0),
+              show_default="the run's --seed",
+              help="Permuted benchmarks: seed of the pixel orders alone, so that runs of several "
+                   "seeds share one sequence of tasks.")
 @click.option("--hidden", type=HiddenSizes(), default=",".join(map(str, DEFAULT.hidden)),
               show_default=True,
               help="Hidden layer widths.")
