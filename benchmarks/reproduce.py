@@ -143,6 +143,10 @@ def parse_arguments(argv=None):
                              "dhp@linear, finetune@authors), all (default: the grid "
                              "docs/RESULTS.md reports — all on split-mnist, the paper's and "
                              "the Finetune/SI ablation on the permuted benchmarks)")
+    parser.add_argument("--dhp", action="store_true",
+                        help="search: tune on the DHP network (strengths stored as "
+                             "BENCHMARK+dhp, which no grid reads: a study of whether the plain "
+                             "head's strengths suit DHP)")
     parser.add_argument("--methods", type=_names(tuple(SEARCH_VALUES)),
                         help="search: regularisers to tune (default all four)")
     parser.add_argument("--seeds", type=_seeds,

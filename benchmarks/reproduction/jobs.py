@@ -38,9 +38,10 @@ def search_jobs(args, values: dict) -> list:
     for method, method_values in values.items():
         for value in sorted(method_values):
             option = STRENGTH_OPTION[method]
-            config = base_config(args, args.benchmark, method=method, dhp=False, seed=args.seed,
-                                 val_fraction=args.val_fraction, **{option: value})
-            name = f"{method}-{option}={value:g}"
+            config = base_config(args, args.benchmark, method=method, dhp=args.dhp,
+                                 seed=args.seed, val_fraction=args.val_fraction,
+                                 **{option: value})
+            name = f"{'dhp+' if args.dhp else ''}{method}-{option}={value:g}"
             tag = protocol_tag(asdict(config))
             jobs.append((config, args.runs / "search" / args.benchmark / tag / name /
                          f"seed{args.seed}", "search",
@@ -52,8 +53,9 @@ def search_jobs(args, values: dict) -> list:
 def choose_strengths(jobs, benchmark: str, path: Path, log, write: bool = True) -> dict:
     r"""Per method, the strength with the best final validation average accuracy → ``path``.
 
-    Stored under ``strengths_key(benchmark, grid protocol)``, e.g. ``permuted-mnist@e1``: the
-    choice serves grids of that protocol. Returns what this call chose from ``jobs`` alone (an
+    Stored under ``strengths_key(benchmark, grid protocol, dhp)``, e.g. ``permuted-mnist@e1``:
+    the choice serves grids of that protocol (``permuted-mnist+dhp``: searched on the DHP
+    network, a study of its own; the grids use the plain network's). Returns what this call chose from ``jobs`` alone (an
     earlier choice stored in ``path`` must not stand in for it: the search extends its values
     from this, and a stale entry would stop the extension short).
     """
@@ -72,7 +74,7 @@ def choose_strengths(jobs, benchmark: str, path: Path, log, write: bool = True) 
             continue
         by_method.setdefault(config.method, []).append(
             {option: getattr(config, option), "val_acc": summary["metrics"]["val_avg_acc"][-1]})
-    key = strengths_key(benchmark, grid_protocol(asdict(jobs[0][0])))
+    key = strengths_key(benchmark, grid_protocol(asdict(jobs[0][0])), jobs[0][0].dhp)
     entry, fresh = chosen.setdefault(key, {}), {}
     planned = {}
     for config, _, _, _ in jobs:
@@ -95,7 +97,7 @@ def choose_strengths(jobs, benchmark: str, path: Path, log, write: bool = True) 
             option: best[option], "val_acc": best["val_acc"], "trials": trials,
             "at_edge": at_edge, "seed": jobs[0][0].seed,
             "val_fraction": jobs[0][0].val_fraction, "protocol": protocol_tag(asdict(jobs[0][0]))}
-        log(f"{benchmark} {method}: {option} = {best[option]:g} (val avg acc "
+        log(f"{key} {method}: {option} = {best[option]:g} (val avg acc "
             f"{100 * best['val_acc']:.2f}%)")
     if write:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -123,9 +123,11 @@ def grid_protocol(training: dict) -> str:
     return protocol_tag({**training, "val_fraction": 0.0})
 
 
-def strengths_key(benchmark: str, protocol: str) -> str:
-    r"""The key of strengths.json for grids of ``benchmark`` under ``protocol``."""
-    return benchmark if protocol == "paper" else f"{benchmark}@{protocol}"
+def strengths_key(benchmark: str, protocol: str, dhp: bool = False) -> str:
+    r"""The key of strengths.json for grids of ``benchmark`` under ``protocol``; ``dhp``: the
+    strengths searched on the DHP network (``permuted-mnist+dhp``)."""
+    key = benchmark + ("+dhp" if dhp else "")
+    return key if protocol == "paper" else f"{key}@{protocol}"
 
 
 def train_command(training: dict) -> str:

@@ -382,15 +382,15 @@ def search_section(records, strengths: dict) -> list[str]:
               "|---|---|---|---|"]
     by_key = defaultdict(list)
     for r in trials:
-        by_key[(r["benchmark"], r["protocol"], r["seed"], r["method"])].append(r)
+        by_key[(r["benchmark"], r["protocol"], r["seed"], r["dhp"], r["method"])].append(r)
     def order(item):
-        benchmark, protocol, seed, method = item[0]
+        benchmark, protocol, seed, dhp, method = item[0]
         return (BENCHMARK_ORDER.index(benchmark) if benchmark in BENCHMARK_ORDER else 99,
-                protocol, seed, BASE_METHODS.index(method))
+                protocol, seed, dhp, BASE_METHODS.index(method))
 
-    for (benchmark, protocol, seed, method), runs in sorted(by_key.items(), key=order):
+    for (benchmark, protocol, seed, dhp, method), runs in sorted(by_key.items(), key=order):
         option = STRENGTH_OPTION[method]
-        key = strengths_key(benchmark, grid_protocol(runs[0]["config"]["training"]))
+        key = strengths_key(benchmark, grid_protocol(runs[0]["config"]["training"]), dhp)
         chosen = strengths.get(key, {}).get(method, {}).get(option)
         cells = []
         for r in sorted(runs, key=lambda r: r["config"]["training"][option]):
@@ -398,11 +398,14 @@ def search_section(records, strengths: dict) -> list[str]:
             cell = (f"{value:g} → diverged" if r["metrics"] is None else
                     f"{value:g} → {_pct((r['metrics']['val_avg_acc'] or [None])[-1])}")
             cells.append(f"**{cell}**" if value == chosen else cell)
-        lines.append(f"| {benchmark} (`{protocol}`, seed {seed}) | {DISPLAY[method]} | "
+        name = f"DHP+{DISPLAY[method]} (on the DHP network)" if dhp else DISPLAY[method]
+        lines.append(f"| {benchmark} (`{protocol}`, seed {seed}) | {name} | "
                      f"`{option}` | {', '.join(cells)} |")
     lines.append("")
     for key in sorted(strengths):
         benchmark, _, protocol = key.partition("@")
+        if benchmark.endswith("+dhp"):
+            continue  # searched on the DHP network: the trace study reports it
         chosen = ", ".join(f"{DISPLAY[m]} `{STRENGTH_OPTION[m]}` = {e[STRENGTH_OPTION[m]]:g}"
                            + (" (at the edge of the range tried)" if e.get("at_edge") else "")
                            for m, e in strengths[key].items())
