@@ -463,6 +463,40 @@ def test_t_distribution_against_published_values():
     assert t_two_sided_p(0.0, 4) == pytest.approx(1.0)
 
 
+def test_f_distribution_and_the_variance_ratio_test_against_known_values():
+    from reproduction.stats import f_cdf, variance_ratio_test
+
+    # F(2, 2) degrees of freedom (4, 4): x = 2/3, I_x(2, 2) = 3x² − 2x³ = 20/27 by hand; the
+    # table's F(0.95; 4, 4) = 6.3882.
+    assert f_cdf(2.0, 4, 4) == pytest.approx(20 / 27, abs=1e-12)
+    assert f_cdf(6.3882, 4, 4) == pytest.approx(0.95, abs=1e-5)
+    same = variance_ratio_test([1.0, 2.0, 3.0, 4.0, 5.0], [2.0, 3.0, 4.0, 5.0, 6.0])
+    assert same == {"ratio": pytest.approx(1.0), "p": pytest.approx(1.0)}
+    wider = variance_ratio_test([0.0, 2.0, 4.0, 6.0, 8.0], [0.0, 1.0, 2.0, 3.0, 4.0])
+    assert wider["ratio"] == pytest.approx(4.0)
+    # P(F(4,4) ≥ 4): x = 0.8, I_x(2, 2) = 0.896 → two-sided p = 2 · 0.104.
+    assert wider["p"] == pytest.approx(0.208, abs=1e-9)
+
+
+def test_the_permutation_section_compares_the_two_protocols_spreads():
+    from reproduction.permutations import permutation_section
+
+    def record(variant, seed, final):
+        return {"role": "grid", "benchmark": "permuted-mnist", "protocol": "paper",
+                "variant": variant, "seed": seed, "metrics": {"avg_acc": [0.85, final]}}
+
+    redrawn = [0.70, 0.74, 0.78, 0.82, 0.86]  # std 6.32 pp
+    fixed = [0.70, 0.77, 0.78, 0.79, 0.76]  # seed 0 shared
+    records = ([record("si", s, v) for s, v in enumerate(redrawn)]
+               + [record("si~fixed-perms", s, v) for s, v in enumerate(fixed)])
+    text = "\n".join(permutation_section(records))
+    ratio = statistics.variance(redrawn) / statistics.variance(fixed)
+    assert f"| SI | 0,1,2,3,4 | 78.00 ± 6.32 (range 70.00–86.00; 0 collapsed) |" in text
+    assert f"| {ratio:.2f} |" in text
+    assert "Check: seed 0's run in the two protocols (the same settings): accuracies SI equal" in text
+    assert permutation_section([record("si", 0, 0.7)]) == []
+
+
 def test_paired_t_by_hand():
     from reproduction.stats import paired_t
 

@@ -11,6 +11,7 @@ from reproduction.naming import (ABLATION_VARIANTS, BASE_METHODS, BENCHMARK_ORDE
                                  train_command, variant_name)
 from reproduction.plots import plot_curves
 from reproduction.records import _relative
+from reproduction.permutations import permutation_section
 from reproduction.trace_study import adaptation_section, trace_section
 from reproduction.stats import (ALPHA, COLLAPSE_DROP, FAMILY, MIN_SEEDS_FOR_VERDICT, STOP_KINDS,
                                 collapsed, dhp_gain, diverged_seeds, grouped, is_beyond_noise,
@@ -596,6 +597,7 @@ def _render(records, strengths: dict, out: Path, sources, adaptations) -> str:
     lines += gains_section(groups) if groups else []
     lines += ablation_section(groups) if groups else []
     lines += trace_section(records)
+    lines += permutation_section(records)
     lines += adaptation_section(adaptations, out.parent, plot=FAMILY.final)
     lines += search_section(records, strengths)
     lines += protocol_section(groups) if groups else []

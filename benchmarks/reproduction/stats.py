@@ -4,7 +4,7 @@ import math
 import statistics
 from collections import defaultdict
 
-from reproduction.naming import BENCHMARK_ORDER
+from reproduction.naming import BENCHMARK_ORDER, PROTOCOL_VARIANTS
 
 def mean_std(values) -> tuple[float, float | None]:
     values = list(values)
@@ -20,16 +20,22 @@ def pm(values, scale: float = 100.0, digits: int = 2) -> str:
 
 
 def grouped(records) -> dict:
-    r"""``{(benchmark, protocol): {variant: [records sorted by seed]}}`` of the grid's runs."""
+    r"""``{(benchmark, protocol): {variant: [records sorted by seed]}}`` of the grid's runs
+    (not those of a protocol variant such as ``~fixed-perms``: their study reports them)."""
     groups = defaultdict(lambda: defaultdict(list))
     for record in records:
-        if record["role"] == "grid" and record["metrics"] is not None:
+        if (record["role"] == "grid" and record["metrics"] is not None
+                and not protocol_variant(record["variant"])):
             groups[(record["benchmark"], record["protocol"])][record["variant"]].append(record)
     for variants in groups.values():
         for runs in variants.values():
             runs.sort(key=lambda r: r["seed"])
     order = {name: i for i, name in enumerate(BENCHMARK_ORDER)}
     return dict(sorted(groups.items(), key=lambda item: (order.get(item[0][0], 99), item[0][1])))
+
+
+def protocol_variant(variant: str) -> bool:
+    return any(suffix in PROTOCOL_VARIANTS for suffix in variant.split("~")[1:])
 
 
 # A collapse: the average accuracy over the tasks seen falls by more than this after one task
@@ -120,6 +126,21 @@ def t_two_sided_p(t: float, df: int) -> float:
     if math.isinf(t):
         return 0.0
     return incomplete_beta(df / 2, 0.5, df / (df + t * t))
+
+
+def f_cdf(f: float, df1: int, df2: int) -> float:
+    r"""P(F ≤ f) for Fisher's F with (``df1``, ``df2``) degrees of freedom."""
+    return incomplete_beta(df1 / 2, df2 / 2, df1 * f / (df1 * f + df2)) if f > 0 else 0.0
+
+
+def variance_ratio_test(a, b) -> dict:
+    r"""Two-sided F-test of equal variances of two independent samples: the ratio of their
+    variances and its p-value. Sensitive to non-normal data (a collapsed run), so read it beside
+    the values themselves."""
+    a, b = list(a), list(b)
+    ratio = statistics.variance(a) / statistics.variance(b)
+    below = f_cdf(ratio, len(a) - 1, len(b) - 1)
+    return {"ratio": ratio, "p": min(1.0, 2 * min(below, 1 - below))}
 
 
 def t_quantile(probability: float, df: int) -> float:
