@@ -406,7 +406,9 @@ def search_section(records, strengths: dict) -> list[str]:
     for key in sorted(strengths):
         benchmark, _, protocol = key.partition("@")
         if benchmark.endswith("+dhp"):
-            continue  # searched on the DHP network: the trace study reports it
+            lines.append(_dhp_search_line(benchmark[:-4], protocol, strengths[key],
+                                          strengths.get(key.replace("+dhp", "", 1), {})))
+            continue
         chosen = ", ".join(f"{DISPLAY[m]} `{STRENGTH_OPTION[m]}` = {e[STRENGTH_OPTION[m]]:g}"
                            + (" (at the edge of the range tried)" if e.get("at_edge") else "")
                            for m, e in strengths[key].items())
@@ -430,6 +432,20 @@ def search_section(records, strengths: dict) -> list[str]:
     lines += ["- Diverged: the loss or weights stopped being finite with plain SGD at lr 0.01 — "
               "the upper end of each range is bounded by stability, not by accuracy.", ""]
     return lines
+
+
+def _dhp_search_line(benchmark: str, protocol: str, on_dhp: dict, on_plain: dict) -> str:
+    r"""What the search on the DHP network chose, against the plain head's choice the grid and
+    the trace study use for DHP+X."""
+    parts = []
+    for method, entry in on_dhp.items():
+        option = STRENGTH_OPTION[method]
+        plain = on_plain.get(method, {}).get(option)
+        same = ("the plain head's value too" if plain == entry[option] else
+                f"the plain head's: {plain:g}" if plain is not None else "no plain search")
+        parts.append(f"DHP+{DISPLAY[method]} `{option}` = {entry[option]:g} ({same})")
+    return (f"- Searched on the DHP network for {benchmark} under protocol `{protocol or 'paper'}` "
+            f"(an intervention of the trace study, ours: no grid uses these): {'; '.join(parts)}.")
 
 
 def protocol_section(groups: dict) -> list[str]:
