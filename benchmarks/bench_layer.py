@@ -10,28 +10,24 @@ same step with the head's eager torch ops) and the generic autograd step (module
 active (a first task consolidated) against finetune's; on the CPU also the step's gradients
 eager (with the fused kernels) against ``torch.compile`` of the same maths; (2) the output layer
 alone (forward + backward) for the vectorised DHPSoftmax, the authors' per-class loop
-(tests/oracle.py) and a plain linear layer. All variants are timed interleaved in one process,
+(dhp_deploy.layer.algorithm1_step) and a plain linear layer. All variants are timed interleaved in one process,
 so machine noise hits them alike; the figure is the median over rounds. The fp32 matmul peak (1024³ torch.mm, best of 10) is measured
 in the same run, with the same threads, and the lean plain step's GFLOP/s compared with it. On
 CUDA it also checks the vectorised step makes no host sync.
 """
 
 import argparse
-import sys
 import tempfile
 from functools import partial
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from oracle import algorithm1_step  # noqa: E402
-
-from dhp_deploy import DHPSoftmax, fused_head  # noqa: E402
-from dhp_deploy.lean_step import step_gradients  # noqa: E402
-from dhp_deploy.tasks import Benchmark, Task  # noqa: E402
-from dhp_deploy.train import TrainConfig, TrainingRun, target_map  # noqa: E402
-from timing import (Figures, cuda_sync, matmul_peak, median_times,  # noqa: E402
+from dhp_deploy import DHPSoftmax, fused_head
+from dhp_deploy.layer import algorithm1_step
+from dhp_deploy.lean_step import step_gradients
+from dhp_deploy.tasks import Benchmark, Task
+from dhp_deploy.train import TrainConfig, TrainingRun, target_map
+from timing import (Figures, cuda_sync, matmul_peak, median_times,
                     training_flops_per_sample)
 
 BATCH, HIDDEN, CLASSES = 64, 256, 10

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import init
 
-__all__ = ["DHPSoftmax", "WEIGHT_INITS", "init_slow_weights_", "class_sums", "class_means",
+__all__ = ["DHPSoftmax", "algorithm1_step", "WEIGHT_INITS", "init_slow_weights_", "class_sums", "class_means",
            "hebbian_update", "dhp_logits"]
 
 # How θ, stored (in_features, out_features), is initialised:
@@ -205,3 +205,18 @@ class DHPSoftmax(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"weight_init={self.weight_init}")
+
+
+def algorithm1_step(hebb: Tensor, h: Tensor, y: Tensor, eta, w: Tensor, alpha: Tensor):
+    r"""The authors' Algorithm 1, literally: one training step of DHP-Softmax with a Python loop
+    over the classes present in the batch. The reference the layer, the fused kernels and the
+    exported models are tested against, and the baseline of benchmarks/bench_layer.py.
+
+    Returns the logits and the updated trace (still attached to the graph).
+    """
+    columns = list(hebb.unbind(dim=1))  # a list, not in-place writes: autograd needs the old values
+    for c in torch.unique(y).tolist():
+        class_mean = h[y == c].mean(dim=0)
+        columns[c] = (1 - eta) * columns[c] + eta * class_mean
+    hebb = torch.stack(columns, dim=1)
+    return h @ (w + alpha * hebb), hebb

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dhp_deploy import DHPNet, DHPSoftmax, task_logits
-from oracle import algorithm1_step
+from dhp_deploy.layer import algorithm1_step
 
 IN, OUT = 12, 6
 
