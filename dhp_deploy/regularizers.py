@@ -27,18 +27,17 @@ Defaults are tuned for the 784-256-256 MLPs of the MNIST benchmarks trained with
 them for another protocol on a validation split (``--val-fraction``), never on test data.
 """
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
 
 from dhp_deploy.distributed import SINGLE, Replicas
-from dhp_deploy.lean_step import MULTIPLICATIVE, supports_lean_step, transformed_gradient_sums
-from dhp_deploy.network import plastic_parameters, task_logits
+from dhp_deploy.importance import (StepViews, detached_slow_weights, mean_per_sample_gradient,
+                                   parameter_views, sample_subset, slow_parameters)
 
 __all__ = ["METHODS", "DEFAULTS", "STRENGTH_OPTION", "SEARCHED_STRENGTHS", "build_regularizer",
-           "slow_parameters", "flat_slow_weights", "Regularizer", "Finetune",
+           "Regularizer", "Finetune",
            "ElasticWeightConsolidation", "SynapticIntelligence", "MemoryAwareSynapses"]
 
 METHODS = ("finetune", "ewc", "online-ewc", "si", "mas")
@@ -59,110 +58,6 @@ SEARCHED_STRENGTHS = {
     "permuted-mnist": _PERMUTED,
     "imbalanced-permuted-mnist": _PERMUTED,
 }
-
-# Per-sample gradients are computed this many samples at a time (memory ~ chunk × #slow weights).
-PER_SAMPLE_CHUNK = 64
-# Rows per batched pass of the closed form (memory ~ chunk × the widest layer).
-CLOSED_FORM_CHUNK = 4096
-
-
-def slow_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    r"""The parameters consolidation acts on: all but the DHP layers' α and η."""
-    plastic = {id(p) for p in plastic_parameters(model)}
-    return {name: p for name, p in model.named_parameters() if id(p) not in plastic}
-
-
-def flat_slow_weights(model: nn.Module) -> Tensor:
-    r"""The slow weights as one 1-D tensor (differentiable: gradients reach the parameters)."""
-    return torch.cat([p.reshape(-1) for p in slow_parameters(model).values()])
-
-
-def _as_parameters(flat: Tensor, params: list) -> list[Tensor]:
-    # Views of a flat slow-weight vector, shaped like each parameter (no copy).
-    return [chunk.view_as(p) for chunk, p in zip(flat.split([p.numel() for p in params]), params)]
-
-
-class _StepViews:
-    r"""The slow parameters of one model and per-parameter views of flat state vectors, kept from
-    one step to the next: the lean step calls a regulariser every step, and rebuilding these
-    lists took ~35 µs a call. A view is remade when its role's tensor is replaced."""
-
-    def __init__(self) -> None:
-        self.model, self.params, self.views = None, [], {}
-
-    def parameters(self, model: nn.Module) -> list:
-        if model is not self.model:
-            self.model, self.params, self.views = model, list(slow_parameters(model).values()), {}
-        return self.params
-
-    def of(self, model: nn.Module, role: str, flat: Tensor) -> list[Tensor]:
-        params = self.parameters(model)
-        if role not in self.views or self.views[role][0] is not flat:
-            self.views[role] = (flat, _as_parameters(flat, params))
-        return self.views[role][1]
-
-
-def _detached_flat(model: nn.Module) -> Tensor:
-    with torch.no_grad():
-        return flat_slow_weights(model).detach().clone()
-
-
-def sample_subset(inputs: Tensor, count: int, generator: torch.Generator) -> Tensor:
-    r"""At most ``count`` rows of ``inputs``, chosen by one ``randperm`` of ``generator`` (CPU)."""
-    if len(inputs) <= count:
-        return inputs
-    order = torch.randperm(len(inputs), generator=generator)[:count]
-    return inputs[order.to(inputs.device)]
-
-
-def mean_per_sample_gradient(model: nn.Module, inputs: Tensor, classes: Optional[Tensor],
-                             sample_loss: Callable[[Tensor], Tensor],
-                             transform: Callable[[Tensor], Tensor],
-                             replicas: Replicas = SINGLE) -> Tensor:
-    r"""``mean_k transform(∇_θ sample_loss(logits(x_k)))`` over the rows of ``inputs``, flat.
-
-    For the networks the lean step trains and a square or abs ``transform``, in closed form
-    (:func:`dhp_deploy.lean_step.transformed_gradient_sums`: one batched backward). Otherwise
-    per-sample gradients come from ``torch.func`` (``vmap`` over ``grad``) with respect to the slow
-    weights only. The model runs in eval mode, so the DHP head uses its current trace and does not
-    update it; the previous mode is restored afterwards. ``classes`` restricts the logits to one
-    task's head (task-incremental), ``None`` keeps all of them. Data-parallel, each rank sums
-    over its shard of ``inputs`` and the sums are all-reduced. No rows (a 0-row call, or a rank
-    whose shard is empty when there are fewer samples than ranks) sum to zeros, and every rank
-    still joins the all-reduce.
-    """
-    total = torch.zeros(sum(p.numel() for p in slow_parameters(model).values()),
-                        dtype=inputs.dtype, device=inputs.device)
-    shard = replicas.shard(inputs)
-    if len(shard) == 0:  # neither path takes 0 rows: autograd of an empty sum, vmap of size 0
-        return replicas.all_reduce(total) / max(len(inputs), 1)
-    if transform in MULTIPLICATIVE and supports_lean_step(model):  # the same sums, in closed form
-        for chunk in shard.split(CLOSED_FORM_CHUNK):
-            total += torch.cat([part.reshape(-1) for part in transformed_gradient_sums(
-                model, chunk, classes, sample_loss, transform)])
-        return replicas.all_reduce(total) / max(len(inputs), 1)
-    was_training = model.training
-    model.eval()
-    try:
-        slow = {name: p.detach() for name, p in slow_parameters(model).items()}
-        fixed = {name: p.detach() for name, p in model.named_parameters() if name not in slow}
-        fixed.update({name: b.detach() for name, b in model.named_buffers()})
-
-        def loss_of_one(slow_weights, x):
-            logits = functional_call(model, {**slow_weights, **fixed}, (x.unsqueeze(0),))
-            if classes is not None:
-                logits = task_logits(logits, classes)
-            return sample_loss(logits[0])
-
-        per_sample_grads = vmap(grad(loss_of_one), in_dims=(None, 0))
-        for chunk in shard.split(PER_SAMPLE_CHUNK):
-            grads = per_sample_grads(slow, chunk)
-            flat = torch.cat([g.reshape(len(chunk), -1) for g in grads.values()], dim=1)
-            total += transform(flat).sum(0)
-        return replicas.all_reduce(total) / max(len(inputs), 1)
-    finally:
-        model.train(was_training)
-
 
 class Regularizer:
     r"""The interface the training loop calls; every hook is a no-op here (no consolidation).
@@ -244,7 +139,7 @@ class QuadraticAnchors(Regularizer):
         self.anchors: Optional[Tensor] = None
         self._merged: Optional[tuple[Tensor, Tensor, float]] = None
         self._curvature: Optional[tuple[float, Tensor]] = None  # (strength, 2·scale·strength·F)
-        self._views = _StepViews()
+        self._views = StepViews()
 
     def penalty(self, model: nn.Module):
         return self.quadratic_penalty(model, self.penalty_scale * self.strength)
@@ -285,8 +180,8 @@ class QuadraticAnchors(Regularizer):
         # (and no split of its gradient), 40% cheaper per step than the flat form.
         params = list(slow_parameters(model).values())
         total = offset
-        for param, weight, center in zip(params, _as_parameters(importance, params),
-                                         _as_parameters(anchor, params)):
+        for param, weight, center in zip(params, parameter_views(importance, params),
+                                         parameter_views(anchor, params)):
             total = total + (weight * (param - center).square()).sum()
         return strength * total
 
@@ -365,7 +260,7 @@ class ElasticWeightConsolidation(QuadraticAnchors):
         online = self.online_gamma is not None
         if online and self.importances is not None:
             fisher = self.online_gamma * self.importances[0] + fisher
-        self.add_anchor(fisher, _detached_flat(model), keep_previous=not online)
+        self.add_anchor(fisher, detached_slow_weights(model), keep_previous=not online)
 
 
 def _squared_output_norm(logits: Tensor) -> Tensor:
@@ -401,7 +296,7 @@ class MemoryAwareSynapses(QuadraticAnchors):
                                               torch.abs, replicas)
         if self.importances is not None:
             importance = self.importances[0] + importance
-        self.add_anchor(importance, _detached_flat(model), keep_previous=False)
+        self.add_anchor(importance, detached_slow_weights(model), keep_previous=False)
 
 
 class SynapticIntelligence(QuadraticAnchors):
@@ -434,7 +329,7 @@ class SynapticIntelligence(QuadraticAnchors):
         self.path_integral: Optional[Tensor] = None  # ω of the current task
 
     def before_task(self, model: nn.Module) -> None:
-        self.task_start = _detached_flat(model)
+        self.task_start = detached_slow_weights(model)
         self.before_step = self.task_start.clone()
         self.path_integral = torch.zeros_like(self.task_start)
 
@@ -446,15 +341,15 @@ class SynapticIntelligence(QuadraticAnchors):
             raise RuntimeError("SI: after_step needs the weights before the step, which the "
                                "plain-SGD path (after_sgd_step) of this task does not keep")
         params = list(slow_parameters(model).values())
-        before = _as_parameters(self.before_step, params)
+        before = parameter_views(self.before_step, params)
         gradients = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         if self.anchors is not None:  # g_task = g − 2·c·Ω·(θ_before − θ*)
-            offsets = torch._foreach_sub(before, _as_parameters(self.anchors[0], params))
+            offsets = torch._foreach_sub(before, parameter_views(self.anchors[0], params))
             gradients = torch._foreach_addcmul(gradients,
-                                               _as_parameters(self.importances[0], params),
+                                               parameter_views(self.importances[0], params),
                                                offsets, value=-2 * self.si_c)
         moves = torch._foreach_sub(params, before)
-        torch._foreach_addcmul_(_as_parameters(self.path_integral, params), gradients, moves,
+        torch._foreach_addcmul_(parameter_views(self.path_integral, params), gradients, moves,
                                 value=-1)
         torch._foreach_copy_(before, params)
 
@@ -471,7 +366,7 @@ class SynapticIntelligence(QuadraticAnchors):
 
     @torch.no_grad()
     def after_task(self, model, inputs, classes, generator, replicas: Replicas = SINGLE) -> None:
-        now = _detached_flat(model)
+        now = detached_slow_weights(model)
         change = now - self.task_start
         importance = (self.path_integral / (change.square() + self.si_epsilon)).clamp_min(0)
         if self.importances is not None:

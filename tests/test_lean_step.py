@@ -16,7 +16,8 @@ from dhp_deploy.tasks import batches
 from dhp_deploy.cuda_graph import GraphedStep
 from dhp_deploy.lean_step import _cross_entropy_and_gradient, lean_gradients, supports_lean_step
 from dhp_deploy.network import DHPNet, task_logits
-from dhp_deploy.regularizers import build_regularizer, flat_slow_weights
+from dhp_deploy.importance import flat_slow_weights
+from dhp_deploy.regularizers import build_regularizer
 from dhp_deploy.train import TrainConfig, TrainingRun, target_map
 from synthetic import split_benchmark
 

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from dhp_deploy.network import DHPNet, task_logits
+from dhp_deploy.importance import flat_slow_weights, mean_per_sample_gradient, slow_parameters
 from dhp_deploy.regularizers import (METHODS, ElasticWeightConsolidation, Finetune,
-                                     MemoryAwareSynapses, SynapticIntelligence, build_regularizer,
-                                     flat_slow_weights, mean_per_sample_gradient, slow_parameters)
+                                     MemoryAwareSynapses, SynapticIntelligence, build_regularizer)
 from dhp_deploy.train import TrainConfig, TrainingRun, target_map
 from synthetic import split_benchmark
 
