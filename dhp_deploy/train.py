@@ -17,7 +17,6 @@ on its slice of each global batch, with the lean step's collectives; rank 0 alon
 files, and every rank computes the same weights, trace, accuracies and checks.
 """
 
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from dhp_deploy.tasks import Benchmark, batches, seeded_generator
 from dhp_deploy.cuda_graph import GraphedSteps
@@ -33,78 +32,20 @@ from dhp_deploy.distributed import SINGLE, Replicas
 from dhp_deploy.run_dir import (CHECKPOINT_NAME, CONFIG_NAME, CheckpointError, atomic_write_json,
                                 build_model, load_checkpoint, save_checkpoint)
 from dhp_deploy.metrics import average_accuracies, format_duration, run_metrics, write_run_metrics
-from dhp_deploy.layer import DHPSoftmax
 from dhp_deploy.lean_step import lean_gradients, supports_lean_step
-from dhp_deploy.network import predicted_classes, task_logits
+from dhp_deploy.network import task_logits
+from dhp_deploy.stability import (TrainingDiverged, TrainingError, UnstableStrength,
+                                  check_finite, check_stable)
+from dhp_deploy.evaluation import dhp_heads, evaluate, task_heads, trace_evaluations
 from dhp_deploy.config import TrainConfig
 from dhp_deploy.regularizers import build_regularizer
 
 __all__ = ["TrainConfig", "TrainingError", "TrainingDiverged", "UnstableStrength", "TrainingRun",
            "start_or_resume", "derived_generator", "evaluate", "target_map", "dhp_heads"]
 
-EVAL_BATCH = 1000  # test examples per forward pass during evaluation
-
-
-class TrainingError(Exception):
-    r"""Training cannot go on; the message says why and what is left on disk."""
-
-
-class TrainingDiverged(TrainingError):
-    r"""The loss or the weights stopped being finite (e.g. a learning rate far too high)."""
-
-
-class UnstableStrength(TrainingDiverged):
-    r"""The consolidation penalty is too stiff for SGD at this learning rate: it would diverge."""
-
-
 def derived_generator(seed: int, purpose: str, *keys: int) -> torch.Generator:
     r"""A CPU generator seeded from ``(seed, purpose, keys)`` alone (sha256, so streams are unrelated)."""
     return seeded_generator("dhp-train", seed, purpose, *keys)
-
-
-def _task_heads(benchmark: Benchmark, device) -> list[Optional[Tensor]]:
-    # Per task, the global class ids of its head in the multi-head scenario, else None (all).
-    if benchmark.scenario != "task":
-        return [None] * len(benchmark.tasks)
-    return [torch.tensor(task.classes, device=device) for task in benchmark.tasks]
-
-
-def dhp_heads(model: nn.Module) -> list[DHPSoftmax]:
-    return [module for module in model.modules() if isinstance(module, DHPSoftmax)]
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, benchmark: Benchmark, split: str = "test",
-             replicas: Replicas = SINGLE,
-             traces: Optional[Callable[[int], list[Tensor]]] = None) -> list[float]:
-    r"""Accuracy (a fraction) on every task's ``split`` ("test" or "val"), in eval mode.
-
-    Multi-head (scenario "task"): argmax within the task's classes. Otherwise over all classes.
-    The model's mode is restored; the DHP trace is read, never updated. ``traces(k)``, if given,
-    is the trace of each DHP head to evaluate task k with (the model's own is put back after).
-    Data-parallel, each rank counts on its shard and one all-reduce sums the counts: every rank
-    returns the same figures.
-    """
-    was_training = model.training
-    model.eval()
-    tasks = benchmark.tasks
-    heads = dhp_heads(model) if traces is not None else []
-    kept = [head.hebb.clone() for head in heads]  # copied back in place: a cohort's are views
-    correct = torch.zeros(len(tasks), dtype=torch.int64, device=tasks[0].y_train.device)
-    try:
-        for index, (task, head) in enumerate(zip(tasks, _task_heads(benchmark, None))):
-            for layer, trace in zip(heads, traces(index) if traces is not None else []):
-                layer.hebb.copy_(trace)
-            x = replicas.shard(getattr(task, f"x_{split}"))
-            y = replicas.shard(getattr(task, f"y_{split}"))
-            for xb, yb in zip(x.split(EVAL_BATCH), y.split(EVAL_BATCH)):
-                correct[index] += (predicted_classes(model(xb), head) == yb).sum()
-    finally:
-        for layer, trace in zip(heads, kept):
-            layer.hebb.copy_(trace)
-        model.train(was_training)
-    counts = replicas.all_reduce(correct).tolist()
-    return [count / max(len(getattr(task, f"y_{split}")), 1) for count, task in zip(counts, tasks)]
 
 
 @dataclass
@@ -159,7 +100,7 @@ class TrainingRun:
         self.graphs = GraphedSteps(cuda_graphs and self.lean and self.device.type == "cuda"
                                    and config.momentum == 0 and not replicas.distributed,
                                    config.batch_size, self.log)
-        self.heads = _task_heads(benchmark, self.device)
+        self.heads = task_heads(benchmark, self.device)
         self.position = {"task": 0, "epoch": -1, "finished": False}
         self.progress = Progress()
         self.saved_traces: list[list[Tensor]] = []  # per task done: each DHP head's trace then
@@ -383,19 +324,13 @@ class TrainingRun:
         the checkpoint); the trace's state; lr × the penalty's largest curvature."""
         if len(self.saved_traces) != task_id:  # resumed from a checkpoint written before these
             return
-        heads = dhp_heads(self.model)
-        self.saved_traces.append([head.hebb.detach().clone() for head in heads])
-        zeroed = [torch.zeros_like(head.hebb) for head in heads]
-        progress = self.progress
-        progress.acc_matrix_trace_zeroed.append(evaluate(
-            self.model, self.benchmark, "test", self.replicas, traces=lambda k: zeroed))
-        progress.acc_matrix_own_trace.append(evaluate(
-            self.model, self.benchmark, "test", self.replicas,
-            traces=lambda k: self.saved_traces[min(k, task_id)]))
-        progress.trace_diagnostics.append({
-            **heads[0].plasticity_summary(),
-            "max_abs_hebb": heads[0].hebb.abs().max().item(),
-            "lr_max_curvature": self.config.lr * curvature})
+        self.saved_traces.append([head.hebb.detach().clone() for head in dhp_heads(self.model)])
+        zeroed, own, state = trace_evaluations(self.model, self.benchmark, self.replicas,
+                                               self.saved_traces, task_id)
+        self.progress.acc_matrix_trace_zeroed.append(zeroed)
+        self.progress.acc_matrix_own_trace.append(own)
+        self.progress.trace_diagnostics.append({
+            **state, "lr_max_curvature": self.config.lr * curvature})
 
     # ------------------------------------------------------------------ state on disk
 
@@ -439,50 +374,12 @@ class TrainingRun:
     # ------------------------------------------------------------------ checks and reports
 
     def _check_finite(self, mean_loss: float, task_id: int, epoch: int) -> None:
-        weights_finite = all(bool(torch.isfinite(t).all()) for t in self.model.state_dict().values()
-                             if t.is_floating_point())
-        if math.isfinite(mean_loss) and weights_finite:
-            return
-        raise TrainingDiverged(
-            f"training diverged in task {task_id + 1} epoch {epoch + 1} (mean loss {mean_loss}, "
-            f"weights {'finite' if weights_finite else 'not finite'}); stopped without saving it. "
-            f"The last good checkpoint {self.run_dir / CHECKPOINT_NAME} ({_describe(self.position)})"
-            f" is intact; {self._divergence_hint()}")
-
-    def _divergence_hint(self) -> str:
-        r"""Why it diverged, where the last good checkpoint tells: a DHP head whose learned rate η
-        left [0, 1] makes the trace update ``(1 − η)·Hebb + η·mean`` grow geometrically."""
-        try:
-            state = load_checkpoint(self.run_dir / CHECKPOINT_NAME, map_location="cpu")["model"]
-        except (CheckpointError, OSError, KeyError):
-            return "try a lower --lr"
-        for name, module in self.model.named_modules():
-            if not isinstance(module, DHPSoftmax):
-                continue
-            eta, hebb = float(state[f"{name}.eta"]), state[f"{name}.hebb"].abs().max().item()
-            if not 0.0 <= eta <= 1.0:
-                return (f"there the DHP head's learned rate η was {eta:.3g}, outside [0, 1], where "
-                        f"the Hebbian trace grows geometrically (max |Hebb| {hebb:.3g}): the "
-                        f"plastic head itself diverged (Algorithm 1 does not bound η; "
-                        f"--eta-bound keeps it in [0, 1])")
-        return "try a lower --lr"
+        check_finite(self.model, mean_loss, f"task {task_id + 1} epoch {epoch + 1}",
+                     self.run_dir / CHECKPOINT_NAME, self.position)
 
     def _check_stable(self, task_id: int) -> None:
-        r"""Refuse to start a task whose penalty alone makes SGD diverge (lr · curvature > 2(1+μ))."""
-        curvature = self.regularizer.max_curvature()
-        limit = 2 * (1 + self.config.momentum)
-        if self.config.lr * curvature <= limit:
-            return
-        option = self.regularizer.strength_option
-        strength = self.regularizer.strength
-        stable = strength * limit / (self.config.lr * curvature)
-        raise UnstableStrength(
-            f"--{option.replace('_', '-')} {strength:g} is too strong for SGD at --lr "
-            f"{self.config.lr:g} from task {task_id + 1} on: the penalty's curvature "
-            f"{curvature:.4g} gives lr·curvature {self.config.lr * curvature:.3g} > {limit:g}, so "
-            f"training would diverge. The largest stable --{option.replace('_', '-')} is "
-            f"{stable:.3g}; stopped before the task's first step. The checkpoint "
-            f"{self.run_dir / CHECKPOINT_NAME} ({_describe(self.position)}) is intact")
+        check_stable(self.regularizer, self.config.lr, self.config.momentum, task_id,
+                     self.run_dir / CHECKPOINT_NAME, self.position)
 
     def log_epoch(self, loss, accuracy, started, epochs_done, epochs_left) -> None:
         task_id, epoch = self.position["task"], self.position["epoch"]
@@ -564,9 +461,3 @@ def _restore_rng(state: dict) -> None:
     torch.set_rng_state(state["torch_cpu"])
     if "torch_cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["torch_cuda"])
-
-
-def _describe(position: dict) -> str:
-    if position["epoch"] < 0:
-        return f"before task {position['task'] + 1}"
-    return f"after task {position['task'] + 1} epoch {position['epoch'] + 1}"
