@@ -11,7 +11,7 @@ import hashlib
 import json
 from pathlib import Path
 
-__all__ = ["BundleError", "BUNDLE_FORMAT", "BUNDLE_VERSION", "MANIFEST_NAME", "INPUT_NAME",
+__all__ = ["BundleError", "ExportError", "BUNDLE_FORMAT", "BUNDLE_VERSION", "MANIFEST_NAME", "INPUT_NAME",
            "OUTPUT_NAME", "FORMATS", "ARTIFACT_FILES", "GOLDEN_FILES", "ATOL", "RTOL",
            "sha256_file", "read_manifest", "LABELS_NAME", "HEBB_NAME", "HEBB_OUT_NAME", "NO_LABEL",
            "HEBB_FILE", "PLASTIC_GOLDEN_FILES"]
@@ -42,6 +42,10 @@ ATOL, RTOL = 1e-5, 1e-4
 
 class BundleError(Exception):
     r"""A bundle that cannot be used as asked; the message says which file or setting and why."""
+
+
+class ExportError(Exception):
+    r"""An export that cannot be done; the message says what and why (no bundle was written)."""
 
 
 def sha256_file(path) -> str:

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from dhp_deploy.bundle import (ARTIFACT_FILES, ATOL, BUNDLE_FORMAT, BUNDLE_VERSION, FORMATS,
+                               ExportError,
                                GOLDEN_FILES, HEBB_FILE, HEBB_NAME, HEBB_OUT_NAME, INPUT_NAME,
                                LABELS_NAME, MANIFEST_NAME, NO_LABEL, OUTPUT_NAME,
                                PLASTIC_GOLDEN_FILES, RTOL, sha256_file)
@@ -51,10 +52,6 @@ __all__ = ["ExportError", "FrozenMLP", "fold_model", "export_run", "write_torchs
            "OUTPUT_NAME", "MANIFEST_NAME", "GOLDEN_FILES", "ARTIFACT_FILES"]
 
 ONNX_OPSET = 20
-
-
-class ExportError(Exception):
-    r"""An export that cannot be done; the message says what and why (no bundle was written)."""
 
 
 class FrozenMLP(nn.Module):

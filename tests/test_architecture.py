@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "dhp_deploy"
 # which imports it, and imports nothing of the package itself (checked below).
 STAGES = {"io": 0, "data": 0, "tasks": 0, "layer": 1, "network": 1, "fused_head": 1, "lean_step": 2,
           "cuda_graph": 2, "distributed": 2,
-          "plastic": 3, "triton": 3, "plastic_session": 4,
+          "plastic": 3, "triton": 3, "triton_repository": 3, "plastic_session": 4,
           "importance": 2, "evaluation": 2, "stability": 2, "regularizers": 2, "metrics": 2, "run_dir": 2, "config": 2, "train": 2, "cohort": 2, "bundle": 3,
           "export": 3,
           "runtime": 4, "cli": 5}

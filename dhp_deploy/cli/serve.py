@@ -93,7 +93,7 @@ def check(bundle, backend, device, atol, rtol):
     from dhp_deploy.runtime import ATOL, RTOL, BundleError, read_manifest
 
     if not (bundle / "manifest.json").exists():  # not a bundle; maybe a Triton repository
-        from dhp_deploy.triton import is_repository  # (imports torch: only when needed)
+        from dhp_deploy.triton_repository import is_repository
 
         if is_repository(bundle):
             return _check_triton(bundle)
@@ -124,8 +124,8 @@ def check(bundle, backend, device, atol, rtol):
 
 
 def _check_triton(repo: Path) -> None:
-    from dhp_deploy.export import ExportError
-    from dhp_deploy.triton import check_repository
+    from dhp_deploy.bundle import ExportError
+    from dhp_deploy.triton_repository import check_repository
 
     try:
         click.echo("\n".join(check_repository(repo)))
