@@ -22,11 +22,8 @@ folds to itself. The full format is documented in ``export/README.md``.
 
 import copy
 import json
-import logging
 import platform
 import shutil
-import warnings
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -43,16 +40,15 @@ from dhp_deploy.io import commit_directory, make_sibling_dir
 from dhp_deploy.run_dir import METRICS_NAME, CheckpointError, load_model
 from dhp_deploy.layer import DHPSoftmax, dhp_logits
 from dhp_deploy.network import DHPNet, PlainHead, predicted_classes
-from dhp_deploy.plastic import PlasticMLP, plastic_model, reference_step
+from dhp_deploy.plastic import plastic_model, reference_step
 from dhp_deploy.config import TrainConfig
+from dhp_deploy.formats import (ONNX_OPSET, write_onnx, write_plastic_onnx, write_pt2,
+                                write_torchscript)
 
 __all__ = ["ExportError", "FrozenMLP", "fold_model", "export_run", "write_torchscript",
            "write_onnx", "write_plastic_onnx", "write_pt2", "benchmark_of_run", "evaluate_accuracy", "sha256_file",
            "BUNDLE_FORMAT", "BUNDLE_VERSION", "FORMATS", "ATOL", "RTOL", "INPUT_NAME",
            "OUTPUT_NAME", "MANIFEST_NAME", "GOLDEN_FILES", "ARTIFACT_FILES"]
-
-ONNX_OPSET = 20
-
 
 class FrozenMLP(nn.Module):
     r"""The inference network of a bundle: the trunk, then a bias-free linear head.
@@ -98,95 +94,6 @@ def fold_model(model: DHPNet) -> FrozenMLP:
     frozen = FrozenMLP(copy.deepcopy(model.trunk), weight).eval()
     frozen.requires_grad_(False)
     return frozen
-
-
-def write_torchscript(module: nn.Module, path) -> None:
-    scripted = torch.jit.script(module.eval())
-    scripted.save(str(path))
-
-
-@contextmanager
-def _quiet_onnx_logs():
-    # The dynamo exporter logs a warning per missing optional library (e.g. torchvision ops);
-    # the CLI user needs none of it.
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
-def write_onnx(module: nn.Module, path, in_features: int) -> int:
-    r"""ONNX through the dynamo exporter (never the legacy one), dynamic batch, one file.
-
-    Returns the file's ONNX IR version (readers such as onnxruntime support a maximum).
-    """
-    batch = torch.export.Dim("batch", min=1)
-    return _export_onnx(module, path, (torch.rand(2, in_features),), [INPUT_NAME],
-                        [OUTPUT_NAME], {"x": {0: batch}})
-
-
-def write_plastic_onnx(module: PlasticMLP, path) -> int:
-    r"""The plastic model as ONNX: inputs ``input``/``labels`` with a dynamic batch, ``hebb`` fixed."""
-    example, dynamic = _plastic_example(module, "cpu")
-    return _export_onnx(module, path, example, [INPUT_NAME, LABELS_NAME, HEBB_NAME],
-                        [OUTPUT_NAME, HEBB_OUT_NAME], dynamic)
-
-
-def _plastic_example(module: PlasticMLP, device: str) -> tuple[tuple, dict]:
-    r"""Example inputs of the plastic model (a labelled and an unlabelled row, a zero trace) and
-    its dynamic shapes: ``input`` and ``labels`` share the batch axis, ``hebb`` is fixed."""
-    batch = torch.export.Dim("batch", min=1)
-    example = (torch.rand(2, module.trunk[0].in_features, device=device),
-               torch.tensor([0, NO_LABEL], device=device), module.w.new_zeros(module.w.shape))
-    return example, {"x": {0: batch}, "labels": {0: batch}, "hebb": None}
-
-
-def write_pt2(module: nn.Module, path, plastic: bool, device: str = "cpu") -> None:
-    r"""``torch.export`` + AOTInductor: a package of code compiled for this host's CPU (or, with
-    ``device="cuda"``, its GPU), loaded by ``torch._inductor.aoti_load_package`` in Python and
-    ``AOTIModelPackageLoader`` in C++. It needs a C++ compiler here, and runs only on that kind of
-    device and with the torch version that compiled it."""
-    module = copy.deepcopy(module).to(device)  # the other formats keep the CPU module
-    if plastic:
-        example, dynamic = _plastic_example(module, device)
-    else:
-        example = (torch.rand(2, module.trunk[0].in_features, device=device),)
-        dynamic = {"x": {0: torch.export.Dim("batch", min=1)}}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-        try:
-            program = torch.export.export(module.eval(), example, dynamic_shapes=dynamic)
-            torch._inductor.aoti_compile_and_package(program, package_path=str(path))
-        except Exception as err:  # inductor raises many types, e.g. for a missing compiler
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise ExportError(f"--format pt2 failed to compile ({first[:200]}); it needs a "
-                              f"working C++ compiler") from None
-
-
-def _export_onnx(module: nn.Module, path, example: tuple, input_names, output_names,
-                 dynamic_shapes) -> int:
-    try:
-        import onnx
-        import onnxscript  # noqa: F401  (the dynamo exporter's backend)
-    except ImportError as err:
-        raise ExportError(f"--format onnx needs onnx and onnxscript ({err}): "
-                          f"pip install 'dhp-deploy[onnx]'") from None
-    with _quiet_onnx_logs(), warnings.catch_warnings():
-        # torch.export's own pytree code trips its LeafSpec deprecation; nothing for us to fix.
-        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-        # Inputs sharing one batch dimension (the plastic model's input and labels): expected.
-        warnings.filterwarnings("ignore", message=".*axis name.*will not be used.*")
-        program = torch.onnx.export(module.eval(), example, None, dynamo=True,
-                                    input_names=input_names, output_names=output_names,
-                                    dynamic_shapes=dynamic_shapes, opset_version=ONNX_OPSET,
-                                    external_data=False, verbose=False)
-    program.save(str(path), external_data=False)
-    written = onnx.load(str(path))
-    onnx.checker.check_model(written, full_check=True)
-    return int(written.ir_version)
 
 
 def benchmark_of_run(payload: dict, data_dir=None):

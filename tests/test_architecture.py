@@ -17,7 +17,7 @@ STAGES = {"io": 0, "data": 0, "tasks": 0, "layer": 1, "network": 1, "fused_head"
           "cuda_graph": 2, "distributed": 2,
           "plastic": 3, "triton": 3, "triton_repository": 3, "plastic_session": 4,
           "importance": 2, "evaluation": 2, "stability": 2, "regularizers": 2, "metrics": 2, "run_dir": 2, "config": 2, "train": 2, "cohort": 2, "bundle": 3,
-          "export": 3,
+          "formats": 3, "export": 3,
           "runtime": 4, "cli": 5}
 
 
