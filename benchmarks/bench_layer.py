@@ -25,6 +25,7 @@ import torch
 from dhp_deploy import DHPSoftmax, fused_head
 from dhp_deploy.layer import algorithm1_step
 from dhp_deploy.lean_step import step_gradients
+from dhp_deploy.regularizers import STRENGTH_OPTION
 from dhp_deploy.tasks import Benchmark, Task
 from dhp_deploy.train import TrainConfig, TrainingRun, target_map
 from timing import (Figures, cuda_sync, matmul_peak, median_times,
@@ -53,7 +54,7 @@ def training_steps(dhp: bool, x, y, device) -> tuple:
     return tuple(steps)
 
 
-REGULARISERS = ("ewc", "online-ewc", "si", "mas")
+REGULARISERS = tuple(STRENGTH_OPTION)  # every registered method with a penalty
 
 
 def regularised_steps(x, y, device) -> dict:

@@ -15,7 +15,7 @@ import torch
 import dhp_deploy
 from dhp_deploy.layer import WEIGHT_INITS
 from dhp_deploy.network import default_head_init
-from dhp_deploy.regularizers import DEFAULTS, SEARCHED_STRENGTHS, STRENGTH_OPTION
+from dhp_deploy.regularizers import DEFAULTS, OPTIONS, SEARCHED_STRENGTHS, STRENGTH_OPTION
 from dhp_deploy.tasks import Benchmark
 
 __all__ = ["TrainConfig"]
@@ -26,7 +26,7 @@ class TrainConfig:
     r"""Everything that decides a run's result (saved in ``config.json`` and every checkpoint)."""
 
     benchmark: str = "split-mnist"  # one of dhp_deploy.tasks.BENCHMARKS
-    method: str = "finetune"  # finetune | ewc | online-ewc | si | mas
+    method: str = "finetune"  # a registered regulariser (dhp_deploy.regularizers.REGISTRY)
     dhp: bool = True  # DHP-Softmax head (True) or a plain linear head (False)
     epochs: int = 10  # passes over each task's training set (paper: 10)
     batch_size: int = 64  # paper: 64
@@ -88,9 +88,7 @@ class TrainConfig:
         return json.dumps(self.data_arguments(), sort_keys=True)
 
     def regularizer_arguments(self) -> dict:
-        return {"ewc_lambda": self.ewc_lambda, "online_ewc_gamma": self.online_ewc_gamma,
-                "si_c": self.si_c, "si_epsilon": self.si_epsilon, "mas_lambda": self.mas_lambda,
-                "fisher_samples": self.fisher_samples}
+        return {name: getattr(self, name) for name in OPTIONS}
 
     def to_json(self, benchmark: Benchmark) -> dict:
         r"""The run's JSON config: ``training`` (every setting, once: :meth:`from_json` reads it

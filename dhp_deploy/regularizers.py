@@ -27,6 +27,7 @@ Defaults are tuned for the 784-256-256 MLPs of the MNIST benchmarks trained with
 them for another protocol on a validation split (``--val-fraction``), never on test data.
 """
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -37,27 +38,46 @@ from dhp_deploy.importance import (StepViews, detached_slow_weights, mean_per_sa
                                    parameter_views, sample_subset, slow_parameters)
 
 __all__ = ["METHODS", "DEFAULTS", "STRENGTH_OPTION", "SEARCHED_STRENGTHS", "build_regularizer",
+           "Option", "REGISTRY", "OPTIONS", "register", "OnlineEWC",
            "Regularizer", "Finetune",
            "ElasticWeightConsolidation", "SynapticIntelligence", "MemoryAwareSynapses"]
 
-METHODS = ("finetune", "ewc", "online-ewc", "si", "mas")
-# The option (TrainConfig field, ``--ewc-lambda`` ...) that sets each method's penalty strength.
-STRENGTH_OPTION = {"ewc": "ewc_lambda", "online-ewc": "ewc_lambda", "si": "si_c",
-                   "mas": "mas_lambda"}
-# Every regulariser option's default, here once: the classes, build_regularizer and TrainConfig
-# (hence dhp-train and the reproduction grid) take them from this table.
-DEFAULTS = {"ewc_lambda": 1000.0, "online_ewc_gamma": 1.0, "si_c": 1.0, "si_epsilon": 1e-3,
-            "mas_lambda": 1.0, "fisher_samples": 1000}
-# The strengths dhp-train uses when none is given: the winners of the validation search of
-# benchmarks/reproduce.py under the paper's protocol, dhp-train's default (docs/results/
-# strengths.json; a test keeps the two equal). Imbalanced Permuted MNIST borrows Permuted's.
-_PERMUTED = {"ewc": 100.0, "online-ewc": 100.0, "si": 0.01, "mas": 0.01}
-SEARCHED_STRENGTHS = {
-    "split-mnist": {"ewc": 10000.0, "online-ewc": 1000.0, "si": 1.0, "mas": 1.0},
-    "split-fashion-mnist": {"ewc": 10000.0, "online-ewc": 1000.0, "si": 1.0, "mas": 1.0},
-    "permuted-mnist": _PERMUTED,
-    "imbalanced-permuted-mnist": _PERMUTED,
-}
+@dataclass(frozen=True)
+class Option:
+    r"""A regulariser's hyperparameter (a ``TrainConfig`` field and a ``dhp-train`` option of
+    the same name): its default, its help text and its valid range (``value > low`` where
+    ``low_open``, else ``value >= low``; at most ``high``)."""
+
+    default: float
+    help: str
+    low: float = 0.0
+    high: Optional[float] = None
+    low_open: bool = False
+    integer: bool = False
+
+
+# Options that several methods take, declared once.
+EWC_LAMBDA = Option(1000.0, "EWC / Online EWC strength.")
+FISHER_SAMPLES = Option(1000, "Training samples per Fisher / MAS importance estimate.", low=1,
+                        integer=True)
+
+REGISTRY: dict = {}  # method name → its Regularizer class, in the order they were declared
+OPTIONS: dict = {}  # every registered option, by name
+
+
+def register(cls):
+    r"""Class decorator: make ``cls`` a method of ``dhp-train``, the reproduction's grids and
+    searches, and the benchmarks, under ``cls.name``. An option it shares with another method
+    must be the same :class:`Option` object."""
+    for name, option in cls.options.items():
+        if OPTIONS.setdefault(name, option) is not option:
+            raise ValueError(f"{cls.__name__}: option {name!r} is declared twice, differently")
+    if cls.strength_option is not None and cls.strength_option not in cls.options:
+        raise ValueError(f"{cls.__name__}: strength option {cls.strength_option!r} is not one of "
+                         f"its options")
+    REGISTRY[cls.name] = cls
+    return cls
+
 
 class Regularizer:
     r"""The interface the training loop calls; every hook is a no-op here (no consolidation).
@@ -68,7 +88,21 @@ class Regularizer:
     loop checks this bound before a task starts instead of discovering NaNs later.
     """
 
-    strength_option: Optional[str] = None  # the option of STRENGTH_OPTION that sets the strength
+    # What a method declares (see :func:`register`): its name on the command line, its name in
+    # reports, its options, the one that sets its strength, the values a strength search tries,
+    # and the value that search chose per benchmark under the paper's protocol (dhp-train's
+    # default there; docs/results/strengths.json, which a test keeps equal).
+    name: str = ""
+    display: str = ""
+    options: dict = {}
+    strength_option: Optional[str] = None
+    search_values: tuple = ()
+    searched: dict = {}
+
+    @classmethod
+    def from_options(cls, values: dict) -> "Regularizer":
+        r"""The regulariser with ``values[name]`` for each of its options."""
+        return cls(**{name: values[name] for name in cls.options})
 
     def before_task(self, model: nn.Module) -> None:
         pass
@@ -117,8 +151,11 @@ class Regularizer:
         pass
 
 
+@register
 class Finetune(Regularizer):
     r"""No consolidation: plain sequential fine-tuning (the lower baseline)."""
+
+    name, display = "finetune", "Finetune"
 
 
 class QuadraticAnchors(Regularizer):
@@ -220,6 +257,7 @@ def _predicted_label_nll(logits: Tensor) -> Tensor:
     return -torch.log_softmax(logits, dim=0).max()
 
 
+@register
 class ElasticWeightConsolidation(QuadraticAnchors):
     r"""EWC (Kirkpatrick et al., PNAS 2017) and Online EWC (Schwarz et al., ICML 2018).
 
@@ -243,11 +281,15 @@ class ElasticWeightConsolidation(QuadraticAnchors):
         fisher_samples: training samples per Fisher estimate (bounded so it stays fast on CPU).
     """
 
-    strength_option, penalty_scale = "ewc_lambda", 0.5
+    name, display, penalty_scale = "ewc", "EWC", 0.5
+    options = {"ewc_lambda": EWC_LAMBDA, "fisher_samples": FISHER_SAMPLES}
+    strength_option, search_values = "ewc_lambda", (100.0, 1000.0, 10000.0)
+    searched = {"split-mnist": 10000.0, "split-fashion-mnist": 10000.0,
+                "permuted-mnist": 100.0, "imbalanced-permuted-mnist": 100.0}
 
-    def __init__(self, ewc_lambda: float = DEFAULTS["ewc_lambda"],
+    def __init__(self, ewc_lambda: float = EWC_LAMBDA.default,
                  online_gamma: Optional[float] = None,
-                 fisher_samples: int = DEFAULTS["fisher_samples"]) -> None:
+                 fisher_samples: int = FISHER_SAMPLES.default) -> None:
         super().__init__()
         self.ewc_lambda = ewc_lambda
         self.online_gamma = online_gamma
@@ -263,42 +305,24 @@ class ElasticWeightConsolidation(QuadraticAnchors):
         self.add_anchor(fisher, detached_slow_weights(model), keep_previous=not online)
 
 
-def _squared_output_norm(logits: Tensor) -> Tensor:
-    return logits.square().sum()
+@register
+class OnlineEWC(ElasticWeightConsolidation):
+    r"""Online EWC (Schwarz et al., ICML 2018): :class:`ElasticWeightConsolidation` with one
+    running Fisher ``F ← γ·F + F_new`` and the latest anchor."""
+
+    name, display = "online-ewc", "Online EWC"
+    options = {"ewc_lambda": EWC_LAMBDA, "fisher_samples": FISHER_SAMPLES,
+               "online_ewc_gamma": Option(1.0, "Online EWC decay of the running Fisher.",
+                                          high=1.0)}
+    searched = {"split-mnist": 1000.0, "split-fashion-mnist": 1000.0, "permuted-mnist": 100.0,
+                "imbalanced-permuted-mnist": 100.0}
+
+    def __init__(self, ewc_lambda: float = EWC_LAMBDA.default, online_ewc_gamma: float = 1.0,
+                 fisher_samples: int = FISHER_SAMPLES.default) -> None:
+        super().__init__(ewc_lambda, online_ewc_gamma, fisher_samples)
 
 
-class MemoryAwareSynapses(QuadraticAnchors):
-    r"""MAS (Aljundi et al., "Memory Aware Synapses", ECCV 2018).
-
-    Importance ``Ω_i = mean_k |∂ ‖F(x_k)‖²₂ / ∂θ_i|``: the magnitude of the per-sample gradient of
-    the squared L2 norm of the network's output (the logits; in the task-incremental scenario the
-    task's head) on at most ``fisher_samples`` training inputs, in eval mode. No labels are used.
-    Importances accumulate over tasks (``Ω ← Ω + Ω_new``) with the latest anchor θ*.
-
-    Penalty ``mas_lambda · Σ_i Ω_i · (θ_i − θ*_i)²`` (the paper's form, no ½).
-
-    Args:
-        mas_lambda: penalty strength. Default 1.0, the paper's value for its MNIST experiments.
-        fisher_samples: training samples per importance estimate.
-    """
-
-    strength_option = "mas_lambda"
-
-    def __init__(self, mas_lambda: float = DEFAULTS["mas_lambda"],
-                 fisher_samples: int = DEFAULTS["fisher_samples"]) -> None:
-        super().__init__()
-        self.mas_lambda = mas_lambda
-        self.fisher_samples = fisher_samples
-
-    def after_task(self, model, inputs, classes, generator, replicas: Replicas = SINGLE) -> None:
-        samples = sample_subset(inputs, self.fisher_samples, generator)
-        importance = mean_per_sample_gradient(model, samples, classes, _squared_output_norm,
-                                              torch.abs, replicas)
-        if self.importances is not None:
-            importance = self.importances[0] + importance
-        self.add_anchor(importance, detached_slow_weights(model), keep_previous=False)
-
-
+@register
 class SynapticIntelligence(QuadraticAnchors):
     r"""SI (Zenke, Poole & Ganguli, "Continual Learning Through Synaptic Intelligence", ICML 2017).
 
@@ -317,10 +341,14 @@ class SynapticIntelligence(QuadraticAnchors):
         si_epsilon: damping ξ for parameters that barely moved. Default 1e-3, Zenke et al.'s ξ.
     """
 
-    strength_option = "si_c"
+    name, display = "si", "SI"
+    options = {"si_c": Option(1.0, "SI strength c."),
+               "si_epsilon": Option(1e-3, "SI damping ξ.", low_open=True)}
+    strength_option, search_values = "si_c", (0.1, 1.0, 10.0)
+    searched = {"split-mnist": 1.0, "split-fashion-mnist": 1.0, "permuted-mnist": 0.01,
+                "imbalanced-permuted-mnist": 0.01}
 
-    def __init__(self, si_c: float = DEFAULTS["si_c"],
-                 si_epsilon: float = DEFAULTS["si_epsilon"]) -> None:
+    def __init__(self, si_c: float = 1.0, si_epsilon: float = 1e-3) -> None:
         super().__init__()
         self.si_c = si_c
         self.si_epsilon = si_epsilon
@@ -385,23 +413,68 @@ class SynapticIntelligence(QuadraticAnchors):
         self.path_integral = state["path_integral"]
 
 
-def build_regularizer(method: str, **options) -> Regularizer:
-    r"""The regulariser named ``method`` (one of :data:`METHODS`).
+def _squared_output_norm(logits: Tensor) -> Tensor:
+    return logits.square().sum()
 
-    ``options`` are :data:`DEFAULTS`' names (``TrainConfig.regularizer_arguments()`` gives all
-    of them; each method takes the ones it uses); one left out takes its default.
+
+@register
+class MemoryAwareSynapses(QuadraticAnchors):
+    r"""MAS (Aljundi et al., "Memory Aware Synapses", ECCV 2018).
+
+    Importance ``Ω_i = mean_k |∂ ‖F(x_k)‖²₂ / ∂θ_i|``: the magnitude of the per-sample gradient of
+    the squared L2 norm of the network's output (the logits; in the task-incremental scenario the
+    task's head) on at most ``fisher_samples`` training inputs, in eval mode. No labels are used.
+    Importances accumulate over tasks (``Ω ← Ω + Ω_new``) with the latest anchor θ*.
+
+    Penalty ``mas_lambda · Σ_i Ω_i · (θ_i − θ*_i)²`` (the paper's form, no ½).
+
+    Args:
+        mas_lambda: penalty strength. Default 1.0, the paper's value for its MNIST experiments.
+        fisher_samples: training samples per importance estimate.
     """
-    unknown = set(options) - set(DEFAULTS)
+
+    name, display = "mas", "MAS"
+    options = {"mas_lambda": Option(1.0, "MAS strength."), "fisher_samples": FISHER_SAMPLES}
+    strength_option, search_values = "mas_lambda", (0.1, 1.0, 10.0)
+    searched = {"split-mnist": 1.0, "split-fashion-mnist": 1.0, "permuted-mnist": 0.01,
+                "imbalanced-permuted-mnist": 0.01}
+
+    def __init__(self, mas_lambda: float = 1.0,
+                 fisher_samples: int = FISHER_SAMPLES.default) -> None:
+        super().__init__()
+        self.mas_lambda = mas_lambda
+        self.fisher_samples = fisher_samples
+
+    def after_task(self, model, inputs, classes, generator, replicas: Replicas = SINGLE) -> None:
+        samples = sample_subset(inputs, self.fisher_samples, generator)
+        importance = mean_per_sample_gradient(model, samples, classes, _squared_output_norm,
+                                              torch.abs, replicas)
+        if self.importances is not None:
+            importance = self.importances[0] + importance
+        self.add_anchor(importance, detached_slow_weights(model), keep_previous=False)
+
+
+# The registered methods' tables, for the code that reads them (config, CLI, reproduction).
+METHODS = tuple(REGISTRY)
+STRENGTH_OPTION = {name: cls.strength_option for name, cls in REGISTRY.items()
+                   if cls.strength_option}
+DEFAULTS = {name: option.default for name, option in OPTIONS.items()}
+SEARCHED_STRENGTHS = {benchmark: {name: cls.searched[benchmark] for name, cls in REGISTRY.items()
+                                  if benchmark in cls.searched}
+                      for benchmark in dict.fromkeys(b for cls in REGISTRY.values()
+                                                     for b in cls.searched)}
+
+
+def build_regularizer(method: str, **options) -> Regularizer:
+    r"""The regulariser named ``method`` (one of :data:`REGISTRY`).
+
+    ``options`` are registered option names (``TrainConfig.regularizer_arguments()`` gives all
+    of them; each method takes the ones it declares); one left out takes its default.
+    """
+    unknown = set(options) - set(OPTIONS)
     if unknown:
         raise TypeError(f"unknown regulariser options {sorted(unknown)}")
-    value = {**DEFAULTS, **options}
-    if method == "finetune":
-        return Finetune()
-    if method in ("ewc", "online-ewc"):
-        gamma = value["online_ewc_gamma"] if method == "online-ewc" else None
-        return ElasticWeightConsolidation(value["ewc_lambda"], gamma, value["fisher_samples"])
-    if method == "si":
-        return SynapticIntelligence(value["si_c"], value["si_epsilon"])
-    if method == "mas":
-        return MemoryAwareSynapses(value["mas_lambda"], value["fisher_samples"])
-    raise ValueError(f"unknown method {method!r}, expected one of {', '.join(METHODS)}")
+    if method not in REGISTRY:
+        raise ValueError(f"unknown method {method!r}, expected one of {', '.join(REGISTRY)}")
+    defaults = {name: option.default for name, option in OPTIONS.items()}
+    return REGISTRY[method].from_options({**defaults, **options})

@@ -4,7 +4,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from dhp_deploy.regularizers import STRENGTH_OPTION
+from dhp_deploy.regularizers import REGISTRY, STRENGTH_OPTION
 from dhp_deploy.run_dir import METRICS_NAME, atomic_write_json
 from dhp_deploy.config import TrainConfig
 from reproduction.naming import (DIVERGED_NAME, PAPER_PROTOCOL, PAPER_SETTINGS,
@@ -14,10 +14,9 @@ from reproduction.naming import (DIVERGED_NAME, PAPER_PROTOCOL, PAPER_SETTINGS,
 from reproduction.records import read_summary, summarize_run
 from reproduction.runs import recorded_result
 
-# The values the search tries for each regulariser's strength option (STRENGTH_OPTION): around
+# The values the search tries for each strength option, as each regulariser declares them: around
 # the library's defaults, a decade apart. Online EWC's γ is not searched (1.0, the default).
-SEARCH_VALUES = {"ewc": (100.0, 1000.0, 10000.0), "online-ewc": (100.0, 1000.0, 10000.0),
-                 "si": (0.1, 1.0, 10.0), "mas": (0.1, 1.0, 10.0)}
+SEARCH_VALUES = {name: cls.search_values for name, cls in REGISTRY.items() if cls.search_values}
 SEARCH_SEED = 1000  # disjoint from the grid's seeds 0..4
 # A best value at the edge of the values tried is extended by a decade past it, at most this many
 # times per method, so the choice is an interior optimum (or says it is not).

@@ -4,6 +4,7 @@ from dataclasses import asdict
 
 from dhp_deploy.network import default_head_init
 from dhp_deploy.config import TrainConfig
+from dhp_deploy.regularizers import METHODS, REGISTRY
 
 SUMMARY_KIND, SUMMARY_VERSION = "dhp-run-summary", 1
 ADAPTATION_KIND = "dhp-adaptation"  # benchmarks/adaptation.py's records
@@ -20,7 +21,7 @@ PAPER_SETTINGS = {"eta_bound": False}
 # Short names of the protocol options in run-directory names (``e2`` = 2 epochs per task).
 PROTOCOL_TAGS = {"epochs": "e", "batch_size": "b", "lr": "lr", "hidden": "h", "num_tasks": "t",
                  "train_limit": "n", "test_limit": "m", "fisher_samples": "f", "val_fraction": "v"}
-BASE_METHODS = ("finetune", "ewc", "online-ewc", "si", "mas")
+BASE_METHODS = METHODS  # the registered regularisers (dhp_deploy.regularizers.REGISTRY)
 VARIANTS = tuple(name for m in BASE_METHODS
                  for name in (m, "dhp" if m == "finetune" else f"dhp+{m}"))
 # The ablation that separates the two things "DHP" changes at once: each paper variant with the
@@ -36,8 +37,7 @@ INTERVENTIONS = {"eta-bound": {"eta_bound": True}}
 PROTOCOL_VARIANTS = {"fixed-perms": {"permutation_seed": 0}}
 SUFFIXES = {**INTERVENTIONS, **PROTOCOL_VARIANTS}
 SUFFIX_DISPLAY = {"eta-bound": "η in [0, 1], ours", "fixed-perms": "permutations fixed per task"}
-DISPLAY = {"finetune": "Finetune", "ewc": "EWC", "online-ewc": "Online EWC", "si": "SI",
-           "mas": "MAS"}
+DISPLAY = {name: cls.display for name, cls in REGISTRY.items()}
 BENCHMARK_ORDER = ("permuted-mnist", "imbalanced-permuted-mnist", "split-mnist",
                    "split-fashion-mnist")
 PAPER_BENCHMARKS = ("permuted-mnist", "imbalanced-permuted-mnist", "split-mnist")

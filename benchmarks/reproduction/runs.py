@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from dhp_deploy.cohort import Cohort, stack_key
+from dhp_deploy.regularizers import OPTIONS
 from dhp_deploy.tasks import build_benchmark
 from dhp_deploy.metrics import format_duration
 from dhp_deploy.run_dir import (CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, atomic_write_json,
@@ -248,8 +249,7 @@ def _train_together(runs, log) -> dict:
 
 
 # The settings in which runs of one cohort may differ: each run's regulariser is its own.
-COHORT_FREE = ("seed", "method", "ewc_lambda", "online_ewc_gamma", "si_c", "si_epsilon",
-               "mas_lambda", "fisher_samples", "head_init")
+COHORT_FREE = ("seed", "method", *OPTIONS, "head_init")
 
 
 def cohorts(jobs, size: int) -> list[list[int]]:

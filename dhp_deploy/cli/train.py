@@ -24,17 +24,50 @@ import click
 from dhp_deploy.distributed import DEFAULT_TIMEOUT_S
 from dhp_deploy.tasks import BENCHMARKS
 from dhp_deploy.layer import WEIGHT_INITS
-from dhp_deploy.regularizers import METHODS
+from dhp_deploy.regularizers import OPTIONS, REGISTRY, STRENGTH_OPTION
 from dhp_deploy.config import TrainConfig
 
 # Options that decide the result: with --resume they come from the checkpoint, never the command.
 TRAINING_OPTIONS = ("benchmark", "method", "dhp", "epochs", "batch_size", "lr", "momentum", "seed",
-                    "permutation_seed",
-                    "hidden", "head_init", "eta_bound", "ewc_lambda", "online_ewc_gamma", "si_c",
-                    "si_epsilon", "mas_lambda", "fisher_samples", "val_fraction", "class_incremental", "num_tasks",
-                    "train_limit", "test_limit")
+                    "permutation_seed", "hidden", "head_init", "eta_bound", *OPTIONS,
+                    "val_fraction", "class_incremental", "num_tasks", "train_limit", "test_limit")
 SEARCHED = "the value searched for the benchmark (README)"
 DEFAULT = TrainConfig  # every training option's default is TrainConfig's (one place)
+
+
+class Registered(click.Choice):
+    r"""A choice among the registered methods at the time of the call (a method registered after
+    this module was imported is offered too)."""
+
+    def __init__(self, registry: dict) -> None:
+        self.registry = registry
+        super().__init__(tuple(registry))
+
+    @property
+    def choices(self):
+        return tuple(self.registry)
+
+    @choices.setter
+    def choices(self, _) -> None:
+        pass
+
+
+def regularizer_options(command):
+    r"""One option per registered regulariser option, as its class declares it: a strength
+    defaults to the value searched for the benchmark, the others to their declared default."""
+    for name, option in reversed(OPTIONS.items()):  # decorators apply bottom-up
+        kind = click.IntRange if option.integer else click.FloatRange
+        limits = {"min": option.low, "max": option.high}
+        if not option.integer:
+            limits["min_open"] = option.low_open
+        strength = name in STRENGTH_OPTION.values()
+        command = click.option(f"--{name.replace('_', '-')}", type=kind(**limits),
+                               default=None if strength else option.default,
+                               show_default=SEARCHED if strength else True,
+                               help=option.help)(command)
+    return command
+
+
 # Test hook: "sigkill-after-steps=N" makes the process SIGKILL itself after N optimiser steps.
 FAULT_ENV = "DHP_TRAIN_FAULT"
 
@@ -66,7 +99,7 @@ class HiddenSizes(click.ParamType):
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--benchmark", type=click.Choice(BENCHMARKS), help="Task sequence to train on "
               "(required unless --resume).")
-@click.option("--method", type=click.Choice(METHODS), default=DEFAULT.method, show_default=True,
+@click.option("--method", type=Registered(REGISTRY), default=DEFAULT.method, show_default=True,
               help="Consolidation regulariser on the slow weights.")
 @click.option("--dhp/--no-dhp", default=DEFAULT.dhp, show_default=True,
               help="DHP-Softmax output layer, or a plain linear head.")
@@ -95,21 +128,7 @@ class HiddenSizes(click.ParamType):
               help="Keep the DHP plasticity rate η in [0, 1] (clamped after every update; ours, "
                    "not the paper's: Algorithm 1 leaves η free, and outside [0, 1] the trace "
                    "can grow until NaN).")
-@click.option("--ewc-lambda", type=click.FloatRange(min=0), show_default=SEARCHED,
-              help="EWC / Online EWC strength.")
-@click.option("--online-ewc-gamma", type=click.FloatRange(0, 1), default=DEFAULT.online_ewc_gamma,
-              show_default=True,
-              help="Online EWC decay of the running Fisher.")
-@click.option("--si-c", type=click.FloatRange(min=0), show_default=SEARCHED,
-              help="SI strength c.")
-@click.option("--si-epsilon", type=click.FloatRange(min=0, min_open=True),
-              default=DEFAULT.si_epsilon,
-              show_default=True, help="SI damping ξ.")
-@click.option("--mas-lambda", type=click.FloatRange(min=0), show_default=SEARCHED,
-              help="MAS strength.")
-@click.option("--fisher-samples", type=click.IntRange(min=1), default=DEFAULT.fisher_samples,
-              show_default=True,
-              help="Training samples per Fisher / MAS importance estimate.")
+@regularizer_options
 @click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True),
               default=DEFAULT.val_fraction,
               show_default=True, help="Share of each task's training set held out for tuning.")
