@@ -33,7 +33,27 @@ import torch
 
 from dhp_deploy.data import DataError, load_split, validate_labels
 
-BENCHMARKS = ("split-mnist", "permuted-mnist", "imbalanced-permuted-mnist", "split-fashion-mnist")
+
+
+@dataclass(frozen=True)
+class BenchmarkSpec:
+    r"""A named task sequence: which dataset, cut how (``"split"``: class pairs, scenario
+    "task" or "class"; ``"permuted"``: pixel permutations, scenario "domain"), and whether each
+    task's training set is class-imbalanced. A new benchmark of these kinds is one entry here."""
+
+    name: str
+    dataset: str  # a folder of dhp_deploy.data: "MNIST" or "FashionMNIST"
+    kind: str  # "split" or "permuted"
+    imbalanced: bool = False
+
+
+SPECS = {spec.name: spec for spec in (
+    BenchmarkSpec("split-mnist", "MNIST", "split"),
+    BenchmarkSpec("permuted-mnist", "MNIST", "permuted"),
+    BenchmarkSpec("imbalanced-permuted-mnist", "MNIST", "permuted", imbalanced=True),
+    BenchmarkSpec("split-fashion-mnist", "FashionMNIST", "split"),
+)}
+BENCHMARKS = tuple(SPECS)
 NUM_CLASSES = 10
 INPUT_SIZE = 28 * 28
 SPLIT_CLASSES = ((0, 1), (2, 3), (4, 5), (6, 7), (8, 9))
@@ -216,17 +236,18 @@ def build_benchmark(
         DataError: an unknown name, an argument out of range, or a missing/corrupt file.
     """
     _check_arguments(name, val_fraction, class_incremental, num_tasks, train_limit, test_limit)
-    if permutation_seed is not None and (name.startswith("split") or permutation_seed < 0):
+    spec = SPECS[name]
+    if permutation_seed is not None and (spec.kind != "permuted" or permutation_seed < 0):
         raise DataError(f"permutation_seed={permutation_seed} for {name!r}, expected a "
                         f"non-negative seed of a permuted benchmark")
-    dataset = "FashionMNIST" if name == "split-fashion-mnist" else "MNIST"
+    dataset = spec.dataset
     x_train, y_train = load_split(data_dir, dataset, train=True, download=download)
     x_test, y_test = load_split(data_dir, dataset, train=False, download=download)
     validate_labels(y_train, NUM_CLASSES, f"{dataset} train labels")
     validate_labels(y_test, NUM_CLASSES, f"{dataset} test labels")
     pixels_train, pixels_test = x_train.reshape(-1, INPUT_SIZE), x_test.reshape(-1, INPUT_SIZE)
 
-    if name.startswith("split"):
+    if spec.kind == "split":
         plans = [(t, classes, None) for t, classes in enumerate(SPLIT_CLASSES[: num_tasks or 5])]
         scenario = "class" if class_incremental else "task"
     else:
@@ -235,25 +256,24 @@ def build_benchmark(
         plans = [(t, tuple(range(NUM_CLASSES)), perm) for t, perm in enumerate(perms)]
         scenario = "domain"
     limits = dict(train_limit=train_limit, test_limit=test_limit, val_fraction=val_fraction)
-    imbalanced = name == "imbalanced-permuted-mnist"
     tasks = [
         _build_task(t, classes, perm, pixels_train, y_train, pixels_test, y_test,
-                    seed=seed, imbalanced=imbalanced, device=device, **limits)
+                    seed=seed, imbalanced=spec.imbalanced, device=device, **limits)
         for t, classes, perm in plans
     ]
     return Benchmark(
-        name=name, tasks=tasks, scenario=scenario, seed=seed, scheme=_scheme(name, scenario),
+        name=name, tasks=tasks, scenario=scenario, seed=seed, scheme=_scheme(spec, scenario),
         options=dict(limits, dataset=dataset, class_incremental=class_incremental,
                      **({} if permutation_seed is None else {"permutation_seed": permutation_seed})),
     )
 
 
 def _check_arguments(name, val_fraction, class_incremental, num_tasks, train_limit, test_limit):
-    if name not in BENCHMARKS:
-        raise DataError(f"unknown benchmark {name!r}, expected one of {', '.join(BENCHMARKS)}")
+    if name not in SPECS:
+        raise DataError(f"unknown benchmark {name!r}, expected one of {', '.join(SPECS)}")
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction={val_fraction}, expected a value in [0, 1)")
-    split = name.startswith("split")
+    split = SPECS[name].kind == "split"
     if class_incremental and not split:
         raise DataError(f"class_incremental=True with {name!r}, expected a split benchmark")
     if num_tasks is not None and not 1 <= num_tasks <= (len(SPLIT_CLASSES) if split else 10**6):
@@ -305,11 +325,11 @@ def _is_identity(perm: torch.Tensor) -> bool:
     return torch.equal(perm, torch.arange(len(perm)))
 
 
-def _scheme(name: str, scenario: str) -> str:
-    if name.startswith("split"):
+def _scheme(spec: BenchmarkSpec, scenario: str) -> str:
+    if spec.kind == "split":
         return f"split into class pairs {list(SPLIT_CLASSES)}; scenario {scenario}"
     scheme = "task 0 identity, task t>=1 seeded randperm(784) of the pixels"
-    if name == "imbalanced-permuted-mnist":
+    if spec.imbalanced:
         scheme += ("; train class c keeps round(0.1**(rank_c/9) * n_c) examples, rank_c from a "
                    "seeded class order per task (val/test balanced)")
     return scheme

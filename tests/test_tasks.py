@@ -123,6 +123,15 @@ def test_a_permutation_seed_fixes_the_tasks_and_leaves_the_rest_to_the_seed(data
         B.build_benchmark("split-mnist", data_dir, permutation_seed=0, **tiny)
 
 
+def test_a_benchmark_of_a_known_kind_is_one_spec(data_dir, monkeypatch):
+    spec = B.BenchmarkSpec("permuted-fashion-mnist", "FashionMNIST", "permuted")
+    monkeypatch.setitem(B.SPECS, spec.name, spec)
+    bench = B.build_benchmark(spec.name, data_dir, num_tasks=2, train_limit=50, test_limit=50)
+    assert (bench.scenario, bench.options["dataset"], len(bench.tasks)) == \
+        ("domain", "FashionMNIST", 2)
+    assert not torch.equal(bench.tasks[1].permutation, torch.arange(784))
+
+
 def test_imbalance_realised_equals_scheme(data_dir):
     options = dict(seed=3, num_tasks=3, train_limit=6000, test_limit=300, val_fraction=0.1)
     balanced = B.build_benchmark("permuted-mnist", data_dir, **options)

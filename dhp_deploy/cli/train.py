@@ -22,7 +22,7 @@ from pathlib import Path
 import click
 
 from dhp_deploy.distributed import DEFAULT_TIMEOUT_S
-from dhp_deploy.tasks import BENCHMARKS
+from dhp_deploy.tasks import SPECS
 from dhp_deploy.layer import WEIGHT_INITS
 from dhp_deploy.regularizers import OPTIONS, REGISTRY, STRENGTH_OPTION
 from dhp_deploy.config import TrainConfig
@@ -97,7 +97,7 @@ class HiddenSizes(click.ParamType):
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("--benchmark", type=click.Choice(BENCHMARKS), help="Task sequence to train on "
+@click.option("--benchmark", type=Registered(SPECS), help="Task sequence to train on "
               "(required unless --resume).")
 @click.option("--method", type=Registered(REGISTRY), default=DEFAULT.method, show_default=True,
               help="Consolidation regulariser on the slow weights.")
