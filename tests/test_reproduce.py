@@ -25,7 +25,8 @@ import results  # noqa: E402
 from reproduction import naming  # noqa: E402
 
 TINY = ["--benchmarks", "split-mnist", "--epochs", "1", "--num-tasks", "2", "--train-limit", "200",
-        "--test-limit", "100", "--hidden", "16", "--fisher-samples", "20"]
+        "--test-limit", "100", "--hidden", "16", "--fisher-samples", "20",
+        "--jobs", "1"]  # in this process (the default, auto, would start one per core)
 TAG = "e1-h16-t2-n200-m100-f20"
 VARIANTS = ("finetune", "dhp", "ewc", "dhp+ewc")
 
@@ -72,6 +73,19 @@ def test_grid_writes_runs_and_summaries(tiny):
                 assert len(summary["commit"]) == 40 and summary["sessions"], summary["commit"]
             assert summary["command"].startswith("dhp-train --benchmark split-mnist --method")
             assert "checkpoint" not in json.dumps(summary["metrics"])  # small: numbers only
+            assert summary["setting"] == {"jobs": 1, "cohort": 1}  # how the grid ran
+
+
+def test_the_grid_setting_is_chosen_per_device():
+    from reproduction.runs import GPU_COHORT, auto_setting
+
+    jobs, cohort, _ = auto_setting("cuda", "auto", "auto")
+    assert (jobs, cohort) == (1, GPU_COHORT)  # one process stacking runs on a GPU
+    jobs, cohort, why = auto_setting("cpu", "auto", "auto")
+    assert cohort == 1 and 1 <= jobs <= os.cpu_count() and "one-thread processes" in why
+    assert auto_setting("cpu", 3, 2)[:2] == (3, 2)  # a value given is kept
+    args = reproduce.parse_arguments(["grid", "--device", "cuda"])
+    assert (args.jobs, args.cohort) == (1, GPU_COHORT)
 
 
 def test_finished_runs_are_skipped(tiny, capsys):

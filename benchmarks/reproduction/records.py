@@ -37,7 +37,8 @@ def machine(device: str = "cpu") -> dict:
                        if torch.device(device).type == "cuda" else "cpu")}
 
 
-def summarize_run(run_dir, command: str | None = None, device: str = "cpu") -> dict:
+def summarize_run(run_dir, command: str | None = None, device: str = "cpu",
+                  setting: dict | None = None) -> dict:
     r"""The JSON summary of a finished ``dhp-train`` run directory (config, seed, commit, metrics).
 
     A run that diverged (``diverged.json``, no ``metrics.json``) gets ``metrics: null`` and
@@ -83,6 +84,7 @@ def summarize_run(run_dir, command: str | None = None, device: str = "cpu") -> d
         "run_dir": _relative(run_dir),
         "command": command or train_command(training),
         "machine": machine(device),
+        "setting": setting,  # the grid's processes and stack size ({"jobs": N, "cohort": K})
         "diverged": diverged,
         "metrics": None if diverged else {
             "acc_matrix": metrics["acc_matrix"], "avg_acc": metrics["avg_acc"],
@@ -126,7 +128,7 @@ def _relative(path: Path) -> str:
 
 # Fields added to the summary after its first committed records, with the meaning a record
 # that lacks them has: it predates the field. Every reader goes through ``migrate_summary``.
-SUMMARY_DEFAULTS = {"diverged": None, "dirty": [], "sessions": []}
+SUMMARY_DEFAULTS = {"diverged": None, "dirty": [], "sessions": [], "setting": None}
 METRICS_DEFAULTS = {"plasticity": None, "val_acc_matrix": None, "val_avg_acc": None,
                     **dict.fromkeys(TRACE_FIELDS)}
 

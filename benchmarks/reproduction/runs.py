@@ -166,7 +166,8 @@ class BenchmarkCache:
         return get
 
 
-def _run_job(job, *, cache, device, summaries, log, stop_at) -> tuple[str, dict | None]:
+def _run_job(job, *, cache, device, summaries, log, stop_at,
+             setting=None) -> tuple[str, dict | None]:
     r"""One job ``(config, run_dir, role, summary_path)``: run (or skip) it, keep its summary."""
     config, run_dir, role, summary_path = job
     status = _settled_before(job, stop_at)
@@ -174,7 +175,7 @@ def _run_job(job, *, cache, device, summaries, log, stop_at) -> tuple[str, dict 
         return status, None
     status, metrics = run_one(config, lambda: cache.get(config), run_dir, role=role,
                               device=device, log=log)
-    _keep_summary(job, status, summaries, device)
+    _keep_summary(job, status, summaries, device, setting)
     return status, metrics
 
 
@@ -188,16 +189,17 @@ def _settled_before(job, stop_at) -> str | None:
     return None if finished else recorded_result(config, summary_path)
 
 
-def _keep_summary(job, status: str, summaries, device) -> None:
+def _keep_summary(job, status: str, summaries, device, setting=None) -> None:
     # A skipped run keeps its summary (written when it finished); rewrite only a missing one.
     config, run_dir, _, summary_path = job
     fresh = status in ("started", "resumed") or not Path(summary_path).exists()
     if status != "failed" and summaries is not None and fresh:
         write_summary(summary_path, summarize_run(run_dir, command=train_command(asdict(config)),
-                                                  device=device))
+                                                  device=device, setting=setting))
 
 
-def _run_cohort(jobs, *, cache, device, summaries, log, stop_at) -> list[tuple]:
+def _run_cohort(jobs, *, cache, device, summaries, log, stop_at,
+                setting=None) -> list[tuple]:
     r"""Jobs whose runs can share one stacked model (:func:`cohorts`): those left to train are
     trained together as a :class:`~dhp_deploy.cohort.Cohort`; ``[(status, metrics, seconds)]``,
     seconds being each trained run's share of the cohort's time."""
@@ -227,7 +229,7 @@ def _run_cohort(jobs, *, cache, device, summaries, log, stop_at) -> list[tuple]:
             status, metrics = settle(run.run_dir, status, outcomes[run], log)
             results[index] = (status, metrics, share)
     for index in tried:  # as _run_job: not for the postponed or those recorded elsewhere
-        _keep_summary(jobs[index], results[index][0], summaries, device)
+        _keep_summary(jobs[index], results[index][0], summaries, device, setting)
     return results
 
 
@@ -272,15 +274,16 @@ def cohorts(jobs, size: int) -> list[list[int]]:
 _WORKER: dict = {}
 
 
-def _set_worker(data_dir, device, summaries, stop_at, log) -> None:
+def _set_worker(data_dir, device, summaries, stop_at, log, setting=None) -> None:
     _WORKER.update(cache=BenchmarkCache(data_dir, device), device=device, summaries=summaries,
-                   stop_at=stop_at, log=log)
+                   stop_at=stop_at, log=log, setting=setting)
 
 
-def _init_worker(data_dir, device, summaries, stop_at) -> None:
+def _init_worker(data_dir, device, summaries, stop_at, setting) -> None:
     _die_with_parent(signal.SIGTERM)
     torch.set_num_threads(1)  # N one-thread processes: no oversubscription of N cores
-    _set_worker(data_dir, device, summaries, stop_at, lambda line: print(line, flush=True))
+    _set_worker(data_dir, device, summaries, stop_at, lambda line: print(line, flush=True),
+                setting)
 
 
 def _die_with_parent(sig) -> None:
@@ -317,6 +320,26 @@ def _outcome(role: str, status: str, metrics, seconds: float) -> str:
     return f"final {split} avg acc {100 * metrics[key][-1]:.2f}% in {seconds:.0f}s{share}"
 
 
+# The CPU cohort measured 0.81-0.92x the one-by-one grid, on an H200 1.78x (docs/PERFORMANCE.md,
+# docs/PERFORMANCE_GPU.md): stacks on a GPU, one-thread processes on a CPU.
+GPU_COHORT = 10
+RAM_PER_PROCESS = 4 * 2**30  # a worker's benchmark cache holds a Permuted MNIST seed (~1.7 GB)
+
+
+def auto_setting(device: str, jobs, cohort) -> tuple[int, int, str]:
+    r"""``(jobs, cohort, why)`` for ``"auto"`` values: on CUDA one process stacking GPU_COHORT
+    runs (processes time-sharing one GPU do not scale); on the CPU one one-thread process per
+    core the memory allows, no stacking."""
+    if str(device).startswith("cuda"):
+        chosen = (1 if jobs == "auto" else jobs, GPU_COHORT if cohort == "auto" else cohort)
+        return (*chosen, "a GPU: one process, runs stacked")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    fits = max(1, min(cores or 1, memory // RAM_PER_PROCESS))
+    chosen = (fits if jobs == "auto" else jobs, 1 if cohort == "auto" else cohort)
+    return (*chosen, f"a CPU: {cores} cores, {memory / 2**30:.0f} GiB: one-thread processes")
+
+
 def execute(jobs, *, data_dir, device, summaries, log, stop_at=None, processes=1,
             cohort=1) -> dict:
     r"""Run ``jobs`` (``(config, run_dir, role, summary_path)``), ``processes`` at a time (one
@@ -325,15 +348,16 @@ def execute(jobs, *, data_dir, device, summaries, log, stop_at=None, processes=1
     the grid's state: jobs done / total and the ETA at the rate of the runs trained so far."""
     counts = {status: 0 for status in RUN_STATUS}
     trained_seconds, trained, done = 0.0, 0, 0
+    setting = {"jobs": processes, "cohort": cohort}  # recorded in each summary
     units = [([index + 1 for index in group], [jobs[index] for index in group])
              for group in cohorts(jobs, cohort)]
     if processes > 1:
         pool = multiprocessing.get_context("spawn").Pool(
-            processes, _init_worker, (data_dir, device, summaries, stop_at))
+            processes, _init_worker, (data_dir, device, summaries, stop_at, setting))
         results = pool.imap_unordered(_pool_unit, units)
     else:  # in this process, with its thread setting
         pool = None
-        _set_worker(data_dir, device, summaries, stop_at, log)
+        _set_worker(data_dir, device, summaries, stop_at, log, setting)
         results = map(_pool_unit, units)
     try:
         for unit_results in results:  # one run's, or a cohort's runs' (they finish together)
