@@ -58,7 +58,7 @@ from dhp_deploy.run_dir import CHECKPOINT_NAME, METRICS_NAME  # noqa: E402
 from reproduction.jobs import (MAX_EXTENSIONS, SEARCH_SEED, SEARCH_VALUES,  # noqa: E402
                                all_diverged, choose_strengths, grid_jobs, search_jobs)
 from reproduction.naming import (PAPER_BENCHMARKS, TRACE_BENCHMARKS, TRACE_SEEDS,  # noqa: E402
-                                 SUFFIXES, TRACE_VARIANTS, VARIANT_GROUPS,
+                                 INTERVENTIONS, SUFFIXES, TRACE_VARIANTS, VARIANT_GROUPS,
                                  train_command)
 from dhp_deploy.metrics import format_duration  # noqa: E402
 from reproduction.records import REPO  # noqa: E402
@@ -103,10 +103,11 @@ def _names(choices):
 
 
 def _known_variant(name: str) -> bool:
-    r"""A variant of the grid with suffixes (``si~fixed-perms``); η's bound only on a DHP head."""
+    r"""A variant of the grid with suffixes (``si~fixed-perms``); the interventions (on the trace)
+    only on a DHP head."""
     base, *suffixes = name.split("~")
     return (base in VARIANT_GROUPS["all"] and all(suffix in SUFFIXES for suffix in suffixes)
-            and (base.startswith("dhp") or "eta-bound" not in suffixes))
+            and (base.startswith("dhp") or not set(suffixes) & set(INTERVENTIONS)))
 
 
 def _variants(text: str) -> list[str]:

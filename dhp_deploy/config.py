@@ -43,6 +43,9 @@ class TrainConfig:
     # outside [0, 1] the trace can grow until NaN (docs/RESULTS.md). False is the paper's literal
     # method, which the reproduction runs (benchmarks/reproduction/naming.PAPER_SETTINGS).
     eta_bound: bool = True
+    # Zero the DHP trace at the start of every task after the first. Ours, an intervention of the
+    # trace study (docs/RESULTS.md): the paper never resets the trace.
+    trace_reset: bool = False
     # θ's init, "authors" or "linear" (dhp_deploy.layer.WEIGHT_INITS); None: the paper's setup,
     # "authors" for the DHP head and "linear" for the plain head (network.default_head_init).
     head_init: Optional[str] = None

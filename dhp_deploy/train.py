@@ -165,9 +165,13 @@ class TrainingRun:
             yield
 
     def begin_epoch(self) -> tuple[int, int]:
-        r"""The next epoch's ``(task_id, epoch)``; at a task's start, the regulariser's step before
-        it and the stability check (raises :class:`UnstableStrength`)."""
+        r"""The next epoch's ``(task_id, epoch)``; at a task's start, the trace reset (with
+        ``trace_reset``), the regulariser's step before it and the stability check (raises
+        :class:`UnstableStrength`)."""
         task_id, epoch = self._next_position()
+        if epoch == 0 and task_id > 0 and self.config.trace_reset:
+            for head in dhp_heads(self.model):  # in place: a cohort's traces are views
+                head.reset_trace()
         if epoch == 0:
             self.regularizer.before_task(self.model)
             self._check_stable(task_id)

@@ -305,3 +305,20 @@ def test_dhp_train_bounds_eta_by_default_and_old_runs_read_as_free():
     # Users get η kept in [0, 1]; a run saved before the option existed trained with η free.
     assert TrainConfig().eta_bound is True
     assert TrainConfig.from_json({"training": {"benchmark": "split-mnist"}}).eta_bound is False
+
+
+@pytest.mark.parametrize("trace_reset", [False, True], ids=["kept", "reset"])
+def test_trace_reset_zeroes_the_trace_at_each_later_task_start(tmp_path, trace_reset):
+    run = _dhp_run(tmp_path, str(trace_reset), method="finetune", epochs=1,
+                   trace_reset=trace_reset)
+    starts = []
+    epochs = run.epochs()
+    for _ in range(3):
+        next(epochs)  # one epoch = one task here
+        if run.position["finished"]:
+            break
+        run.begin_epoch()  # as the loop does before the next task's first step
+        starts.append(run.model.head.hebb.abs().max().item())
+    assert len(starts) == 2
+    assert (max(starts) == 0.0) == trace_reset
+    assert run.saved_traces[0][0].abs().max() > 0  # what task 1 learned is still recorded

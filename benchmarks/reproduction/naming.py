@@ -31,12 +31,13 @@ ABLATION_VARIANTS = tuple(f"{v}@{'linear' if v.startswith('dhp') else 'authors'}
 INIT_DISPLAY = {"authors": "authors' init", "linear": "nn.Linear init"}
 # Interventions on the DHP head (ours, not the paper's): a variant suffix ``~name`` and the
 # TrainConfig settings it stands for.
-INTERVENTIONS = {"eta-bound": {"eta_bound": True}}
+INTERVENTIONS = {"eta-bound": {"eta_bound": True}, "trace-reset": {"trace_reset": True}}
 # Protocol variants, a suffix of the same kind: ``~fixed-perms`` draws the ten permutations from
 # one seed for every run, so that a seed varies only the init, batch order and subsets.
 PROTOCOL_VARIANTS = {"fixed-perms": {"permutation_seed": 0}}
 SUFFIXES = {**INTERVENTIONS, **PROTOCOL_VARIANTS}
-SUFFIX_DISPLAY = {"eta-bound": "η in [0, 1], ours", "fixed-perms": "permutations fixed per task"}
+SUFFIX_DISPLAY = {"eta-bound": "η in [0, 1], ours", "trace-reset": "trace reset per task, ours",
+                  "fixed-perms": "permutations fixed per task"}
 DISPLAY = {name: cls.display for name, cls in REGISTRY.items()}
 BENCHMARK_ORDER = ("permuted-mnist", "imbalanced-permuted-mnist", "split-mnist",
                    "split-fashion-mnist")
@@ -141,7 +142,7 @@ def train_command(training: dict) -> str:
     for name, value in training.items():
         if name in ("benchmark", "method", "dhp", "download") or not hasattr(default, name):
             continue
-        if name == "eta_bound" and not training["dhp"]:  # no η without a DHP head
+        if name in ("eta_bound", "trace_reset") and not training["dhp"]:  # no DHP head
             continue
         if isinstance(value, list):
             value = tuple(value)

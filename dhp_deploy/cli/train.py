@@ -29,7 +29,7 @@ from dhp_deploy.config import TrainConfig
 
 # Options that decide the result: with --resume they come from the checkpoint, never the command.
 TRAINING_OPTIONS = ("benchmark", "method", "dhp", "epochs", "batch_size", "lr", "momentum", "seed",
-                    "permutation_seed", "hidden", "head_init", "eta_bound", *OPTIONS,
+                    "permutation_seed", "hidden", "head_init", "eta_bound", "trace_reset", *OPTIONS,
                     "val_fraction", "class_incremental", "num_tasks", "train_limit", "test_limit")
 SEARCHED = "the value searched for the benchmark (README)"
 DEFAULT = TrainConfig  # every training option's default is TrainConfig's (one place)
@@ -128,6 +128,9 @@ class HiddenSizes(click.ParamType):
               help="Keep the DHP plasticity rate η in [0, 1] (clamped after every update; ours, "
                    "not the paper's: Algorithm 1 leaves η free, and outside [0, 1] the trace "
                    "can grow until NaN).")
+@click.option("--trace-reset/--no-trace-reset", default=DEFAULT.trace_reset, show_default=True,
+              help="Zero the DHP trace at the start of every task after the first (ours, an "
+                   "intervention of the trace study; the paper never resets it).")
 @regularizer_options
 @click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True),
               default=DEFAULT.val_fraction,
