@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dhp_deploy.export import fold_model, write_onnx, write_plastic_onnx, write_torchscript
+from dhp_deploy.export import fold_model
+from dhp_deploy.formats import write_onnx, write_plastic_onnx, write_torchscript
 from dhp_deploy.network import DHPNet
 from dhp_deploy.plastic import plastic_model
 from timing import Figures, median_times

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from dhp_deploy.run_dir import load_model
-from dhp_deploy.export import fold_model, write_onnx, write_torchscript
+from dhp_deploy.export import fold_model
+from dhp_deploy.formats import write_onnx, write_torchscript
 from dhp_deploy.network import DHPNet
 from dhp_deploy.runtime import time_calls
 from timing import Figures, describe_peak, matmul_peak

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 __all__ = ["BundleError", "ExportError", "BUNDLE_FORMAT", "BUNDLE_VERSION", "MANIFEST_NAME", "INPUT_NAME",
-           "OUTPUT_NAME", "FORMATS", "ARTIFACT_FILES", "GOLDEN_FILES", "ATOL", "RTOL",
+           "OUTPUT_NAME", "FORMATS", "DEVICES", "ARTIFACT_FILES", "GOLDEN_FILES", "ATOL", "RTOL",
            "sha256_file", "read_manifest", "LABELS_NAME", "HEBB_NAME", "HEBB_OUT_NAME", "NO_LABEL",
            "HEBB_FILE", "PLASTIC_GOLDEN_FILES"]
 
@@ -20,7 +20,8 @@ BUNDLE_FORMAT = "dhp-deploy-bundle"
 BUNDLE_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
-FORMATS = ("torchscript", "onnx", "pt2")
+FORMATS = ("torchscript", "onnx", "pt2")  # each also a serving backend of the same name
+DEVICES = ("cpu", "cuda")  # where a backend may run an artifact
 ARTIFACT_FILES = {"torchscript": "model.ts", "onnx": "model.onnx", "pt2": "model.pt2"}
 GOLDEN_FILES = {"inputs": "golden_inputs.npy", "logits": "golden_logits.npy",
                 "tasks": "golden_tasks.npy", "labels": "golden_labels.npy"}

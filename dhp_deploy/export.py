@@ -42,11 +42,10 @@ from dhp_deploy.layer import DHPSoftmax, dhp_logits
 from dhp_deploy.network import DHPNet, PlainHead, predicted_classes
 from dhp_deploy.plastic import plastic_model, reference_step
 from dhp_deploy.config import TrainConfig
-from dhp_deploy.formats import (ONNX_OPSET, write_onnx, write_plastic_onnx, write_pt2,
-                                write_torchscript)
+from dhp_deploy.formats import WRITERS
 
-__all__ = ["ExportError", "FrozenMLP", "fold_model", "export_run", "write_torchscript",
-           "write_onnx", "write_plastic_onnx", "write_pt2", "benchmark_of_run", "evaluate_accuracy", "sha256_file",
+__all__ = ["ExportError", "FrozenMLP", "fold_model", "export_run", "benchmark_of_run",
+           "evaluate_accuracy", "sha256_file",
            "BUNDLE_FORMAT", "BUNDLE_VERSION", "FORMATS", "ATOL", "RTOL", "INPUT_NAME",
            "OUTPUT_NAME", "MANIFEST_NAME", "GOLDEN_FILES", "ARTIFACT_FILES"]
 
@@ -180,7 +179,7 @@ def _read_metrics(run_dir: Path, payload: dict) -> dict:
 
 
 def _manifest(model: DHPNet, frozen: FrozenMLP, payload: dict, metrics: dict, formats,
-              golden: dict, pt2_device: str) -> dict:
+              golden: dict, sections: dict) -> dict:
     config = payload.get("config", {})
     model_config = config.get("model", {})
     bench = payload.get("benchmark", {})
@@ -219,13 +218,9 @@ def _manifest(model: DHPNet, frozen: FrozenMLP, payload: dict, metrics: dict, fo
                      "position": payload.get("position")},
         "metrics": metrics,
         "artifacts": {fmt: ARTIFACT_FILES[fmt] for fmt in formats},
-        "onnx": {"opset": ONNX_OPSET, "exporter": "torch.onnx.export(dynamo=True)",
-                 "dynamic_axes": {"input": {"0": "batch"}, "logits": {"0": "batch"}}}
-        if "onnx" in formats else None,
-        "pt2": {"exporter": "torch.export + torch._inductor.aoti_compile_and_package",
-                "device": pt2_device, "torch": torch.__version__,
-                "note": "AOTInductor code compiled for one kind of device: it loads only there "
-                        "and with the same torch version"} if "pt2" in formats else None,
+        # What each format's writer recorded (onnx: opset, IR version; pt2: device, torch),
+        # null where that format was not written.
+        **{fmt: sections.get(fmt) for fmt in FORMATS if fmt != "torchscript"},
         "golden": golden,
         "plastic": False,  # a plastic bundle says True and documents its I/O under plastic_io
         "files": {},
@@ -286,30 +281,15 @@ def export_run(run_dir, out_dir, formats: Sequence[str] = FORMATS, *, overwrite:
         raise ExportError(f"cannot create the bundle beside {out_dir}: {err.strerror or err}") \
             from None
     try:
-        ir_version = None
         golden = (_write_plastic_goldens(tmp, model, benchmark, golden_count) if plastic
                   else _write_goldens(tmp, model, benchmark, golden_count))
-        for fmt in formats:
-            if fmt == "torchscript":
-                write_torchscript(served, tmp / ARTIFACT_FILES[fmt])
-            elif fmt == "pt2":
-                write_pt2(served, tmp / ARTIFACT_FILES[fmt], plastic, pt2_device)
-            elif plastic:
-                ir_version = write_plastic_onnx(served, tmp / ARTIFACT_FILES[fmt])
-            else:
-                ir_version = write_onnx(frozen, tmp / ARTIFACT_FILES[fmt],
-                                        model.trunk[0].in_features)
-        manifest = _manifest(model, frozen, payload, metrics, formats, golden, pt2_device)
+        sections = {fmt: WRITERS[fmt](served, tmp / ARTIFACT_FILES[fmt], plastic, pt2_device)
+                    for fmt in formats}
+        manifest = _manifest(model, frozen, payload, metrics, formats, golden, sections)
         if plastic:
             _save_npy(tmp / HEBB_FILE, model.head.hebb.numpy().astype(np.float32))
             manifest["plastic"], manifest["plastic_io"] = True, _plastic_manifest(model)
             manifest["model"]["head"] = "dhp-plastic"
-            if manifest["onnx"] is not None:
-                manifest["onnx"]["dynamic_axes"] = {INPUT_NAME: {"0": "batch"},
-                                                    LABELS_NAME: {"0": "batch"},
-                                                    OUTPUT_NAME: {"0": "batch"}}
-        if manifest["onnx"] is not None:
-            manifest["onnx"]["ir_version"] = ir_version
         for path in sorted(tmp.iterdir()):
             manifest["files"][path.name] = {"sha256": sha256_file(path),
                                             "bytes": path.stat().st_size}

@@ -1,6 +1,12 @@
 r"""The files of a bundle's formats: TorchScript, ONNX (the dynamo exporter) and AOTInductor's
 .pt2, each written from an eval-mode module (frozen, or the plastic model with the trace as an
-input and an output)."""
+input and an output).
+
+``WRITERS`` is the one table of them the exporter reads: a format's writer takes the served
+module, the artifact's path, whether the module is plastic and the device to compile for, and
+returns what the manifest records of it under the format's name (None: nothing). A new format is
+its file name in ``bundle.ARTIFACT_FILES``, a writer here and a loader in
+``runtime.load_artifact``."""
 
 import copy
 import logging
@@ -14,7 +20,8 @@ from dhp_deploy.bundle import (HEBB_NAME, HEBB_OUT_NAME, INPUT_NAME, LABELS_NAME
                                OUTPUT_NAME, ExportError)
 from dhp_deploy.plastic import PlasticMLP
 
-__all__ = ["ONNX_OPSET", "write_torchscript", "write_onnx", "write_plastic_onnx", "write_pt2"]
+__all__ = ["ONNX_OPSET", "WRITERS", "write_torchscript", "write_onnx", "write_plastic_onnx",
+           "write_pt2"]
 
 ONNX_OPSET = 20
 
@@ -106,3 +113,32 @@ def _export_onnx(module: nn.Module, path, example: tuple, input_names, output_na
     written = onnx.load(str(path))
     onnx.checker.check_model(written, full_check=True)
     return int(written.ir_version)
+
+
+def _torchscript_artifact(module: nn.Module, path, plastic: bool, device: str) -> None:
+    write_torchscript(module, path)
+    return None
+
+
+def _onnx_artifact(module: nn.Module, path, plastic: bool, device: str) -> dict:
+    if plastic:
+        ir_version = write_plastic_onnx(module, path)
+        axes = {INPUT_NAME: {"0": "batch"}, LABELS_NAME: {"0": "batch"},
+                OUTPUT_NAME: {"0": "batch"}}
+    else:
+        ir_version = write_onnx(module, path, module.trunk[0].in_features)
+        axes = {INPUT_NAME: {"0": "batch"}, OUTPUT_NAME: {"0": "batch"}}
+    return {"opset": ONNX_OPSET, "exporter": "torch.onnx.export(dynamo=True)",
+            "dynamic_axes": axes, "ir_version": ir_version}
+
+
+def _pt2_artifact(module: nn.Module, path, plastic: bool, device: str) -> dict:
+    write_pt2(module, path, plastic, device)
+    return {"exporter": "torch.export + torch._inductor.aoti_compile_and_package",
+            "device": device, "torch": torch.__version__,
+            "note": "AOTInductor code compiled for one kind of device: it loads only there "
+                    "and with the same torch version"}
+
+
+# The writer of each format of bundle.FORMATS, in that order.
+WRITERS = {"torchscript": _torchscript_artifact, "onnx": _onnx_artifact, "pt2": _pt2_artifact}

@@ -27,11 +27,11 @@ import threading
 from pathlib import Path
 import numpy as np
 
-from dhp_deploy.bundle import (ARTIFACT_FILES, ATOL, FORMATS, HEBB_FILE, HEBB_NAME,
-                               HEBB_OUT_NAME, INPUT_NAME, LABELS_NAME, NO_LABEL, OUTPUT_NAME,
-                               PLASTIC_GOLDEN_FILES, RTOL, BundleError, read_manifest)
-from dhp_deploy.runtime import (DEVICES, InputError, artifact_device, check_input, compare,
-                                load_pt2, ort_session, set_torch_threads)
+from dhp_deploy.bundle import (ATOL, HEBB_FILE, HEBB_NAME, HEBB_OUT_NAME, INPUT_NAME,
+                               LABELS_NAME, NO_LABEL, OUTPUT_NAME, PLASTIC_GOLDEN_FILES, RTOL,
+                               BundleError, read_manifest)
+from dhp_deploy.runtime import (InputError, artifact_device, check_input, checked_manifest,
+                                compare, load_artifact)
 
 __all__ = ["PlasticSession", "verify_plastic_bundle"]
 
@@ -47,33 +47,16 @@ class PlasticSession:
 
     def __init__(self, bundle_dir, backend: str = "torchscript", device: str = "cpu",
                  verify: bool = True, threads: int | None = 1) -> None:
-        if backend not in FORMATS:
-            raise BundleError(f"unknown backend {backend!r}, expected one of "
-                              f"{', '.join(FORMATS)}")
-        if device not in DEVICES:
-            raise BundleError(f"unknown device {device!r}, expected one of {', '.join(DEVICES)}")
         self.path = Path(bundle_dir)
-        self.manifest = read_manifest(self.path, verify=verify)
-        if not self.manifest.get("plastic"):
-            raise BundleError(f"{self.path} is a frozen bundle (its trace is folded in); a "
-                              f"plastic session needs one exported with dhp-export --plastic")
-        if backend not in (self.manifest.get("artifacts") or {}):
-            raise BundleError(f"{self.path} has no {backend} artifact; re-export with "
-                              f"--format {backend} or all")
-        if threads is not None and threads < 1:
-            raise BundleError(f"threads must be >= 1 or None, got {threads}")
+        self.manifest = checked_manifest(self.path, backend, device, verify, threads,
+                                         plastic=True)
         self.backend, self.device = backend, device
         self.in_features = int(self.manifest["input"]["shape"][1])
         self.num_classes = int(self.manifest["output"]["shape"][1])
         self.initial = _load(self.path / HEBB_FILE)
-        artifact = self.path / ARTIFACT_FILES[backend]
-        if backend != "onnx":
-            set_torch_threads(threads)
-        loaders = {"torchscript": lambda: _TorchState(_torchscript(artifact, device), device),
-                   "onnx": lambda: _OrtState(artifact, device, threads),
-                   "pt2": lambda: _TorchState(load_pt2(artifact, device, self.manifest), device,
-                                              copy_outputs=True)}
-        self._state = loaders[backend]()
+        loaded = load_artifact(self.path, self.manifest, backend, device, threads)
+        self._state = (_OrtState(loaded, device) if backend == "onnx"
+                       else _TorchState(loaded, device, copy_outputs=backend == "pt2"))
         self._state.load(self.initial)
         # One lock per session: a call's read of the trace, the model run and the write of the
         # new trace form one atomic step (two threads interleaving them lose an update).
@@ -200,19 +183,6 @@ def _load(path: Path) -> np.ndarray:
         raise BundleError(f"{path} is not a readable .npy ({err})") from None
 
 
-def _torchscript(path: Path, device: str):
-    import torch
-
-    if device == "cuda" and not torch.cuda.is_available():
-        raise BundleError("device cuda requested but torch.cuda.is_available() is False")
-    try:
-        return torch.jit.load(str(path), map_location=device).eval()
-    except (RuntimeError, ValueError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise BundleError(f"{path} is not a loadable TorchScript module ({first[:200]})") \
-            from None
-
-
 class _TorchState:
     r"""The trace as a torch tensor on ``device``, fed to ``model`` (TorchScript or .pt2)."""
 
@@ -256,10 +226,10 @@ class _OrtState:
     call reads one and writes the other, then they swap. Inputs bind from host memory, the logits
     come back to it."""
 
-    def __init__(self, path: Path, device: str, threads: int | None) -> None:
+    def __init__(self, session, device: str) -> None:
         import onnxruntime as ort
 
-        self.ort, self.session = ort, ort_session(path, device, threads)
+        self.ort, self.session = ort, session
         self.device = device
         self.binding = self.session.io_binding()
         self.buffers = None

@@ -32,15 +32,15 @@ from typing import Optional
 
 import numpy as np
 
-from dhp_deploy.bundle import (ARTIFACT_FILES, ATOL, FORMATS, GOLDEN_FILES, RTOL, BundleError,
-                               read_manifest)
+from dhp_deploy.bundle import (ARTIFACT_FILES, ATOL, DEVICES, FORMATS, GOLDEN_FILES, RTOL,
+                               BundleError, read_manifest)
 
 __all__ = ["BundleError", "InputError", "Prediction", "Runtime", "open_bundle", "read_manifest",
            "artifact_device", "ort_session", "verify_bundle", "compare", "check_input", "load_pt2",
+           "checked_manifest", "load_artifact", "LOADERS",
            "time_calls", "set_torch_threads", "BACKENDS", "DEVICES"]
 
 BACKENDS = FORMATS
-DEVICES = ("cpu", "cuda")
 
 
 class InputError(BundleError):
@@ -99,13 +99,9 @@ class Runtime:
         self.num_classes = int(manifest["output"]["shape"][1])
         self._heads = {int(h["task_id"]): np.asarray(h["classes"], dtype=np.int64)
                        for h in manifest.get("task_heads") or []}
-        artifact = path / ARTIFACT_FILES[backend]
-        if backend != "onnx":
-            set_torch_threads(threads)
-        loaders = {"torchscript": lambda: _torchscript(artifact, device),
-                   "onnx": lambda: _onnxruntime(artifact, device, manifest, threads),
-                   "pt2": lambda: _pt2(artifact, device, manifest)}
-        self._run = loaders[backend]()
+        loaded = load_artifact(path, manifest, backend, device, threads)
+        self._run = (_onnxruntime(loaded, manifest) if backend == "onnx"
+                     else _torch_call(loaded, device, copy=backend == "pt2"))
 
     @property
     def tasks(self) -> list[int]:
@@ -196,13 +192,25 @@ def open_bundle(bundle_dir, backend: str = "torchscript", device: str = "cpu",
                 verify: bool = True, threads: Optional[int] = 1) -> Runtime:
     r"""Open a bundle with ``backend`` ("torchscript" | "onnx" | "pt2") on ``device`` ("cpu" |
     "cuda"), with ``threads`` intra-op threads (1 by default; see the module's docstring)."""
+    bundle_dir = Path(bundle_dir)
+    manifest = checked_manifest(bundle_dir, backend, device, verify, threads, plastic=False)
+    return Runtime(bundle_dir, manifest, backend, device, threads)
+
+
+def checked_manifest(bundle_dir: Path, backend: str, device: str, verify: bool,
+                     threads: Optional[int], plastic: bool) -> dict:
+    r"""The manifest of a bundle about to be opened, after the checks every way of opening one
+    makes (:func:`open_bundle`, the plastic session): a known backend and device, the bundle's
+    kind (frozen or ``plastic``), its artifact for ``backend``, a valid thread count."""
     if backend not in BACKENDS:
         raise BundleError(f"unknown backend {backend!r}, expected one of {', '.join(BACKENDS)}")
     if device not in DEVICES:
         raise BundleError(f"unknown device {device!r}, expected one of {', '.join(DEVICES)}")
-    bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir, verify=verify)
-    if manifest.get("plastic"):
+    if plastic and not manifest.get("plastic"):
+        raise BundleError(f"{bundle_dir} is a frozen bundle (its trace is folded in); a "
+                          f"plastic session needs one exported with dhp-export --plastic")
+    if not plastic and manifest.get("plastic"):
         raise BundleError(f"{bundle_dir} is a plastic bundle (its trace is an input); open it "
                           f"with dhp_deploy.plastic_session.PlasticSession")
     if backend not in (manifest.get("artifacts") or {}):
@@ -211,7 +219,17 @@ def open_bundle(bundle_dir, backend: str = "torchscript", device: str = "cpu",
                           f"re-export with --format {backend} or all")
     if threads is not None and threads < 1:
         raise BundleError(f"threads must be >= 1 or None, got {threads}")
-    return Runtime(bundle_dir, manifest, backend, device, threads)
+    return manifest
+
+
+def load_artifact(bundle_dir: Path, manifest: dict, backend: str, device: str,
+                  threads: Optional[int]):
+    r"""The bundle's artifact of ``backend`` loaded on ``device``: a TorchScript module, an
+    AOTInductor callable or an onnxruntime session, for frozen and plastic bundles alike;
+    one-line BundleErrors."""
+    if backend != "onnx":
+        set_torch_threads(threads)
+    return LOADERS[backend](bundle_dir / ARTIFACT_FILES[backend], device, manifest, threads)
 
 
 def artifact_device(manifest: dict, backend: str) -> str:
@@ -258,12 +276,19 @@ def _torchscript(path: Path, device: str):
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise BundleError(f"{path} is not a loadable TorchScript module ({first[:200]})") \
             from None
-    module.eval()  # a loaded module keeps the training flag it was saved with
+    return module.eval()  # a loaded module keeps the training flag it was saved with
+
+
+def _torch_call(model, device: str, copy: bool):
+    r"""numpy in, numpy out through a TorchScript module or an AOTInductor package (``copy``: the
+    package may reuse its output buffer on the next call)."""
+    import torch
 
     def run(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            out = module(torch.from_numpy(x).to(device))
-        return out.float().cpu().numpy()
+            out = model(torch.from_numpy(x).to(device))
+        out = out.float().cpu().numpy()
+        return out.copy() if copy else out
 
     return run
 
@@ -304,19 +329,6 @@ def _check_zip(path: Path) -> None:
         raise BundleError(f"{path} is damaged (its member {broken} fails its CRC check)")
 
 
-def _pt2(path: Path, device: str, manifest: dict):
-    import torch
-
-    model = load_pt2(path, device, manifest)
-
-    def run(x: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            out = model(torch.from_numpy(x).to(device))
-        return out.float().cpu().numpy().copy()  # the package may reuse its output buffer
-
-    return run
-
-
 def ort_session(path: Path, device: str, threads: Optional[int] = 1):
     r"""An onnxruntime session of ``path`` on ``device`` with ``threads`` intra-op threads (None:
     onnxruntime's default, all cores); CUDA must really be active (onnxruntime falls back to CPU
@@ -346,8 +358,7 @@ def ort_session(path: Path, device: str, threads: Optional[int] = 1):
     return session
 
 
-def _onnxruntime(path: Path, device: str, manifest: dict, threads: Optional[int]):
-    session = ort_session(path, device, threads)
+def _onnxruntime(session, manifest: dict):
     input_name = manifest["input"]["name"]
     output_name = manifest["output"]["name"]
 
@@ -355,6 +366,13 @@ def _onnxruntime(path: Path, device: str, manifest: dict, threads: Optional[int]
         return session.run([output_name], {input_name: x})[0]
 
     return run
+
+
+# The loader of each format of bundle.FORMATS: (artifact path, device, manifest, threads) → the
+# loaded artifact.
+LOADERS = {"torchscript": lambda path, device, manifest, threads: _torchscript(path, device),
+           "onnx": lambda path, device, manifest, threads: ort_session(path, device, threads),
+           "pt2": lambda path, device, manifest, threads: load_pt2(path, device, manifest)}
 
 
 def time_calls(fn, x, iters: int, warmup: int = 5) -> np.ndarray:

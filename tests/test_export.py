@@ -15,7 +15,8 @@ import torch
 
 from dhp_deploy.run_dir import load_model
 from dhp_deploy.export import (ATOL, RTOL, ExportError, benchmark_of_run, evaluate_accuracy,
-                               export_run, fold_model, sha256_file, write_onnx)
+                               export_run, fold_model, sha256_file)
+from dhp_deploy.formats import write_onnx
 from dhp_deploy.network import DHPNet, task_logits
 
 from cli_helpers import assert_one_line_error, run_cli
@@ -291,14 +292,14 @@ def test_failure_before_commit_leaves_nothing(served, tmp_path, data_dir):
 
 
 def test_failure_mid_export_leaves_nothing(served, tmp_path, monkeypatch, data_dir):
-    import dhp_deploy.export as export
+    from dhp_deploy.formats import WRITERS
 
     run, _ = served
 
     def broken_onnx(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(export, "write_onnx", broken_onnx)
+    monkeypatch.setitem(WRITERS, "onnx", broken_onnx)
     with pytest.raises(ExportError, match="No space left"):
         export_run(run, tmp_path / "b", ("torchscript", "onnx"), data_dir=data_dir)
     assert list(tmp_path.iterdir()) == []

@@ -253,3 +253,19 @@ def test_runtimes_default_to_one_intra_op_thread_and_take_another(served):
         torch.set_num_threads(saved)
     with pytest.raises(BundleError, match="threads must be >= 1"):
         open_bundle(served[1], threads=0)
+
+
+def test_every_format_is_declared_once_and_complete():
+    r"""A format of bundle.FORMATS has its file name, its writer (export) and its loader (serve),
+    and the command lines offer exactly these formats: adding one is those three entries."""
+    from dhp_deploy.bundle import ARTIFACT_FILES, FORMATS
+    from dhp_deploy.cli.export import main as export_command
+    from dhp_deploy.cli.serve import BACKEND_CHOICES
+    from dhp_deploy.formats import WRITERS
+    from dhp_deploy.runtime import LOADERS
+
+    assert list(WRITERS) == list(LOADERS) == list(ARTIFACT_FILES) == list(FORMATS)
+    assert len(set(ARTIFACT_FILES.values())) == len(FORMATS), "one file name per format"
+    option = next(p for p in export_command.params if p.name == "fmt")
+    assert list(option.type.choices) == [*FORMATS, "all", "triton"]
+    assert list(BACKEND_CHOICES) == [*FORMATS, "all"]

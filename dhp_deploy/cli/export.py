@@ -5,7 +5,9 @@ from pathlib import Path
 
 import click
 
-FORMAT_CHOICES = ("torchscript", "onnx", "pt2", "all", "triton")
+from dhp_deploy.bundle import FORMATS
+
+FORMAT_CHOICES = (*FORMATS, "all", "triton")
 
 
 class ExportFailed(click.ClickException):
@@ -55,7 +57,7 @@ def main(ctx, run_dir, fmt, out_dir, overwrite, golden_count, data_dir, allow_un
     _refuse_ignored_options(ctx, fmt, plastic)
     if out_dir is not None:
         _check_out_parent(out_dir)
-    from dhp_deploy.export import FORMATS, ExportError, export_run
+    from dhp_deploy.export import ExportError, export_run
     from dhp_deploy.plastic_session import verify_plastic_bundle
     from dhp_deploy.runtime import verify_bundle
 

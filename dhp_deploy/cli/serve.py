@@ -4,8 +4,9 @@ from pathlib import Path
 
 import click
 
-BACKEND_CHOICES = ("torchscript", "onnx", "pt2", "all")
-DEVICE_CHOICES = ("cpu", "cuda")
+from dhp_deploy.bundle import DEVICES, FORMATS
+
+BACKEND_CHOICES = (*FORMATS, "all")
 
 
 class ServeFailed(click.ClickException):
@@ -14,7 +15,7 @@ class ServeFailed(click.ClickException):
 
 bundle_argument = click.argument("bundle", type=click.Path(exists=True, file_okay=False,
                                                            path_type=Path))
-device_option = click.option("--device", type=click.Choice(DEVICE_CHOICES), default="cpu",
+device_option = click.option("--device", type=click.Choice(DEVICES), default="cpu",
                              show_default=True, help="Where to run (cuda fails if unavailable).")
 
 
@@ -182,7 +183,7 @@ def _check_plastic(bundle: Path, backends: list, device: str, atol, rtol) -> Non
 @click.option("--all-classes", is_flag=True,
               help="Logits of all classes, argmax over all of them, even for a task-incremental "
                    "bundle (whose heads were never trained to compete).")
-@click.option("--backend", type=click.Choice(BACKEND_CHOICES[:3]), default="torchscript",
+@click.option("--backend", type=click.Choice(FORMATS), default="torchscript",
               show_default=True, help="Runtime to use.")
 @device_option
 @click.option("--allow-nonfinite", is_flag=True,
