@@ -58,7 +58,7 @@ from dhp_deploy.run_dir import CHECKPOINT_NAME, METRICS_NAME  # noqa: E402
 from reproduction.jobs import (MAX_EXTENSIONS, SEARCH_SEED, SEARCH_VALUES,  # noqa: E402
                                all_diverged, choose_strengths, grid_jobs, search_jobs)
 from reproduction.naming import (PAPER_BENCHMARKS, TRACE_BENCHMARKS, TRACE_SEEDS,  # noqa: E402
-                                 INTERVENTIONS, SUFFIXES, TRACE_VARIANTS, VARIANT_GROUPS,
+                                 DHP_STRENGTH, INTERVENTIONS, SUFFIXES, TRACE_VARIANTS, VARIANT_GROUPS,
                                  train_command)
 from dhp_deploy.metrics import format_duration  # noqa: E402
 from reproduction.records import REPO  # noqa: E402
@@ -106,7 +106,10 @@ def _known_variant(name: str) -> bool:
     r"""A variant of the grid with suffixes (``si~fixed-perms``); the interventions (on the trace)
     only on a DHP head."""
     base, *suffixes = name.split("~")
-    return (base in VARIANT_GROUPS["all"] and all(suffix in SUFFIXES for suffix in suffixes)
+    if DHP_STRENGTH in suffixes and not base.startswith("dhp+"):
+        return False  # a strength searched on the DHP network: DHP with a regulariser only
+    return (base in VARIANT_GROUPS["all"]
+            and all(suffix in SUFFIXES or suffix == DHP_STRENGTH for suffix in suffixes)
             and (base.startswith("dhp") or not set(suffixes) & set(INTERVENTIONS)))
 
 
@@ -215,7 +218,11 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     if args.step == "search":
         return search(args)
-    jobs = grid_jobs(args, role=args.step)
+    try:
+        jobs = grid_jobs(args, role=args.step)
+    except ValueError as err:  # e.g. ~dhp-strength before its search
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     states = [run_state(*job) for job in jobs]
     print_plan(jobs, states, args.log, args.jobs)
     if args.dry_run:

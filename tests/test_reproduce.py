@@ -23,6 +23,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import reproduce  # noqa: E402
 import results  # noqa: E402
 from reproduction import naming  # noqa: E402
+from reproduction.jobs import grid_jobs  # noqa: E402
 
 TINY = ["--benchmarks", "split-mnist", "--epochs", "1", "--num-tasks", "2", "--train-limit", "200",
         "--test-limit", "100", "--hidden", "16", "--fisher-samples", "20",
@@ -431,6 +432,36 @@ def test_variant_groups_and_settings():
     assert naming.training_variant({"method": "si", "dhp": True}) == "dhp+si@linear"
     with pytest.raises(argparse.ArgumentTypeError):
         reproduce._variants("dhp,nonsense")
+
+
+def test_dhp_strength_runs_at_the_dhp_network_search_and_keeps_its_name(tmp_path):
+    r"""``~dhp-strength`` (not a training setting) trains DHP+X at the strength of the search on
+    the DHP network, is refused without that search or without a regulariser, and its name
+    survives the summary's migration (which recomputes the rest from the config)."""
+    from reproduction import records
+
+    strengths = tmp_path / "strengths.json"
+    strengths.write_text(json.dumps({"split-mnist": {"si": {"si_c": 0.1}},
+                                     "split-mnist+dhp": {"si": {"si_c": 0.001}}}))
+    args = reproduce.parse_arguments(["grid", "--benchmarks", "split-mnist", "--seeds", "0",
+                                      "--variants", "dhp+si,dhp+si~dhp-strength,dhp+si~eta-bound",
+                                      "--strengths", str(strengths), "--jobs", "1",
+                                      "--runs", str(tmp_path / "runs")])
+    jobs = {job[1].parent.name: job[0] for job in grid_jobs(args)}
+    assert jobs["dhp+si"].si_c == 0.1 and jobs["dhp+si~eta-bound"].si_c == 0.1
+    assert jobs["dhp+si~dhp-strength"].si_c == 0.001
+    assert jobs["dhp+si~dhp-strength"].eta_bound is False  # otherwise the paper's settings
+    strengths.write_text(json.dumps({"split-mnist": {"si": {"si_c": 0.1}}}))
+    with pytest.raises(ValueError, match="search --dhp"):
+        grid_jobs(args)
+    for name in ("dhp~dhp-strength", "si~dhp-strength"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            reproduce._variants(name)
+    training = {"method": "si", "dhp": True, "head_init": "authors", "eta_bound": False}
+    record = {"kind": naming.SUMMARY_KIND, "variant": "dhp+si~dhp-strength",
+              "config": {"training": training}, "metrics": None}
+    assert records.migrate_summary(record)["variant"] == "dhp+si~dhp-strength"
+    assert records.migrate_summary({**record, "variant": "dhp+si"})["variant"] == "dhp+si"
 
 
 def test_findings_name_the_diverged_dhp_runs_and_their_trace():

@@ -9,8 +9,8 @@ from dhp_deploy.run_dir import METRICS_NAME, atomic_write_json
 from dhp_deploy.config import TrainConfig
 from reproduction.naming import (DIVERGED_NAME, PAPER_PROTOCOL, PAPER_SETTINGS,
                                  SUMMARY_DIR_RUNS, SUMMARY_DIR_SEARCH, SUMMARY_DIR_TRACE,
-                                 grid_protocol, grid_variants, protocol_tag, strengths_key,
-                                 variant_settings)
+                                 DHP_STRENGTH, grid_protocol, grid_variants, protocol_tag,
+                                 record_suffix, strengths_key, variant_settings)
 from reproduction.records import read_summary, summarize_run
 from reproduction.runs import recorded_result
 
@@ -147,6 +147,20 @@ def chosen_strengths(path: Path, benchmark: str, protocol: str, log) -> dict:
             for method, entry in chosen[source].items()}
 
 
+def dhp_network_strengths(path: Path, benchmark: str, protocol: str) -> dict:
+    r"""``{method: {option: value}}`` searched on the DHP network for ``benchmark`` under
+    ``protocol`` (``reproduce.py search --dhp``), for the ``~dhp-strength`` variants; no fallback
+    to another benchmark's: a ValueError names the search to run."""
+    chosen = json.loads(path.read_text()) if path.exists() else {}
+    key = strengths_key(benchmark, protocol, dhp=True)
+    if key not in chosen:
+        raise ValueError(f"~{DHP_STRENGTH} needs the strengths searched on the DHP network "
+                         f"({key} in {path}): run reproduce.py search --dhp --benchmark "
+                         f"{benchmark} first")
+    return {method: {STRENGTH_OPTION[method]: entry[STRENGTH_OPTION[method]]}
+            for method, entry in chosen[key].items()}
+
+
 def grid_jobs(args, role: str = "grid") -> list:
     r"""The runs of a grid (``role`` "grid") or of the trace study ("trace"): every benchmark ×
     seed × variant with the chosen strengths, seed-major.
@@ -162,9 +176,12 @@ def grid_jobs(args, role: str = "grid") -> list:
         for seed in args.seeds:  # seed-major: every variant of seed 0 first, then seed 1, ...
             for variant in grid_variants(benchmark, args.variants):
                 settings = variant_settings(variant)
+                chosen = (dhp_network_strengths(args.strengths, benchmark,
+                                                protocol_tag(asdict(plain)))
+                          if record_suffix(variant) else strengths)
                 config = base_config(args, benchmark, **settings, seed=seed,
                                      val_fraction=args.val_fraction,
-                                     **strengths.get(settings["method"], {}))
+                                     **chosen.get(settings["method"], {}))
                 place = Path(benchmark) / protocol_tag(asdict(config)) / variant
                 grid_job = (config, args.runs / place / f"seed{seed}", "grid",
                             args.summaries / SUMMARY_DIR_RUNS / place / f"seed{seed}.json")

@@ -36,8 +36,14 @@ INTERVENTIONS = {"eta-bound": {"eta_bound": True}, "trace-reset": {"trace_reset"
 # one seed for every run, so that a seed varies only the init, batch order and subsets.
 PROTOCOL_VARIANTS = {"fixed-perms": {"permutation_seed": 0}}
 SUFFIXES = {**INTERVENTIONS, **PROTOCOL_VARIANTS}
+# A suffix of the reproduction rather than of the training settings (a run's config cannot tell
+# it): ``~dhp-strength`` trains DHP+X at the strength searched on the DHP network itself
+# (strengths.json's BENCHMARK+dhp) instead of the plain head's. The run folder's name carries it
+# into the run's summary, whose variant keeps it.
+DHP_STRENGTH = "dhp-strength"
 SUFFIX_DISPLAY = {"eta-bound": "η in [0, 1], ours", "trace-reset": "trace reset per task, ours",
-                  "fixed-perms": "permutations fixed per task"}
+                  "fixed-perms": "permutations fixed per task",
+                  DHP_STRENGTH: "strength searched on the DHP network, ours"}
 DISPLAY = {name: cls.display for name, cls in REGISTRY.items()}
 BENCHMARK_ORDER = ("permuted-mnist", "imbalanced-permuted-mnist", "split-mnist",
                    "split-fashion-mnist")
@@ -48,8 +54,14 @@ VARIANT_GROUPS = {"paper": VARIANTS, "ablation": ABLATION_VARIANTS,
 # The trace study (reproduce.py trace): DHP on a shared head with its plain partners, with the
 # trace diagnostics, and each intervention on the same DHP variants.
 TRACE_PAIRS = (("finetune", "dhp"), ("online-ewc", "dhp+online-ewc"), ("si", "dhp+si"))
+# Each intervention alone, then the two together (suffixes in SUFFIXES' order, as variant_name
+# writes them); the study's default runs. The strength searched on the DHP network is reported
+# where run (--variants dhp+si~dhp-strength: only where that search chose another strength).
+STUDY_INTERVENTIONS = (*INTERVENTIONS, "~".join(INTERVENTIONS))
+TRACE_TREATMENTS = (*STUDY_INTERVENTIONS, DHP_STRENGTH)
 TRACE_VARIANTS = (tuple(name for pair in TRACE_PAIRS for name in pair)
-                  + tuple(f"{dhp}~{name}" for name in INTERVENTIONS for _, dhp in TRACE_PAIRS))
+                  + tuple(f"{dhp}~{name}" for name in STUDY_INTERVENTIONS
+                          for _, dhp in TRACE_PAIRS))
 TRACE_BENCHMARKS, TRACE_SEEDS = ("permuted-mnist",), tuple(range(10))
 # The grid docs/RESULTS.md reports, per benchmark (a grid without --variants runs this): the
 # whole ablation on Split MNIST; on the permuted benchmarks, whose runs cost ~4 min each, the
@@ -78,6 +90,12 @@ def variant_name(method: str, dhp: bool, head_init: str | None = None,
         if training and all(training.get(key) == value for key, value in settings.items()):
             name += f"~{suffix}"
     return name
+
+
+def record_suffix(variant: str) -> str:
+    r"""The reproduction's own suffix of a variant name as a job named it (``"~dhp-strength"``),
+    which the run's training settings cannot tell; else ``""``."""
+    return f"~{DHP_STRENGTH}" if DHP_STRENGTH in variant.split("~")[1:] else ""
 
 
 def training_variant(training: dict) -> str:
@@ -164,7 +182,8 @@ def variant_settings(variant: str) -> dict:
     ``"dhp~eta-bound"`` → finetune, DHP head, η kept in [0, 1]."""
     variant, *suffixes = variant.split("~")
     name, _, head_init = variant.partition("@")
-    extra = {key: value for suffix in suffixes for key, value in SUFFIXES[suffix].items()}
+    extra = {key: value for suffix in suffixes if suffix != DHP_STRENGTH
+             for key, value in SUFFIXES[suffix].items()}
     if name == "dhp":
         settings = {"method": "finetune", "dhp": True}
     elif name.startswith("dhp+"):

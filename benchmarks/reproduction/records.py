@@ -13,7 +13,8 @@ from dhp_deploy.config import TrainConfig
 from dhp_deploy.run_dir import (CONFIG_NAME, METRICS_NAME, atomic_write_json, build_model,
                                 load_checkpoint)
 from reproduction.naming import (ADAPTATION_KIND, DIVERGED_NAME, SUMMARY_KIND, SUMMARY_VERSION,
-                                 protocol_tag, train_command, training_variant)
+                                 protocol_tag, record_suffix, train_command,
+                                 training_variant)
 
 REPO = Path(__file__).resolve().parents[2]  # the repository root
 # A DHP run's trace diagnostics in metrics.json (dhp_deploy.train.Progress), as summaries keep them.
@@ -72,7 +73,7 @@ def summarize_run(run_dir, command: str | None = None, device: str = "cpu",
         "version": SUMMARY_VERSION,
         "role": provenance["role"],
         "benchmark": training["benchmark"],
-        "variant": training_variant(training),
+        "variant": training_variant(training) + record_suffix(run_dir.parent.name),
         "method": training["method"],
         "dhp": training["dhp"],
         "seed": training["seed"],
@@ -143,7 +144,8 @@ def migrate_summary(record: dict) -> dict:
     record = {**SUMMARY_DEFAULTS, **record}
     if record["metrics"] is not None:
         record["metrics"] = {**METRICS_DEFAULTS, **record["metrics"]}
-    record["variant"] = training_variant(record["config"]["training"])
+    record["variant"] = (training_variant(record["config"]["training"])
+                         + record_suffix(record.get("variant", "")))
     return record
 
 

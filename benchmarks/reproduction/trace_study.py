@@ -5,7 +5,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from reproduction.naming import INTERVENTIONS, TRACE_PAIRS, display_name
+from reproduction.naming import TRACE_PAIRS, TRACE_TREATMENTS, display_name
 from reproduction.stats import collapsed, mean_std, verdict
 
 RECOVERED, NOT_RECOVERED = 0.75, 0.25  # share of the gap to X an evaluation must win back
@@ -239,7 +239,7 @@ def _final_mean(runs: dict, variant: str) -> str:
 def _intervention_rows(runs: dict) -> list[str]:
     lines = ["| variant | runs | X | DHP+X (paper) | with the intervention | intervention − X "
              "| intervention − DHP+X |", "|---|---|---|---|---|---|---|"]
-    for name in INTERVENTIONS:
+    for name in TRACE_TREATMENTS:
         for plain_name, dhp_name in TRACE_PAIRS:
             treated = runs.get(f"{dhp_name}~{name}", {})
             if not treated:
@@ -272,7 +272,7 @@ def trace_section(records) -> list[str]:
                                      _recovery_rows(runs.get(plain_name, {}), runs[dhp_name]),
                                      stopped)
         etas = [_eta_summary(variant, runs[variant]) for _, dhp_name in TRACE_PAIRS
-                for variant in (dhp_name, *(f"{dhp_name}~{name}" for name in INTERVENTIONS))
+                for variant in (dhp_name, *(f"{dhp_name}~{name}" for name in TRACE_TREATMENTS))
                 if runs.get(variant)]
         if any(etas):
             lines += ["Where the learned rate η went (the trace update (1 − η)·Hebb + η·mean "
@@ -280,9 +280,9 @@ def trace_section(records) -> list[str]:
                       "and alternates sign, above 2 it grows):", ""]
             lines += [f"- {text}" for text in etas if text] + [""]
         for _, dhp_name in TRACE_PAIRS:
-            for variant in (dhp_name, *(f"{dhp_name}~{name}" for name in INTERVENTIONS)):
+            for variant in (dhp_name, *(f"{dhp_name}~{name}" for name in TRACE_TREATMENTS)):
                 lines += _diagnostics_table(variant, runs.get(variant, {}))
-        if any(runs.get(f"{dhp}~{name}") for name in INTERVENTIONS for _, dhp in TRACE_PAIRS):
+        if any(runs.get(f"{dhp}~{name}") for name in TRACE_TREATMENTS for _, dhp in TRACE_PAIRS):
             lines += ["Interventions (ours, not the paper's), final average accuracy (%), "
                       "mean ± std over finished seeds; paired differences as elsewhere "
                       "(Holm-corrected with the report's other tests). Where the study did not "
