@@ -10,7 +10,7 @@ DHP_DATA_DIR ?= ./data
 export DHP_DATA_DIR
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench reproduce cpp clean
+.PHONY: install demo test test-fast bench reproduce cpp clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -rs
+
+# The inner loop: no real MNIST, nothing marked slow (the maths, statistics, serving edges).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not mnist and not slow"
 
 # Every benchmark script of benchmarks/ into docs/PERFORMANCE.md (BENCH_ARGS=--quick: a fast check).
 BENCH_ARGS ?=

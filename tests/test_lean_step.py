@@ -132,6 +132,7 @@ def test_training_with_the_lean_step_matches_autograd(tmp_path, method, dhp, hea
                                  abs=0.02)
 
 
+@pytest.mark.slow
 def test_fused_and_eager_heads_train_alike_in_float32(monkeypatch):
     r"""200 float32 steps at a large η (0.7, lerp's other branch): the fused head tracks the eager
     one to float32 rounding, and the lean step uses it on the CPU."""

@@ -209,6 +209,7 @@ def test_committed_report_regenerates_from_committed_summaries(tmp_path, monkeyp
     assert (tmp_path / "docs" / "RESULTS.md").read_text() == committed
 
 
+@pytest.mark.slow
 def test_make_reproduce_on_the_committed_records_trains_nothing(tmp_path):
     # The README's reproduction steps, as subprocesses, against a copy of the committed records:
     # every run is recorded, so nothing trains (no data needed) and the report comes back byte
