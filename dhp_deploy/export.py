@@ -179,7 +179,9 @@ def _read_metrics(run_dir: Path, payload: dict) -> dict:
 
 
 def _manifest(model: DHPNet, frozen: FrozenMLP, payload: dict, metrics: dict, formats,
-              golden: dict, sections: dict) -> dict:
+              golden: dict, sections: dict, plastic_io: Optional[dict]) -> dict:
+    r"""The bundle's manifest; ``plastic_io``: the plastic model's inputs and outputs, None for a
+    frozen bundle."""
     config = payload.get("config", {})
     model_config = config.get("model", {})
     bench = payload.get("benchmark", {})
@@ -195,7 +197,8 @@ def _manifest(model: DHPNet, frozen: FrozenMLP, payload: dict, metrics: dict, fo
             "in_features": in_features,
             "hidden": [m.out_features for m in linears[:-1]],
             "num_classes": num_classes,
-            "head": "dhp-folded" if isinstance(model.head, DHPSoftmax) else "plain",
+            "head": ("dhp-plastic" if plastic_io else
+                     "dhp-folded" if isinstance(model.head, DHPSoftmax) else "plain"),
             "folding": "head weight = (w + alpha * hebb)^T with the latest trace (DHP), or the "
                        "plain head's weight; bias-free",
             "parameters": sum(p.numel() for p in frozen.parameters()),
@@ -222,7 +225,8 @@ def _manifest(model: DHPNet, frozen: FrozenMLP, payload: dict, metrics: dict, fo
         # null where that format was not written.
         **{fmt: sections.get(fmt) for fmt in FORMATS if fmt != "torchscript"},
         "golden": golden,
-        "plastic": False,  # a plastic bundle says True and documents its I/O under plastic_io
+        "plastic": plastic_io is not None,
+        **({"plastic_io": plastic_io} if plastic_io else {}),
         "files": {},
     }
 
@@ -285,11 +289,10 @@ def export_run(run_dir, out_dir, formats: Sequence[str] = FORMATS, *, overwrite:
                   else _write_goldens(tmp, model, benchmark, golden_count))
         sections = {fmt: WRITERS[fmt](served, tmp / ARTIFACT_FILES[fmt], plastic, pt2_device)
                     for fmt in formats}
-        manifest = _manifest(model, frozen, payload, metrics, formats, golden, sections)
-        if plastic:
+        if plastic:  # the session's initial state
             _save_npy(tmp / HEBB_FILE, model.head.hebb.numpy().astype(np.float32))
-            manifest["plastic"], manifest["plastic_io"] = True, _plastic_manifest(model)
-            manifest["model"]["head"] = "dhp-plastic"
+        manifest = _manifest(model, frozen, payload, metrics, formats, golden, sections,
+                             _plastic_manifest(model) if plastic else None)
         for path in sorted(tmp.iterdir()):
             manifest["files"][path.name] = {"sha256": sha256_file(path),
                                             "bytes": path.stat().st_size}
