@@ -22,6 +22,26 @@ def data_dir() -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def _synthetic_root(tmp_path_factory) -> tuple[Path, dict]:
+    from synthetic import write_idx_root
+
+    root = tmp_path_factory.mktemp("synthetic-mnist")
+    return root, write_idx_root(root)
+
+
+@pytest.fixture
+def synthetic_mnist(_synthetic_root, monkeypatch) -> Path:
+    r"""A data root of small synthetic MNIST-format files (12000 train, 2000 test images) whose
+    checksums this test's ``dhp_deploy.data.MD5`` accepts: the data path, the task builders and
+    everything in-process above them run on it without the real files (the fast lane)."""
+    from dhp_deploy import data
+
+    root, checksums = _synthetic_root
+    monkeypatch.setitem(data.MD5, "MNIST", {**data.MD5["MNIST"], **checksums})
+    return root
+
+
 # Small but real: 1 epoch per task on 2000 training images, the full MNIST test set (10000).
 SERVED_TRAINING = ["--benchmark", "split-mnist", "--method", "finetune", "--dhp", "--epochs", "1",
                    "--train-limit", "2000", "--hidden", "64,64", "--lr", "0.05", "--seed", "0"]

@@ -25,3 +25,38 @@ def split_benchmark(input_size: int = 784, train: int = 256, test: int = 64, num
                           torch.empty(0, dtype=torch.int64), x_test, y_test))
     return Benchmark("synthetic-split", tasks, "task", seed, num_classes=2 * num_tasks,
                      input_size=input_size)
+
+
+# --------------------------------------------------------------------------- MNIST-format files
+
+
+def write_idx_root(root, train: int = 12000, test: int = 2000, seed: int = 0) -> dict:
+    r"""An MNIST root (``root/MNIST/raw/*.gz``, the real layout and IDX format) of ``train`` and
+    ``test`` 28×28 images, classes 0–9 in turn; each class is its own noisy template, so a network
+    can learn them. Returns ``{file name: MD5}`` of the four files: the checksums a test puts in
+    ``dhp_deploy.data.MD5`` for the time it reads them (see ``conftest.synthetic_mnist``)."""
+    import gzip
+    import hashlib
+    from pathlib import Path
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    templates = rng.random((10, 28, 28)) < 0.25
+    raw = Path(root) / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    checksums = {}
+    for prefix, count in (("train", train), ("t10k", test)):
+        labels = (np.arange(count) % 10).astype(np.uint8)
+        rng.shuffle(labels)
+        noise = rng.integers(0, 96, (count, 28, 28))
+        images = np.where(templates[labels], 255 - noise, noise).astype(np.uint8)
+        for name, magic, dims, body in (
+                (f"{prefix}-images-idx3-ubyte.gz", 2051, (count, 28, 28), images),
+                (f"{prefix}-labels-idx1-ubyte.gz", 2049, (count,), labels)):
+            header = b"".join(int(v).to_bytes(4, "big") for v in (magic, *dims))
+            # mtime=0: the same bytes, so the same checksum, on every call.
+            payload = gzip.compress(header + body.tobytes(), compresslevel=1, mtime=0)
+            (raw / name).write_bytes(payload)
+            checksums[name] = hashlib.md5(payload).hexdigest()
+    return checksums

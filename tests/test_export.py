@@ -365,3 +365,27 @@ def test_a_bundle_that_fails_verification_is_never_written(served, tmp_path, dat
     with pytest.raises(ExportError, match="failed verification"):
         export_run(run, out, ("onnx",), data_dir=data_dir, verify=tamper_then_verify)
     assert not out.exists() and list((tmp_path / "bundles").iterdir()) == []
+
+
+def test_train_export_and_serve_run_on_synthetic_files(synthetic_mnist, tmp_path):
+    r"""The whole data → train → export → serve path in-process on synthetic MNIST-format files
+    (the fast lane): frozen and plastic bundles, TorchScript and ONNX, each verified against its
+    goldens before it is committed, then opened and checked again."""
+    from dhp_deploy.plastic_session import PlasticSession, verify_plastic_bundle
+    from dhp_deploy.runtime import open_bundle, verify_bundle
+    from dhp_deploy.tasks import build_benchmark
+    from dhp_deploy.train import TrainConfig, TrainingRun
+
+    config = TrainConfig(benchmark="split-mnist", method="si", num_tasks=2, epochs=1,
+                         hidden=(32,), train_limit=256, test_limit=100, batch_size=32, lr=0.1)
+    benchmark = build_benchmark(**config.data_arguments(), data_dir=synthetic_mnist)
+    metrics = TrainingRun.start(config, benchmark, tmp_path / "run").run()
+    assert min(metrics["acc_matrix"][1]) > 0.75  # both tasks learnt (chance: 0.5)
+    formats = ("torchscript", "onnx")
+    frozen = export_run(tmp_path / "run", tmp_path / "frozen", formats, golden_count=64,
+                        data_dir=synthetic_mnist, verify=verify_bundle)
+    plastic = export_run(tmp_path / "run", tmp_path / "plastic", formats, golden_count=64,
+                         data_dir=synthetic_mnist, plastic=True, verify=verify_plastic_bundle)
+    for backend in formats:
+        assert open_bundle(frozen, backend=backend).check()["ok"]
+        assert PlasticSession(plastic, backend=backend).check()["ok"]

@@ -1,4 +1,5 @@
-r"""dhp_deploy.tasks on the real MNIST files: task facts, seeding, imbalance, batching."""
+r"""dhp_deploy.tasks: task facts and exact pixels on the real MNIST files; seeding, imbalance,
+limits and carving on synthetic MNIST-format files (the fast lane); batching."""
 import json
 
 import pytest
@@ -55,8 +56,8 @@ def test_task_tensors_dtype_and_range(split_mnist):
         assert 0.0 <= t.x_train.min() and t.x_train.max() <= 1.0 and t.x_train.max() == 1.0
 
 
-def test_class_incremental_and_describe(data_dir):
-    bench = B.build_benchmark("split-mnist", data_dir, class_incremental=True, num_tasks=2,
+def test_class_incremental_and_describe(synthetic_mnist):
+    bench = B.build_benchmark("split-mnist", synthetic_mnist, class_incremental=True, num_tasks=2,
                               **SMALL)
     assert bench.scenario == "class" and len(bench.tasks) == 2
     summary = json.loads(json.dumps(bench.describe()))
@@ -94,33 +95,33 @@ def test_permuted_mnist_permutations(data_dir, raw_mnist):
             assert not torch.equal(perms[i], perms[j])
 
 
-def test_permutations_seeded(data_dir):
+def test_permutations_seeded(synthetic_mnist):
     tiny = dict(train_limit=50, test_limit=50, num_tasks=3)
-    a = B.build_benchmark("permuted-mnist", data_dir, seed=7, **tiny)
-    b = B.build_benchmark("permuted-mnist", data_dir, seed=7, **tiny)
-    c = B.build_benchmark("permuted-mnist", data_dir, seed=8, **tiny)
+    a = B.build_benchmark("permuted-mnist", synthetic_mnist, seed=7, **tiny)
+    b = B.build_benchmark("permuted-mnist", synthetic_mnist, seed=7, **tiny)
+    c = B.build_benchmark("permuted-mnist", synthetic_mnist, seed=8, **tiny)
     for ta, tb, tc in zip(a.tasks, b.tasks, c.tasks):
         assert torch.equal(ta.permutation, tb.permutation) and torch.equal(ta.x_train, tb.x_train)
         assert torch.equal(ta.x_test, tb.x_test)
         assert ta.task_id == 0 or not torch.equal(ta.permutation, tc.permutation)
     # A shorter sequence is a prefix of a longer one; the default length is 10.
     assert all(torch.equal(p, q) for p, q in zip(B.permutations(3, 7), B.permutations(10, 7)))
-    assert len(B.build_benchmark("permuted-mnist", data_dir, train_limit=10, test_limit=10).tasks) \
+    assert len(B.build_benchmark("permuted-mnist", synthetic_mnist, train_limit=10, test_limit=10).tasks) \
         == 10
 
 
-def test_a_permutation_seed_fixes_the_tasks_and_leaves_the_rest_to_the_seed(data_dir):
+def test_a_permutation_seed_fixes_the_tasks_and_leaves_the_rest_to_the_seed(synthetic_mnist):
     tiny = dict(train_limit=50, test_limit=50, num_tasks=3)
-    fixed = [B.build_benchmark("imbalanced-permuted-mnist", data_dir, seed=seed,
+    fixed = [B.build_benchmark("imbalanced-permuted-mnist", synthetic_mnist, seed=seed,
                                permutation_seed=0, **tiny) for seed in (0, 1)]
-    redrawn = B.build_benchmark("imbalanced-permuted-mnist", data_dir, seed=0, **tiny)
+    redrawn = B.build_benchmark("imbalanced-permuted-mnist", synthetic_mnist, seed=0, **tiny)
     for a, b, own in zip(fixed[0].tasks, fixed[1].tasks, redrawn.tasks):
         assert torch.equal(a.permutation, b.permutation)  # one sequence of tasks for both seeds
         assert torch.equal(a.x_train, own.x_train)  # seed 0 with its own seed's permutations
         assert a.task_id == 0 or not torch.equal(a.y_train, b.y_train)  # subsets: the seed's
     assert fixed[0].describe()["options"]["permutation_seed"] == 0
     with pytest.raises(DataError, match="permutation_seed"):
-        B.build_benchmark("split-mnist", data_dir, permutation_seed=0, **tiny)
+        B.build_benchmark("split-mnist", synthetic_mnist, permutation_seed=0, **tiny)
 
 
 def test_a_benchmark_of_a_known_kind_is_one_spec(data_dir, monkeypatch):
@@ -132,10 +133,10 @@ def test_a_benchmark_of_a_known_kind_is_one_spec(data_dir, monkeypatch):
     assert not torch.equal(bench.tasks[1].permutation, torch.arange(784))
 
 
-def test_imbalance_realised_equals_scheme(data_dir):
+def test_imbalance_realised_equals_scheme(synthetic_mnist):
     options = dict(seed=3, num_tasks=3, train_limit=6000, test_limit=300, val_fraction=0.1)
-    balanced = B.build_benchmark("permuted-mnist", data_dir, **options)
-    imbalanced = B.build_benchmark("imbalanced-permuted-mnist", data_dir, **options)
+    balanced = B.build_benchmark("permuted-mnist", synthetic_mnist, **options)
+    imbalanced = B.build_benchmark("imbalanced-permuted-mnist", synthetic_mnist, **options)
     assert imbalanced.scenario == "domain"
     for bal, imb in zip(balanced.tasks, imbalanced.tasks):
         fractions = B.imbalance_fractions(imb.task_id, 3)
@@ -164,10 +165,10 @@ def test_imbalance_fractions_scheme():
 # --------------------------------------------------------------------------- limits, validation
 
 
-def test_val_carve_disjoint_and_seeded(data_dir):
-    plain = B.build_benchmark("split-mnist", data_dir, num_tasks=1, **SMALL)
-    carved = B.build_benchmark("split-mnist", data_dir, num_tasks=1, val_fraction=0.25, **SMALL)
-    again = B.build_benchmark("split-mnist", data_dir, num_tasks=1, val_fraction=0.25, **SMALL)
+def test_val_carve_disjoint_and_seeded(synthetic_mnist):
+    plain = B.build_benchmark("split-mnist", synthetic_mnist, num_tasks=1, **SMALL)
+    carved = B.build_benchmark("split-mnist", synthetic_mnist, num_tasks=1, val_fraction=0.25, **SMALL)
+    again = B.build_benchmark("split-mnist", synthetic_mnist, num_tasks=1, val_fraction=0.25, **SMALL)
     task, pool = carved.tasks[0], plain.tasks[0]
     assert task.sizes == {"train": 1500, "val": 500, "test": 300}
     train, val = _rows(task.x_train), _rows(task.x_val)
@@ -175,7 +176,7 @@ def test_val_carve_disjoint_and_seeded(data_dir):
     assert train | val == _rows(pool.x_train)  # the limit's pick does not depend on the carve
     assert torch.equal(task.x_test, pool.x_test)
     assert torch.equal(task.x_val, again.tasks[0].x_val)
-    other = B.build_benchmark("split-mnist", data_dir, num_tasks=1, seed=1, **SMALL)
+    other = B.build_benchmark("split-mnist", synthetic_mnist, num_tasks=1, seed=1, **SMALL)
     assert not torch.equal(other.tasks[0].y_train, pool.y_train) or \
         not torch.equal(other.tasks[0].x_train, pool.x_train)
 

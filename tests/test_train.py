@@ -1,5 +1,6 @@
-"""The training loop in-process on real MNIST: every method with and without DHP, the paper's
-Split MNIST accuracy, consolidation against forgetting, metrics, checkpoints and exact resume."""
+"""The training loop in-process: every method with and without DHP, metrics, checkpoints and exact
+resume on synthetic MNIST-format files (the fast lane); the paper's Split MNIST accuracy and
+consolidation against forgetting on the real files."""
 
 import hashlib
 import json
@@ -60,9 +61,9 @@ def test_metrics_of_a_known_matrix():
 
 @pytest.mark.parametrize("dhp", [True, False], ids=["dhp", "plain"])
 @pytest.mark.parametrize("method", METHODS)
-def test_every_method_trains_with_and_without_dhp(method, dhp, tmp_path, data_dir):
+def test_every_method_trains_with_and_without_dhp(method, dhp, tmp_path, synthetic_mnist):
     config = TrainConfig(method=method, dhp=dhp, **TINY)
-    run, metrics = train(config, tmp_path, data_dir)
+    run, metrics = train(config, tmp_path, synthetic_mnist)
     torch.manual_seed(config.seed)
     initial = build_model(run.config_json["model"])  # same seed → the run's starting weights
     matrix = metrics["acc_matrix"]
@@ -81,7 +82,7 @@ def test_every_method_trains_with_and_without_dhp(method, dhp, tmp_path, data_di
         assert run.model.head.hebb.abs().sum() > 0
 
 
-def test_trace_is_not_reset_between_tasks(tmp_path, data_dir):
+def test_trace_is_not_reset_between_tasks(tmp_path, synthetic_mnist):
     config = TrainConfig(method="finetune", **{**TINY, "epochs": 1})
     hebb_after_task0 = {}
 
@@ -90,7 +91,7 @@ def test_trace_is_not_reset_between_tasks(tmp_path, data_dir):
             hebb_after_task0["value"] = run_holder[0].model.head.hebb.clone()
 
     run_holder = []
-    benchmark = build_benchmark(**config.data_arguments(), data_dir=data_dir)
+    benchmark = build_benchmark(**config.data_arguments(), data_dir=synthetic_mnist)
     run = TrainingRun.start(config, benchmark, tmp_path, on_step=remember)
     run_holder.append(run)
     run.run()
@@ -139,15 +140,15 @@ class Interrupted(Exception):
     pass
 
 
-def test_resume_mid_task_is_bit_identical(tmp_path, data_dir):
+def test_resume_mid_task_is_bit_identical(tmp_path, synthetic_mnist):
     config = TrainConfig(method="si", momentum=0.9, **{**TINY, "epochs": 3})
-    straight, straight_metrics = train(config, tmp_path / "straight", data_dir)
+    straight, straight_metrics = train(config, tmp_path / "straight", synthetic_mnist)
 
     def stop_mid_epoch(steps):  # 8 steps per epoch: step 36 is inside task 1, epoch 1
         if steps == 36:
             raise Interrupted
 
-    benchmark = build_benchmark(**config.data_arguments(), data_dir=data_dir)
+    benchmark = build_benchmark(**config.data_arguments(), data_dir=synthetic_mnist)
     with pytest.raises(Interrupted):
         TrainingRun.start(config, benchmark, tmp_path / "cut", on_step=stop_mid_epoch).run()
     payload = load_checkpoint(tmp_path / "cut")
@@ -161,9 +162,9 @@ def test_resume_mid_task_is_bit_identical(tmp_path, data_dir):
         assert torch.equal(tensor, resumed.regularizer.state_dict()[name]), name
 
 
-def test_checkpoint_layout_feeds_load_model_and_rebuilds_the_test_sets(tmp_path, data_dir):
+def test_checkpoint_layout_feeds_load_model_and_rebuilds_the_test_sets(tmp_path, synthetic_mnist):
     config = TrainConfig(method="ewc", val_fraction=0.25, **TINY)
-    run, _ = train(config, tmp_path, data_dir)
+    run, _ = train(config, tmp_path, synthetic_mnist)
     written = json.loads((tmp_path / "metrics.json").read_text())
     assert len(written["val_acc_matrix"]) == 2 and len(written["val_avg_acc"]) == 2
     model, payload = load_model(tmp_path)
@@ -177,7 +178,7 @@ def test_checkpoint_layout_feeds_load_model_and_rebuilds_the_test_sets(tmp_path,
     assert set(payload["config"]) == {"training", "model", "versions", "world_size", "backend"}
     assert (payload["config"]["world_size"], payload["config"]["backend"]) == (1, None)
     rebuilt = build_benchmark(**TrainConfig.from_json(payload["config"]).data_arguments(),
-                              data_dir=data_dir)
+                              data_dir=synthetic_mnist)
     for original, again in zip(run.benchmark.tasks, rebuilt.tasks):
         assert torch.equal(original.x_test, again.x_test)
         assert torch.equal(original.y_test, again.y_test)
