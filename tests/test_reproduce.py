@@ -465,6 +465,14 @@ def test_dhp_strength_runs_at_the_dhp_network_search_and_keeps_its_name(tmp_path
     assert records.migrate_summary({**record, "variant": "dhp+si"})["variant"] == "dhp+si"
 
 
+def test_the_trace_report_takes_in_every_regulariser_run_with_an_intervention():
+    from reproduction import trace_study
+
+    pairs = trace_study._pairs({"dhp+ewc~eta-bound": {}, "dhp+si~dhp-strength": {},
+                                "dhp+mas": {}, "ewc~fixed-perms": {}})
+    assert pairs == [*naming.TRACE_PAIRS, ("ewc", "dhp+ewc")]
+
+
 def test_findings_name_the_diverged_dhp_runs_and_their_trace():
     from reproduction.report import _divergences
 

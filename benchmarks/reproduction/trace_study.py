@@ -236,11 +236,23 @@ def _final_mean(runs: dict, variant: str) -> str:
     return f"{100 * mean:.2f}" + (f" ± {100 * std:.2f}" if std is not None else "")
 
 
+def _pairs(runs: dict) -> list[tuple[str, str]]:
+    r"""The study's pairs (X, DHP+X), then any other regulariser's whose DHP+X was run with an
+    intervention (``dhp+ewc~eta-bound``: whether the default is stable for every method)."""
+    pairs = list(TRACE_PAIRS)
+    for variant in sorted(runs):
+        base, _, treatment = variant.partition("~")
+        if treatment in TRACE_TREATMENTS and base.startswith("dhp+") \
+                and base not in {dhp for _, dhp in pairs}:
+            pairs.append((base[4:], base))
+    return pairs
+
+
 def _intervention_rows(runs: dict) -> list[str]:
     lines = ["| variant | runs | X | DHP+X (paper) | with the intervention | intervention − X "
              "| intervention − DHP+X |", "|---|---|---|---|---|---|---|"]
     for name in TRACE_TREATMENTS:
-        for plain_name, dhp_name in TRACE_PAIRS:
+        for plain_name, dhp_name in _pairs(runs):
             treated = runs.get(f"{dhp_name}~{name}", {})
             if not treated:
                 continue
@@ -271,7 +283,7 @@ def trace_section(records) -> list[str]:
                 lines += _pair_table(plain_name, dhp_name,
                                      _recovery_rows(runs.get(plain_name, {}), runs[dhp_name]),
                                      stopped)
-        etas = [_eta_summary(variant, runs[variant]) for _, dhp_name in TRACE_PAIRS
+        etas = [_eta_summary(variant, runs[variant]) for _, dhp_name in _pairs(runs)
                 for variant in (dhp_name, *(f"{dhp_name}~{name}" for name in TRACE_TREATMENTS))
                 if runs.get(variant)]
         if any(etas):
@@ -279,10 +291,11 @@ def trace_section(records) -> list[str]:
                       "decays only for η in [0, 1]; below 0 it grows, above 1 it overshoots "
                       "and alternates sign, above 2 it grows):", ""]
             lines += [f"- {text}" for text in etas if text] + [""]
-        for _, dhp_name in TRACE_PAIRS:
+        for _, dhp_name in _pairs(runs):
             for variant in (dhp_name, *(f"{dhp_name}~{name}" for name in TRACE_TREATMENTS)):
                 lines += _diagnostics_table(variant, runs.get(variant, {}))
-        if any(runs.get(f"{dhp}~{name}") for name in TRACE_TREATMENTS for _, dhp in TRACE_PAIRS):
+        if any(runs.get(f"{dhp}~{name}")
+               for name in TRACE_TREATMENTS for _, dhp in _pairs(runs)):
             lines += ["Interventions (ours, not the paper's), final average accuracy (%), "
                       "mean ± std over finished seeds; paired differences as elsewhere "
                       "(Holm-corrected with the report's other tests). Where the study did not "
