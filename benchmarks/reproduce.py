@@ -58,8 +58,8 @@ from dhp_deploy.run_dir import CHECKPOINT_NAME, METRICS_NAME  # noqa: E402
 from reproduction.jobs import (MAX_EXTENSIONS, SEARCH_SEED, SEARCH_VALUES,  # noqa: E402
                                all_diverged, choose_strengths, grid_jobs, search_jobs)
 from reproduction.naming import (PAPER_BENCHMARKS, TRACE_BENCHMARKS, TRACE_SEEDS,  # noqa: E402
-                                 DHP_STRENGTH, INTERVENTIONS, SUFFIXES, TRACE_VARIANTS, VARIANT_GROUPS,
-                                 train_command)
+                                 DHP_STRENGTH, INTERVENTIONS, SUFFIXES, TRACE_VARIANTS,
+                                 VARIANT_GROUPS, train_command)
 from dhp_deploy.metrics import format_duration  # noqa: E402
 from reproduction.records import REPO  # noqa: E402
 from reproduction.runs import (RUN_STATUS, ConfigMismatch, auto_setting, execute,  # noqa: E402

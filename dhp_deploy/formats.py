@@ -6,7 +6,7 @@ input and an output).
 module, the artifact's path, whether the module is plastic and the device to compile for, and
 returns what the manifest records of it under the format's name (None: nothing). A new format is
 its file name in ``bundle.ARTIFACT_FILES``, a writer here and a loader in
-``runtime.load_artifact``."""
+``runtime.LOADERS``."""
 
 import copy
 import logging

@@ -30,8 +30,8 @@ import numpy as np
 from dhp_deploy.bundle import (ATOL, HEBB_FILE, HEBB_NAME, HEBB_OUT_NAME, INPUT_NAME,
                                LABELS_NAME, NO_LABEL, OUTPUT_NAME, PLASTIC_GOLDEN_FILES, RTOL,
                                BundleError, read_manifest)
-from dhp_deploy.runtime import (InputError, artifact_device, check_input, checked_manifest,
-                                compare, load_artifact)
+from dhp_deploy.runtime import (OUTPUTS_REUSED, InputError, artifact_device, check_input,
+                                checked_manifest, compare, load_artifact)
 
 __all__ = ["PlasticSession", "verify_plastic_bundle"]
 
@@ -56,7 +56,8 @@ class PlasticSession:
         self.initial = _load(self.path / HEBB_FILE)
         loaded = load_artifact(self.path, self.manifest, backend, device, threads)
         self._state = (_OrtState(loaded, device) if backend == "onnx"
-                       else _TorchState(loaded, device, copy_outputs=backend == "pt2"))
+                       else _TorchState(loaded, device,
+                                        copy_outputs=backend in OUTPUTS_REUSED))
         self._state.load(self.initial)
         # One lock per session: a call's read of the trace, the model run and the write of the
         # new trace form one atomic step (two threads interleaving them lose an update).

@@ -37,7 +37,7 @@ from dhp_deploy.bundle import (ARTIFACT_FILES, ATOL, DEVICES, FORMATS, GOLDEN_FI
 
 __all__ = ["BundleError", "InputError", "Prediction", "Runtime", "open_bundle", "read_manifest",
            "artifact_device", "ort_session", "verify_bundle", "compare", "check_input", "load_pt2",
-           "checked_manifest", "load_artifact", "LOADERS",
+           "checked_manifest", "load_artifact", "LOADERS", "OUTPUTS_REUSED",
            "time_calls", "set_torch_threads", "BACKENDS", "DEVICES"]
 
 BACKENDS = FORMATS
@@ -101,7 +101,7 @@ class Runtime:
                        for h in manifest.get("task_heads") or []}
         loaded = load_artifact(path, manifest, backend, device, threads)
         self._run = (_onnxruntime(loaded, manifest) if backend == "onnx"
-                     else _torch_call(loaded, device, copy=backend == "pt2"))
+                     else _torch_call(loaded, device, copy=backend in OUTPUTS_REUSED))
 
     @property
     def tasks(self) -> list[int]:
@@ -280,8 +280,8 @@ def _torchscript(path: Path, device: str):
 
 
 def _torch_call(model, device: str, copy: bool):
-    r"""numpy in, numpy out through a TorchScript module or an AOTInductor package (``copy``: the
-    package may reuse its output buffer on the next call)."""
+    r"""numpy in, numpy out through a TorchScript module or an AOTInductor package (``copy``:
+    see OUTPUTS_REUSED)."""
     import torch
 
     def run(x: np.ndarray) -> np.ndarray:
@@ -369,7 +369,9 @@ def _onnxruntime(session, manifest: dict):
 
 
 # The loader of each format of bundle.FORMATS: (artifact path, device, manifest, threads) → the
-# loaded artifact.
+# loaded artifact. An AOTInductor package may reuse its output buffers on the next call: its
+# outputs are copied out before they are returned or kept.
+OUTPUTS_REUSED = frozenset({"pt2"})
 LOADERS = {"torchscript": lambda path, device, manifest, threads: _torchscript(path, device),
            "onnx": lambda path, device, manifest, threads: ort_session(path, device, threads),
            "pt2": lambda path, device, manifest, threads: load_pt2(path, device, manifest)}
