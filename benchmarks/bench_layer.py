@@ -27,7 +27,8 @@ from dhp_deploy.layer import algorithm1_step
 from dhp_deploy.lean_step import step_gradients
 from dhp_deploy.regularizers import STRENGTH_OPTION
 from dhp_deploy.tasks import Benchmark, Task
-from dhp_deploy.train import TrainConfig, TrainingRun, target_map
+from dhp_deploy.steps import OneRunSteps, target_map
+from dhp_deploy.train import TrainConfig, TrainingRun
 from timing import (Figures, cuda_sync, matmul_peak, median_times,
                     training_flops_per_sample)
 
@@ -50,7 +51,7 @@ def training_steps(dhp: bool, x, y, device) -> tuple:
     steps = []
     for lean in (True, False):
         run = TrainingRun(config, benchmark, tempfile.gettempdir(), device, lean=lean)
-        steps.append(lambda run=run: run.train_step(x, y, head, targets_of))
+        steps.append(partial(OneRunSteps(run).step, x, y, head, targets_of))
     return tuple(steps)
 
 
@@ -66,11 +67,11 @@ def regularised_steps(x, y, device) -> dict:
         run = TrainingRun(TrainConfig(dhp=True, method=method, hidden=(HIDDEN, HIDDEN)),
                           benchmark, tempfile.gettempdir(), device)
         run.regularizer.before_task(run.model)
-        run.train_step(x, y, head, targets_of)
+        OneRunSteps(run).step(x, y, head, targets_of)
         run.regularizer.after_task(run.model, x, head, torch.Generator().manual_seed(0))
         run.regularizer.before_task(run.model)
         steps[f"DHPNet + {method} step (lean)"] = \
-            lambda run=run: run.train_step(x, y, head, targets_of)
+            partial(OneRunSteps(run).step, x, y, head, targets_of)
     return steps
 
 

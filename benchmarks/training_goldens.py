@@ -82,7 +82,7 @@ def record(out: Path) -> None:
 
 def compare(before: Path, after: Path) -> int:
     old, new = json.loads(before.read_text()), json.loads(after.read_text())
-    cases = sorted(set(old) | set(new) - {"_host"})
+    cases = sorted((set(old) | set(new)) - {"_host"})
     differ = [name for name in cases if old.get(name) != new.get(name)]
     for name in cases:
         print(f"{'DIFFERS' if name in differ else 'same   '} {name}")

@@ -23,17 +23,16 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from dhp_deploy.tasks import Benchmark, batches, seeded_generator
-from dhp_deploy.cuda_graph import GraphedSteps
+from dhp_deploy.tasks import Benchmark
 from dhp_deploy.distributed import SINGLE, Replicas
 from dhp_deploy.run_dir import (CHECKPOINT_NAME, CONFIG_NAME, CheckpointError, atomic_write_json,
                                 build_model, load_checkpoint, save_checkpoint)
 from dhp_deploy.metrics import average_accuracies, format_duration, run_metrics, write_run_metrics
-from dhp_deploy.lean_step import lean_gradients, supports_lean_step
-from dhp_deploy.network import task_logits
+from dhp_deploy.lean_step import supports_lean_step
+from dhp_deploy.loop import Loop
+from dhp_deploy.steps import OneRunSteps, derived_generator, target_map
 from dhp_deploy.stability import (TrainingDiverged, TrainingError, UnstableStrength,
                                   check_finite, check_stable)
 from dhp_deploy.evaluation import dhp_heads, evaluate, task_heads, trace_evaluations
@@ -41,12 +40,7 @@ from dhp_deploy.config import TrainConfig
 from dhp_deploy.regularizers import build_regularizer
 
 __all__ = ["TrainConfig", "TrainingError", "TrainingDiverged", "UnstableStrength", "TrainingRun",
-           "start_or_resume", "derived_generator", "evaluate", "target_map", "dhp_heads"]
-
-def derived_generator(seed: int, purpose: str, *keys: int) -> torch.Generator:
-    r"""A CPU generator seeded from ``(seed, purpose, keys)`` alone (sha256, so streams are unrelated)."""
-    return seeded_generator("dhp-train", seed, purpose, *keys)
-
+           "start_or_resume"]
 
 @dataclass
 class Progress:
@@ -66,7 +60,8 @@ class Progress:
 
 
 class TrainingRun:
-    r"""One run: the model, optimiser, regulariser and progress, and the loop that advances them.
+    r"""One run's state: the model, optimiser, regulariser, position and progress, and what it does
+    between the loop's steps (:mod:`dhp_deploy.loop`, :mod:`dhp_deploy.steps`).
 
     Build with :meth:`start` (fresh) or :meth:`resume` (from a checkpoint payload), then call
     :meth:`run`. ``log`` receives one progress line per epoch; ``on_step`` is called with the number
@@ -94,12 +89,11 @@ class TrainingRun:
         if replicas.distributed and not self.lean:
             raise TrainingError("data-parallel training needs the lean step (a Linear+ReLU trunk "
                                 "and a DHP-Softmax or plain head), which synchronises the trace")
-        # On a GPU the lean plain-SGD step replays as one CUDA graph per task (launches, not
-        # arithmetic, bound a batch-64 step there); cuda_graphs=False keeps every step eager.
-        # Not data-parallel: the collectives stay outside graphs.
-        self.graphs = GraphedSteps(cuda_graphs and self.lean and self.device.type == "cuda"
-                                   and config.momentum == 0 and not replicas.distributed,
-                                   config.batch_size, self.log)
+        # On a GPU its lean plain-SGD steps may replay as one CUDA graph per task
+        # (dhp_deploy.steps); cuda_graphs=False keeps every step eager. Not data-parallel: the
+        # collectives stay outside graphs.
+        self.cuda_graphs = (cuda_graphs and self.lean and self.device.type == "cuda"
+                            and config.momentum == 0 and not replicas.distributed)
         self.heads = task_heads(benchmark, self.device)
         self.position = {"task": 0, "epoch": -1, "finished": False}
         self.progress = Progress()
@@ -144,25 +138,17 @@ class TrainingRun:
             atomic_write_json(run.run_dir / CONFIG_NAME, run.config_json)
         return run
 
-    # ------------------------------------------------------------------ the loop
+    # ------------------------------------------------------------------ between the steps
 
     def run(self) -> dict:
-        r"""Train from the saved position to the end; write the metrics files; return metrics.json."""
-        for _ in self.epochs():
-            pass
-        return self.write_metrics()
+        r"""Train from the saved position to the end; write the metrics files; return metrics.json.
+        Raises :class:`TrainingError` when the run diverges or its strength is unstable."""
+        return Loop([self], OneRunSteps(self), keep_going=False).run()[self]
 
     def epochs(self) -> Iterator[None]:
         r"""Train from the saved position to the end, yielding after each epoch (checkpointed):
         benchmarks/bench_train.py steps several runs' epochs in turn, so noise hits them alike."""
-        started, epochs_done, epochs_left = time.perf_counter(), 0, self.epochs_left()
-        while not self.position["finished"]:
-            task_id, epoch = self.begin_epoch()
-            loss, accuracy, seconds = self.train_epoch(task_id, epoch)
-            self.finish_epoch(task_id, epoch, loss, accuracy, seconds)
-            epochs_done += 1
-            self.log_epoch(loss, accuracy, started, epochs_done, epochs_left)
-            yield
+        return Loop([self], OneRunSteps(self), keep_going=False).epochs()
 
     def begin_epoch(self) -> tuple[int, int]:
         r"""The next epoch's ``(task_id, epoch)``; at a task's start, the trace reset (with
@@ -175,13 +161,18 @@ class TrainingRun:
         if epoch == 0:
             self.regularizer.before_task(self.model)
             self._check_stable(task_id)
-            self.graphs.clear()  # the regulariser's state may live in new tensors now
         return task_id, epoch
 
-    def finish_epoch(self, task_id: int, epoch: int, loss: float, accuracy: float,
-                     seconds: float) -> None:
-        r"""After an epoch's steps: the end of its task if it was the last epoch, the new position
-        and the epoch's record, then the checkpoint."""
+    def end_epoch(self, task_id: int, epoch: int, loss_sum: float, correct: float,
+                  seconds: float) -> None:
+        r"""After an epoch's steps (``loss_sum`` and ``correct`` over its samples): the checks
+        (raises :class:`TrainingDiverged`), the end of its task if it was the last epoch, the
+        new position and the epoch's record, then the checkpoint."""
+        count = max(len(self.benchmark.tasks[task_id].y_train), 1)
+        loss, accuracy = loss_sum / count, correct / count
+        self._check_finite(loss, task_id, epoch)
+        self.progress.timings["train_s"] += seconds
+        self.progress.timings["samples"] += count
         if epoch == self.config.epochs - 1:
             self.end_task(task_id)
         self.position = {"task": task_id, "epoch": epoch,
@@ -199,106 +190,12 @@ class TrainingRun:
         done = self.position["task"] * self.config.epochs + self.position["epoch"] + 1
         return len(self.benchmark.tasks) * self.config.epochs - done
 
-    def train_epoch(self, task_id: int, epoch: int) -> tuple[float, float, float]:
-        r"""One pass over the task's training set; returns (mean loss, accuracy, seconds)."""
-        task, head = self.benchmark.tasks[task_id], self.heads[task_id]
-        started = time.perf_counter()
-        targets_of = target_map(head, self.benchmark.num_classes, self.device)
-        generator = derived_generator(self.config.seed, "batches", task_id, epoch)
-        # [loss sum, correct], summed on device (no per-step host sync), then over the ranks.
-        totals = torch.zeros(2, dtype=torch.float64, device=self.device)
-        loss_sum, correct = totals[0], totals[1]  # views: one in-place op each per step
-        size = self.config.batch_size
-        sizes = [min(size, len(task.y_train) - start) for start in range(0, len(task.y_train), size)]
-        part = self.replicas.shard if self.replicas.distributed else None
-        for (xb, yb), global_size in zip(batches(task.x_train, task.y_train, size, generator,
-                                                 part=part), sizes):
-            loss, hits = self._step(task_id, xb, yb, head, targets_of, global_size)
-            loss_sum.add_(loss, alpha=global_size)
-            correct.add_(hits)
-            self.steps_this_process += 1
-            if self.on_step is not None:
-                self.on_step(self.steps_this_process)
-        loss_sum, correct = self.replicas.all_reduce(totals).tolist()
-        seconds = time.perf_counter() - started
-        return (*self.epoch_totals(task_id, epoch, loss_sum, correct, seconds), seconds)
-
-    def epoch_totals(self, task_id: int, epoch: int, loss_sum: float, correct: float,
-                     seconds: float) -> tuple[float, float]:
-        r"""An epoch's (mean loss, accuracy) from its sums; counts its time and samples. Raises
-        :class:`TrainingDiverged` when the loss or the weights are not finite."""
-        count = max(len(self.benchmark.tasks[task_id].y_train), 1)
-        mean_loss, accuracy = loss_sum / count, correct / count
-        self._check_finite(mean_loss, task_id, epoch)
-        self.progress.timings["train_s"] += seconds
-        self.progress.timings["samples"] += count
-        return mean_loss, accuracy
-
-    def _step(self, task_id: int, xb: Tensor, yb: Tensor, head: Optional[Tensor],
-              targets_of: Optional[Tensor], global_size: int) -> tuple[Tensor, Tensor]:
-        r"""One training step: replayed as the task's CUDA graph where it can be, else eager."""
-        return self.graphs(task_id, lambda x, y: self.train_step(x, y, head, targets_of,
-                                                                 global_size), xb, yb)
-
-    def train_step(self, xb: Tensor, yb: Tensor, head: Optional[Tensor],
-                   targets_of: Optional[Tensor],
-                   global_size: Optional[int] = None) -> tuple[Tensor, Tensor]:
-        r"""One SGD step on ``loss = ce + penalty``; returns the detached ce and the hit count.
-
-        The lean step (:mod:`dhp_deploy.lean_step`) where the model allows it, else autograd.
-        Data-parallel, ``(xb, yb)`` is this rank's slice of a batch of ``global_size`` rows, and
-        the ce and hits returned are the slice's share (the penalty is every rank's: not reduced).
-        """
-        if not self.lean:
-            return self.autograd_step(xb, yb, head, targets_of)
-        targets = yb if head is None else targets_of.index_select(0, yb)
-        task_grads, task_loss, _, hits = lean_gradients(self.model, xb, yb, head, targets,
-                                                        self.replicas, global_size,
-                                                        self.parameters)
-        ordered = self.gradients_with_penalty(task_grads)
-        if self.config.momentum == 0:  # SGD's own foreach update without its per-call overhead
-            with torch.no_grad():
-                torch._foreach_add_(self.parameters, ordered, alpha=-self.config.lr)
-            self.bound_eta()
-            self.regularizer.after_sgd_step(self.model, task_grads, self.config.lr)
-        else:
-            self.optimizer.step()
-            self.bound_eta()
-            self.regularizer.after_step(self.model)
-        return task_loss, hits
-
     @torch.no_grad()
     def bound_eta(self) -> None:
         r"""With ``eta_bound``, η back into [0, 1] after an update (projected SGD): η stays the
         parameter every exporter reads, and inside the bounds it learns exactly as unbounded."""
         for eta in self.bounded_etas:
             eta.clamp_(0.0, 1.0)
-
-    def gradients_with_penalty(self, task_grads: dict) -> list[Tensor]:
-        r"""The lean step's gradients plus the regulariser's penalty's, in parameter order, also
-        left in each ``.grad`` (as ``backward()`` leaves them: SI reads them after the update)."""
-        grads = self.regularizer.gradients_with_penalty(self.model, task_grads)
-        ordered = [grads[id(param)] for param in self.parameters]
-        for param, gradient in zip(self.parameters, ordered):
-            param.grad = gradient
-        return ordered
-
-    def autograd_step(self, xb: Tensor, yb: Tensor, head: Optional[Tensor],
-                      targets_of: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-        r"""The generic step: the model's forward, ``loss.backward()``, the optimiser."""
-        logits = self.model(xb, yb)  # the DHP head sees the labels: its trace updates
-        if head is not None:
-            logits, targets = task_logits(logits, head), targets_of[yb]
-        else:
-            targets = yb
-        task_loss = F.cross_entropy(logits, targets)
-        loss = task_loss + self.regularizer.penalty(self.model)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        self.bound_eta()
-        self.regularizer.after_step(self.model)
-        return task_loss.detach(), (logits.detach().argmax(1) == targets).sum()
 
     def end_task(self, task_id: int) -> None:
         r"""The regulariser's end-of-task step, then one row of test (and val) accuracies."""
@@ -385,8 +282,11 @@ class TrainingRun:
         check_stable(self.regularizer, self.config.lr, self.config.momentum, task_id,
                      self.run_dir / CHECKPOINT_NAME, self.position)
 
-    def log_epoch(self, loss, accuracy, started, epochs_done, epochs_left) -> None:
-        task_id, epoch = self.position["task"], self.position["epoch"]
+    def log_epoch(self, started: float, epochs_done: int, epochs_left: int) -> None:
+        r"""The progress line of the epoch just recorded (``started``: when the loop started)."""
+        record = self.progress.epochs[-1]
+        task_id, epoch, loss, accuracy = (record[key] for key in ("task", "epoch", "loss",
+                                                                  "train_acc"))
         elapsed = time.perf_counter() - started
         eta = elapsed / epochs_done * (epochs_left - epochs_done)
         line = (f"task {task_id + 1}/{len(self.benchmark.tasks)} epoch {epoch + 1}/"
@@ -426,16 +326,6 @@ def start_or_resume(run_dir, benchmark_of: Callable[[TrainConfig], Benchmark],
         raise TrainingError(f"cannot resume: the checkpoint in {run_dir} does not fit its "
                             f"configuration ({str(err).splitlines()[0][:200]})") from None
     return run, "resumed"
-
-
-def target_map(head: Optional[Tensor], num_classes: int, device) -> Optional[Tensor]:
-    r"""Global class id → position within the task's ``head`` (−1 for classes outside it); None
-    for no head (all classes: the targets are the labels)."""
-    if head is None:
-        return None
-    positions = torch.full((num_classes,), -1, dtype=torch.int64, device=device)
-    positions[head] = torch.arange(len(head), device=device)
-    return positions
 
 
 def _own_storage(state: dict) -> dict:

@@ -18,7 +18,8 @@ from dhp_deploy.distributed import from_environment, shutdown
 from dhp_deploy.network import task_logits
 from dhp_deploy.run_dir import build_model
 from dhp_deploy.tasks import batches, build_benchmark
-from dhp_deploy.train import TrainConfig, derived_generator
+from dhp_deploy.steps import derived_generator
+from dhp_deploy.train import TrainConfig
 
 
 def main(hebb_out: str, data_dir: str, train_limit: int) -> None:

@@ -13,12 +13,16 @@ PACKAGE = Path(__file__).resolve().parents[1] / "dhp_deploy"
 # data → model → train → export → serve → command line: a module may import only from its own
 # stage or earlier ones. io (atomic writes) is a utility below every stage: it sits with data,
 # which imports it, and imports nothing of the package itself (checked below).
-STAGES = {"io": 0, "data": 0, "tasks": 0, "layer": 1, "network": 1, "fused_head": 1, "lean_step": 2,
-          "cuda_graph": 2, "distributed": 2,
-          "plastic": 3, "triton": 3, "triton_repository": 3, "plastic_session": 4,
-          "importance": 2, "evaluation": 2, "stability": 2, "regularizers": 2, "metrics": 2, "run_dir": 2, "config": 2, "train": 2, "cohort": 2, "bundle": 3,
-          "formats": 3, "export": 3,
-          "runtime": 4, "cli": 5}
+STAGES = {
+    **dict.fromkeys(("io", "data", "tasks"), 0),
+    **dict.fromkeys(("layer", "network", "fused_head"), 1),
+    **dict.fromkeys(("lean_step", "cuda_graph", "distributed", "importance", "evaluation",
+                     "stability", "regularizers", "metrics", "run_dir", "config", "steps", "loop",
+                     "train", "cohort"), 2),
+    **dict.fromkeys(("plastic", "triton", "triton_repository", "bundle", "formats", "export"), 3),
+    **dict.fromkeys(("plastic_session", "runtime"), 4),
+    "cli": 5,
+}
 
 
 def import_graph() -> dict:

@@ -9,8 +9,9 @@ from dhp_deploy.cohort import Cohort
 from dhp_deploy.cuda_graph import GraphedStep
 from dhp_deploy.run_dir import CHECKPOINT_NAME, load_checkpoint
 from dhp_deploy.tasks import batches, build_benchmark
+from dhp_deploy.steps import target_map
 from dhp_deploy.train import (TrainConfig, TrainingError, TrainingRun, UnstableStrength,
-                              start_or_resume, target_map)
+                              start_or_resume)
 from test_train import TINY, one_thread  # noqa: F401 (the fixture: one thread for this module)
 
 # Two tasks of 3 epochs, so a cohort crosses a consolidation and a resume lands mid-task.
@@ -126,13 +127,13 @@ def test_a_cohort_on_the_gpu_equals_the_cpu_runs(tmp_path, data_dir):
     torch.cuda.set_sync_debug_mode("error")  # the eager stacked steps never wait for the host
     try:
         for x, y in steps:
-            cohort.step(x, y, head, targets_of)
+            cohort.steps.step(x, y, head, targets_of)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     on_gpu = started(configs, tmp_path / "gpu2", data_dir, device="cuda")
     cohort = Cohort(on_gpu)
     outcomes = cohort.run()
-    assert any(isinstance(step, GraphedStep) for step in cohort.graphs.captured.values())
+    assert any(isinstance(step, GraphedStep) for step in cohort.steps.graphs.captured.values())
     for config, run in zip(configs, on_gpu):
         reference, metrics = alone(config, tmp_path / f"cpu-{config.seed}", data_dir)
         for name, tensor in reference.model.state_dict().items():

@@ -18,7 +18,8 @@ from dhp_deploy.lean_step import _cross_entropy_and_gradient, lean_gradients, su
 from dhp_deploy.network import DHPNet, task_logits
 from dhp_deploy.importance import flat_slow_weights
 from dhp_deploy.regularizers import build_regularizer
-from dhp_deploy.train import TrainConfig, TrainingRun, target_map
+from dhp_deploy.steps import target_map
+from dhp_deploy.train import TrainConfig, TrainingRun
 from synthetic import split_benchmark
 
 IN, CLASSES = 20, 6

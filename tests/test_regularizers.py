@@ -13,7 +13,8 @@ from dhp_deploy.network import DHPNet, task_logits
 from dhp_deploy.importance import flat_slow_weights, mean_per_sample_gradient, slow_parameters
 from dhp_deploy.regularizers import (METHODS, ElasticWeightConsolidation, Finetune,
                                      MemoryAwareSynapses, SynapticIntelligence, build_regularizer)
-from dhp_deploy.train import TrainConfig, TrainingRun, target_map
+from dhp_deploy.steps import OneRunSteps, target_map
+from dhp_deploy.train import TrainConfig, TrainingRun
 from synthetic import split_benchmark
 
 CONSOLIDATING = [m for m in METHODS if m != "finetune"]
@@ -248,7 +249,7 @@ def test_si_on_the_lean_sgd_path_integrates_the_task_gradient_times_the_step(spl
             gradient = torch.cat([g.reshape(-1) for g in torch.autograd.grad(
                 ce + si.penalty(reference), slow)])
             before, integral = flat_slow_weights(model).detach().clone(), si.path_integral.clone()
-            run.train_step(xb, yb, head, targets_of)
+            OneRunSteps(run).step(xb, yb, head, targets_of)
             torch.testing.assert_close(flat_slow_weights(model).detach() - before,
                                        -config.lr * gradient, rtol=1e-3, atol=1e-7)
             expected = config.lr * task_gradient * gradient  # float32: rounding of the largest
@@ -388,7 +389,7 @@ def test_a_method_with_only_a_penalty_is_applied_on_the_lean_path(dhp, tmp_path)
         run = TrainingRun(config, benchmark, tmp_path, "cpu", lean=lean)
         run.regularizer = regularizer
         task, head = benchmark.tasks[0], run.heads[0]
-        run.train_step(task.x_train[:16], task.y_train[:16], head,
+        OneRunSteps(run).step(task.x_train[:16], task.y_train[:16], head,
                        target_map(head, benchmark.num_classes, run.device))
         return {name: p.detach().clone() for name, p in run.model.named_parameters()}
 

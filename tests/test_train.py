@@ -14,7 +14,8 @@ from dhp_deploy.run_dir import build_model, load_checkpoint, load_model
 from dhp_deploy.metrics import (average_accuracies, backward_transfer, final_accuracy, forgetting,
                                 forgetting_per_task, summarize)
 from dhp_deploy.regularizers import METHODS
-from dhp_deploy.train import TrainConfig, TrainingDiverged, TrainingRun, derived_generator
+from dhp_deploy.steps import derived_generator
+from dhp_deploy.train import TrainConfig, TrainingDiverged, TrainingRun
 from synthetic import split_benchmark
 
 
@@ -235,7 +236,7 @@ def _dhp_run(tmp_path, name, **overrides):
 
 
 def test_trace_diagnostics_evaluate_every_task_three_ways(tmp_path):
-    from dhp_deploy.train import evaluate
+    from dhp_deploy.evaluation import evaluate
 
     run = _dhp_run(tmp_path, "dhp")
     metrics = run.run()
