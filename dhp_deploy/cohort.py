@@ -19,6 +19,7 @@ records how many runs trained together.
 
 import json
 
+from dhp_deploy.config import model_arguments
 from dhp_deploy.loop import Loop
 from dhp_deploy.steps import StackedSteps
 from dhp_deploy.train import TrainingError, TrainingRun
@@ -43,7 +44,7 @@ def stack_key(run: TrainingRun) -> str:
     r"""What runs of one cohort must share: the network, the protocol, the data's sizes (which
     differ between seeds of Imbalanced Permuted MNIST), the device and the position."""
     tasks = run.benchmark.tasks
-    return json.dumps([run.config_json["model"], run.config.epochs, run.config.batch_size,
+    return json.dumps([model_arguments(run.config_json), run.config.epochs, run.config.batch_size,
                        run.config.lr, run.config.eta_bound, str(run.device),
                        run.benchmark.scenario,
                        [(len(task.y_train), list(task.classes)) for task in tasks],

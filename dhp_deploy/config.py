@@ -1,8 +1,19 @@
 r"""A run's configuration: every setting that decides its result (``config.json``, every checkpoint).
 
 Its own module, below the training loop: export, the reproduction and the command line read a
-run's configuration without importing the loop. Old configurations are read through one
-migration, :meth:`TrainConfig.from_json`.
+run's configuration without importing the loop.
+
+The JSON layout (version 2; ``config.json`` and every checkpoint's ``config``)::
+
+    {"config_version": 2,
+     "training":   every TrainConfig field, defaults resolved (the one place a setting is stored),
+     "data_shape": {"in_features", "num_classes"} (what the network needs besides the settings),
+     "versions":   {"dhp_deploy", "torch", "python"},
+     "world_size", "backend": the processes it trained with}
+
+Version 1 (no ``config_version``) also held a ``model`` section restating four training fields,
+and its runs may predate options (they ran without them). Every reader goes through
+:func:`migrate_config`, the one place those old layouts and defaults are known.
 """
 
 import json
@@ -14,11 +25,49 @@ import torch
 
 import dhp_deploy
 from dhp_deploy.layer import WEIGHT_INITS
-from dhp_deploy.network import default_head_init
+from dhp_deploy.network import DHPNet, default_head_init
 from dhp_deploy.regularizers import DEFAULTS, OPTIONS, SEARCHED_STRENGTHS, STRENGTH_OPTION
 from dhp_deploy.tasks import Benchmark
 
-__all__ = ["TrainConfig"]
+__all__ = ["TrainConfig", "CONFIG_VERSION", "migrate_config", "model_arguments", "build_model"]
+
+CONFIG_VERSION = 2
+# What a version-1 run that predates an option ran with: nn.Linear's init before head_init
+# existed, η free before eta_bound, and η's first initial value.
+_BEFORE_OPTIONS = {"head_init": "linear", "eta_bound": False, "eta_init": 0.01}
+# Version-1 sections derived from "training" that nothing reads.
+_V1_DERIVED = ("model", "data", "regularizer", "optimizer")
+
+
+def migrate_config(config: dict) -> dict:
+    r"""A run's JSON configuration in the current layout, from any version; ValueError for one
+    newer than this dhp-deploy reads."""
+    version = config.get("config_version", 1)
+    if version == CONFIG_VERSION:
+        return config
+    if version != 1:
+        raise ValueError(f"configuration version {version}, this dhp-deploy reads versions 1 to "
+                         f"{CONFIG_VERSION}")
+    migrated = {key: value for key, value in config.items() if key not in _V1_DERIVED}
+    migrated["training"] = {**_BEFORE_OPTIONS, **config["training"]}
+    if "model" in config:  # a partial config (settings alone) has no data shape
+        migrated["data_shape"] = {key: config["model"][key]
+                                  for key in ("in_features", "num_classes")}
+    return {"config_version": CONFIG_VERSION, **migrated}
+
+
+def model_arguments(config: dict) -> dict:
+    r"""The :class:`~dhp_deploy.network.DHPNet` arguments of a run's JSON configuration."""
+    config = migrate_config(config)
+    training = config["training"]
+    return {**config["data_shape"], "hidden": tuple(training["hidden"]), "dhp": training["dhp"],
+            "eta_init": training["eta_init"],
+            "head_init": training["head_init"] or default_head_init(training["dhp"])}
+
+
+def build_model(config: dict) -> DHPNet:
+    r"""A fresh network (initialised from torch's global generator) for a run's JSON config."""
+    return DHPNet(**model_arguments(config))
 
 
 @dataclass
@@ -94,21 +143,18 @@ class TrainConfig:
         return {name: getattr(self, name) for name in OPTIONS}
 
     def to_json(self, benchmark: Benchmark) -> dict:
-        r"""The run's JSON config: ``training`` (every setting, once: :meth:`from_json` reads it
-        back), ``model`` (what ``build_model`` needs: the settings plus the data's input and class
-        counts) and the versions it ran with. Configs of older runs also hold ``data``,
-        ``regularizer`` and ``optimizer`` sections derived from ``training``; nothing reads them."""
+        r"""The run's JSON config (the layout of the module's docstring): :meth:`from_json`
+        reads it back, :func:`build_model` builds its network."""
         return {
+            "config_version": CONFIG_VERSION,
             "training": {**asdict(self), "hidden": list(self.hidden)},
-            "model": {"in_features": benchmark.input_size, "num_classes": benchmark.num_classes,
-                      "hidden": list(self.hidden), "dhp": self.dhp, "eta_init": self.eta_init,
-                      "head_init": self.head_init},
+            "data_shape": {"in_features": benchmark.input_size,
+                           "num_classes": benchmark.num_classes},
             "versions": {"dhp_deploy": str(dhp_deploy.__version__), "torch": str(torch.__version__),
                          "python": platform.python_version()},
         }
 
     @classmethod
     def from_json(cls, config: dict) -> "TrainConfig":
-        # Runs saved before an option existed ran without it: head_init before it existed was
-        # nn.Linear's init, and η was free before eta_bound.
-        return cls(**{"head_init": "linear", "eta_bound": False, **config["training"]})
+        r"""The settings of a run's JSON config, any version (or of ``{"training": {...}}``)."""
+        return cls(**migrate_config(config)["training"])

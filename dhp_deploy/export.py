@@ -41,7 +41,7 @@ from dhp_deploy.run_dir import METRICS_NAME, CheckpointError, load_model
 from dhp_deploy.layer import DHPSoftmax, dhp_logits
 from dhp_deploy.network import DHPNet, PlainHead, predicted_classes
 from dhp_deploy.plastic import plastic_model, reference_step
-from dhp_deploy.config import TrainConfig
+from dhp_deploy.config import TrainConfig, model_arguments
 from dhp_deploy.formats import WRITERS
 
 __all__ = ["ExportError", "FrozenMLP", "fold_model", "export_run", "benchmark_of_run",
@@ -183,7 +183,7 @@ def _manifest(model: DHPNet, frozen: FrozenMLP, payload: dict, metrics: dict, fo
     r"""The bundle's manifest; ``plastic_io``: the plastic model's inputs and outputs, None for a
     frozen bundle."""
     config = payload.get("config", {})
-    model_config = config.get("model", {})
+    model_config = model_arguments(config)
     bench = payload.get("benchmark", {})
     linears = [m for m in frozen.modules() if isinstance(m, nn.Linear)]
     in_features = linears[0].in_features

@@ -3,16 +3,20 @@ r"""The run directory: its file names, atomic writes, checkpoints, and reading w
 Loads never unpickle code.
 
 A checkpoint is one ``torch.save`` file of tensors and plain Python values (dicts, lists, str, int,
-float, bool, None), loaded with ``weights_only=True``. Layout (format version 1)::
+float, bool, None), loaded with ``weights_only=True``. Layout (format version 2)::
 
-    {"format": "dhp-deploy-checkpoint", "version": 1,
-     "config":    the training configuration (JSON-able dict; "model" holds the network's arguments),
+    {"format": "dhp-deploy-checkpoint", "version": 2,
+     "config":    the run's JSON configuration (dhp_deploy.config: its layout and migration),
      "benchmark": {"name", "num_classes", "input_size", "scenario", "tasks": [{"task_id", "classes"}]},
      "model":     the network's state_dict (with the Hebbian trace),
      "optimizer", "regularizer", "rng": states needed for an exact resume ("optimizer" is None
                   where the run never built torch's SGD: plain SGD without momentum, no state),
      "position":  {"task": int, "epoch": int, "finished": bool},
-     "metrics":   metrics so far (JSON-able)}
+     "metrics":   metrics so far (JSON-able),
+     "saved_traces": per task done, each DHP head's trace at its end}
+
+Version 1 differs only in its configuration's layout (config version 1): :func:`load_checkpoint`
+and :func:`read_config` migrate it, so runs saved by older releases load, resume and export.
 
 A run directory holds ``checkpoint.pt`` (the latest), ``config.json`` and, when finished,
 ``metrics.json``, ``metrics.csv`` and ``accuracy.png``; these names are defined here only.
@@ -25,20 +29,22 @@ import torch
 
 # The atomic writes live in dhp_deploy.io (no torch); they are re-exported here, where the run
 # directory's writers have always found them.
+from dhp_deploy.config import build_model, migrate_config
 from dhp_deploy.io import atomic_write_bytes, atomic_write_json, atomic_write_text, atomic_writer
 from dhp_deploy.network import DHPNet
 
 __all__ = ["CheckpointError", "CHECKPOINT_NAME", "CONFIG_NAME", "METRICS_NAME",
            "METRICS_CSV_NAME", "PLOT_NAME", "RUN_FILES", "atomic_write_bytes", "atomic_write_text",
            "atomic_write_json", "save_checkpoint", "load_checkpoint", "is_finished", "read_config",
-           "read_metrics", "build_model", "load_model"]
+           "read_metrics", "load_model"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CONFIG_NAME = "config.json"
 METRICS_NAME, METRICS_CSV_NAME, PLOT_NAME = "metrics.json", "metrics.csv", "accuracy.png"
 RUN_FILES = (CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, METRICS_CSV_NAME, PLOT_NAME)
 FORMAT = "dhp-deploy-checkpoint"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: the configuration's first layout (migrated on load)
 
 
 class CheckpointError(Exception):
@@ -66,10 +72,14 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         raise CheckpointError(f"{path} is not a readable checkpoint ({reason[:200]})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a dhp-deploy checkpoint")
-    if payload.get("version") != VERSION:
+    if payload.get("version") not in READABLE_VERSIONS:
         raise CheckpointError(f"{path} has checkpoint format version {payload.get('version')}, "
-                              f"this dhp-deploy reads version {VERSION}")
-    return payload
+                              f"this dhp-deploy reads versions {READABLE_VERSIONS[0]} to {VERSION}")
+    try:
+        payload["config"] = migrate_config(payload["config"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{path} holds no readable run configuration ({err})") from None
+    return {**payload, "version": VERSION}
 
 
 def is_finished(run_dir) -> bool:
@@ -78,8 +88,8 @@ def is_finished(run_dir) -> bool:
 
 
 def read_config(run_dir) -> dict:
-    r"""The run's ``config.json``."""
-    return json.loads((Path(run_dir) / CONFIG_NAME).read_text())
+    r"""The run's ``config.json``, in the current layout (:func:`dhp_deploy.config.migrate_config`)."""
+    return migrate_config(json.loads((Path(run_dir) / CONFIG_NAME).read_text()))
 
 
 def read_metrics(run_dir) -> dict:
@@ -87,19 +97,10 @@ def read_metrics(run_dir) -> dict:
     return json.loads((Path(run_dir) / METRICS_NAME).read_text())
 
 
-def build_model(model_config: dict) -> DHPNet:
-    r"""A fresh network from the ``config["model"]`` dict of a checkpoint."""
-    return DHPNet(in_features=model_config["in_features"], num_classes=model_config["num_classes"],
-                  hidden=tuple(model_config["hidden"]), dhp=model_config["dhp"],
-                  eta_init=model_config.get("eta_init", 0.01),
-                  # Configs written before the option existed were all trained with "linear".
-                  head_init=model_config.get("head_init", "linear"))
-
-
 def load_model(run_dir) -> tuple[DHPNet, dict]:
     r"""The trained network of a run (eval mode, latest trace) and its checkpoint payload."""
     payload = load_checkpoint(run_dir)
-    model = build_model(payload["config"]["model"])
+    model = build_model(payload["config"])
     try:
         model.load_state_dict(payload["model"])
     except RuntimeError as err:

@@ -3,8 +3,9 @@ r"""Continual training: tasks in sequence, consolidation, evaluation, checkpoint
 For each task: ``epochs`` passes of shuffled mini-batches, each step ``loss = ce + penalty`` with the
 cross-entropy over the task's classes (scenario ``"task"``: multi-head, targets remapped to positions
 within the task) or over all classes (``"class"``, ``"domain"``). The DHP head gets the labels so its
-Hebbian trace updates; the trace is never reset. After the task's last epoch: the regulariser's
-end-of-task step, then every task's test set is evaluated (one row of the accuracy matrix).
+Hebbian trace updates; it is zeroed at a task's start only with ``trace_reset``. After the task's
+last epoch: the regulariser's end-of-task step, then every task's test set is evaluated (one row of
+the accuracy matrix). The loop itself is :mod:`dhp_deploy.loop`, the steps :mod:`dhp_deploy.steps`.
 
 A checkpoint is written after every epoch (and once before training). Its ``position`` is the last
 completed epoch, ``{"task": t, "epoch": e}`` (``e = -1``: nothing of task t done yet); the end-of-task
@@ -28,7 +29,7 @@ from torch import Tensor
 from dhp_deploy.tasks import Benchmark
 from dhp_deploy.distributed import SINGLE, Replicas
 from dhp_deploy.run_dir import (CHECKPOINT_NAME, CONFIG_NAME, CheckpointError, atomic_write_json,
-                                build_model, load_checkpoint, save_checkpoint)
+                                load_checkpoint, save_checkpoint)
 from dhp_deploy.metrics import average_accuracies, format_duration, run_metrics, write_run_metrics
 from dhp_deploy.lean_step import supports_lean_step
 from dhp_deploy.loop import Loop
@@ -36,7 +37,7 @@ from dhp_deploy.steps import OneRunSteps, derived_generator, target_map
 from dhp_deploy.stability import (TrainingDiverged, TrainingError, UnstableStrength,
                                   check_finite, check_stable)
 from dhp_deploy.evaluation import dhp_heads, evaluate, task_heads, trace_evaluations
-from dhp_deploy.config import TrainConfig
+from dhp_deploy.config import TrainConfig, build_model
 from dhp_deploy.regularizers import build_regularizer
 
 __all__ = ["TrainConfig", "TrainingError", "TrainingDiverged", "UnstableStrength", "TrainingRun",
@@ -79,7 +80,7 @@ class TrainingRun:
         self.replicas = replicas
         self.config_json = {**config.to_json(benchmark), **replicas.describe()}
         torch.manual_seed(config.seed)  # the initial weights
-        self.model = build_model(self.config_json["model"]).to(self.device).train()
+        self.model = build_model(self.config_json).to(self.device).train()
         self._optimizer: Optional[torch.optim.SGD] = None  # built on first use (see optimizer)
         self.regularizer = build_regularizer(config.method, **config.regularizer_arguments())
         self.parameters = list(self.model.parameters())

@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from dhp_deploy.distributed import from_environment, shutdown
 from dhp_deploy.network import task_logits
-from dhp_deploy.run_dir import build_model
+from dhp_deploy.config import build_model
 from dhp_deploy.tasks import batches, build_benchmark
 from dhp_deploy.steps import derived_generator
 from dhp_deploy.train import TrainConfig
@@ -28,7 +28,7 @@ def main(hebb_out: str, data_dir: str, train_limit: int) -> None:
                          test_limit=100)
     benchmark = build_benchmark(**config.data_arguments(), data_dir=data_dir, device="cpu")
     torch.manual_seed(config.seed)  # dhp-train's initial weights
-    model = build_model(config.to_json(benchmark)["model"]).train()
+    model = build_model(config.to_json(benchmark)).train()
     ddp = DistributedDataParallel(model)  # broadcast_buffers=True: rank 0's trace every forward
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
     task = benchmark.tasks[0]

@@ -11,6 +11,7 @@ from dhp_deploy.run_dir import load_checkpoint, load_model
 from dhp_deploy.train import TrainConfig
 
 from cli_helpers import run_cli
+from old_runs import as_version_1
 
 HIDDEN, CLASSES = 256, 10
 BOUNDS = {"authors": 1 / math.sqrt(CLASSES), "linear": 1 / math.sqrt(HIDDEN)}
@@ -84,15 +85,9 @@ def test_cli_records_the_init_and_old_runs_still_load_and_export(tmp_path, data_
                      env={"DHP_DATA_DIR": str(data_dir)})
     assert result.returncode == 0, result.stderr
     config = json.loads((run / "config.json").read_text())
-    assert config["training"]["head_init"] == "authors" == config["model"]["head_init"]
-    # Make it look like a run from before the option: no head_init anywhere.
-    for section in ("training", "model"):
-        del config[section]["head_init"]
-    (run / "config.json").write_text(json.dumps(config))
+    assert config["training"]["head_init"] == "authors"
+    as_version_1(run, unknown=("head_init",))  # a run from a release before the option
     payload = load_checkpoint(run)
-    for section in ("training", "model"):
-        del payload["config"][section]["head_init"]
-    torch.save(payload, run / "checkpoint.pt")
     model, _ = load_model(run)
     assert model.head_init == "linear"  # documented default for old runs; weights are the saved
     assert torch.equal(model.head.linear.weight, payload["model"]["head.linear.weight"])

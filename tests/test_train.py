@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from dhp_deploy.tasks import build_benchmark
-from dhp_deploy.run_dir import build_model, load_checkpoint, load_model
+from dhp_deploy.config import build_model
+from dhp_deploy.run_dir import load_checkpoint, load_model
 from dhp_deploy.metrics import (average_accuracies, backward_transfer, final_accuracy, forgetting,
                                 forgetting_per_task, summarize)
 from dhp_deploy.regularizers import METHODS
@@ -66,7 +67,7 @@ def test_every_method_trains_with_and_without_dhp(method, dhp, tmp_path, synthet
     config = TrainConfig(method=method, dhp=dhp, **TINY)
     run, metrics = train(config, tmp_path, synthetic_mnist)
     torch.manual_seed(config.seed)
-    initial = build_model(run.config_json["model"])  # same seed → the run's starting weights
+    initial = build_model(run.config_json)  # same seed → the run's starting weights
     matrix = metrics["acc_matrix"]
     assert len(matrix) == 2 and all(len(row) == 2 for row in matrix)
     assert matrix[0][0] > 0.75 and matrix[1][1] > 0.75  # both tasks learnt (chance: 0.5)
@@ -173,10 +174,10 @@ def test_checkpoint_layout_feeds_load_model_and_rebuilds_the_test_sets(tmp_path,
         assert torch.equal(tensor, model.state_dict()[name]), name
     assert payload["position"]["finished"]
     assert payload["benchmark"]["tasks"][1]["classes"] == [2, 3]
-    assert set(payload["config"]["model"]) == {"in_features", "num_classes", "hidden", "dhp",
-                                               "eta_init", "head_init"}
     # Each setting once; how many processes trained it (data-parallel) is not a setting.
-    assert set(payload["config"]) == {"training", "model", "versions", "world_size", "backend"}
+    assert set(payload["config"]) == {"config_version", "training", "data_shape", "versions",
+                                      "world_size", "backend"}
+    assert payload["config"]["data_shape"] == {"in_features": 784, "num_classes": 10}
     assert (payload["config"]["world_size"], payload["config"]["backend"]) == (1, None)
     rebuilt = build_benchmark(**TrainConfig.from_json(payload["config"]).data_arguments(),
                               data_dir=synthetic_mnist)
@@ -247,7 +248,7 @@ def test_trace_diagnostics_evaluate_every_task_three_ways(tmp_path):
     assert [own[i][i] for i in range(3)] == [acc[i][i] for i in range(3)]
     assert own[-1][-1] == acc[-1][-1] and own[0][1:] == acc[0][1:]  # not yet learned: current
     # Zeroed equals an independent evaluation of the same weights without any trace.
-    plain_eval = build_model(run.config_json["model"])
+    plain_eval = build_model(run.config_json)
     plain_eval.load_state_dict(run.model.state_dict())
     plain_eval.head.hebb.zero_()
     assert evaluate(plain_eval, run.benchmark) == zeroed[-1]

@@ -10,6 +10,7 @@ import torch
 from dhp_deploy.run_dir import load_checkpoint
 
 from cli_helpers import assert_one_line_error, run_cli
+from old_runs import as_version_1
 
 # 256 examples in batches of 32: 8 steps per epoch; 2 tasks × 3 epochs = 48 steps.
 QUICK = ["--benchmark", "split-mnist", "--num-tasks", "2", "--epochs", "3", "--hidden", "32",
@@ -54,7 +55,7 @@ def test_a_run_writes_its_files_progress_and_summary(finished_run):
     assert "ACC" in result.stdout and "BWT" in result.stdout
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert {"acc_matrix", "avg_acc", "acc", "bwt", "forgetting", "config", "timings"} <= set(metrics)
-    assert metrics["config"]["model"]["hidden"] == [32]
+    assert metrics["config"]["training"]["hidden"] == [32]
     assert metrics["config"]["training"]["train_limit"] == 256
 
 
@@ -72,6 +73,26 @@ def test_sigkill_mid_task_then_resume_is_bit_identical(finished_run, tmp_path, d
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stderr
     assert_same_run(straight, cut)
+
+
+def test_a_run_killed_under_checkpoint_version_1_resumes_and_exports(finished_run, tmp_path,
+                                                                      data_dir):
+    # Runs saved by an older release (config layout 1, checkpoint version 1) still resume, to the
+    # same weights as a run never interrupted, and export.
+    straight, _ = finished_run
+    cut = tmp_path / "cut"
+    killed = dhp_train(*QUICK, "--method", "si", "--momentum", "0.9", "--out", cut,
+                       data_dir=data_dir, extra_env={"DHP_TRAIN_FAULT": "sigkill-after-steps=36"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    as_version_1(cut)
+    assert "model" in json.loads((cut / "config.json").read_text())
+    resumed = dhp_train("--resume", cut, data_dir=data_dir)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_run(straight, cut)
+    assert load_checkpoint(cut)["version"] == 2  # rewritten in the current layout as it trained
+    exported = run_cli("export", cut, "--format", "onnx", "--out", tmp_path / "bundle",
+                       env={"DHP_DATA_DIR": str(data_dir)})
+    assert exported.returncode == 0, exported.stderr
 
 
 def test_resume_after_a_kill_between_tasks_with_ewc(tmp_path, data_dir):

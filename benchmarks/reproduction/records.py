@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 
 from dhp_deploy.layer import DHPSoftmax
-from dhp_deploy.config import TrainConfig
-from dhp_deploy.run_dir import (CONFIG_NAME, METRICS_NAME, atomic_write_json, build_model,
-                                load_checkpoint)
+from dhp_deploy.config import TrainConfig, build_model
+from dhp_deploy.run_dir import (CONFIG_NAME, METRICS_NAME, atomic_write_json, load_checkpoint,
+                                read_config)
 from reproduction.naming import (ADAPTATION_KIND, DIVERGED_NAME, SUMMARY_KIND, SUMMARY_VERSION,
                                  protocol_tag, record_suffix, train_command,
                                  training_variant)
@@ -46,7 +46,7 @@ def summarize_run(run_dir, command: str | None = None, device: str = "cpu",
     ``diverged: {error, ...}``: a result the report counts, with no accuracy.
     """
     run_dir = Path(run_dir)
-    config = json.loads((run_dir / CONFIG_NAME).read_text())
+    config = read_config(run_dir)
     diverged = None
     if (run_dir / METRICS_NAME).exists():
         metrics = json.loads((run_dir / METRICS_NAME).read_text())
@@ -55,7 +55,7 @@ def summarize_run(run_dir, command: str | None = None, device: str = "cpu",
         last_good = load_checkpoint(run_dir)
         progress = last_good["metrics"]
         metrics = {"acc_matrix": progress["acc_matrix"], "timings": progress["timings"]}
-        diverged["last_good_plastic_heads"] = plastic_heads(last_good["model"], config["model"])
+        diverged["last_good_plastic_heads"] = plastic_heads(last_good["model"], config)
         # What the trace did up to the last good checkpoint (DHP runs with the diagnostics).
         diverged["last_good"] = {name: progress.get(name)
                                  for name in ("acc_matrix", *TRACE_FIELDS)}
@@ -102,10 +102,10 @@ def summarize_run(run_dir, command: str | None = None, device: str = "cpu",
     }
 
 
-def plastic_heads(state: dict, model_config: dict) -> list[dict]:
+def plastic_heads(state: dict, config: dict) -> list[dict]:
     r"""η and max |Hebb| of each DHP head in a model ``state`` dict: what a diverged run's last
     good checkpoint says about its trace (η outside [0, 1] makes the trace grow geometrically)."""
-    names = [name for name, module in build_model(model_config).named_modules()
+    names = [name for name, module in build_model(config).named_modules()
              if isinstance(module, DHPSoftmax)]
     return [{"eta": float(state[f"{name}.eta"]),
              "max_abs_hebb": float(state[f"{name}.hebb"].abs().max())} for name in names]
