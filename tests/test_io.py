@@ -100,10 +100,11 @@ def test_a_checkpoint_whose_pickling_fails_leaves_the_old_one(tmp_path):
     from dhp_deploy.run_dir import load_checkpoint, save_checkpoint
 
     path = tmp_path / "checkpoint.pt"
-    save_checkpoint(path, {"position": {"task": 1}})
+    config = {"config_version": 2, "training": {}}
+    save_checkpoint(path, {"config": config, "position": {"task": 1}})
     before = path.read_bytes()
     with pytest.raises(Exception):  # pickle's error type for a lambda varies by version
-        save_checkpoint(path, {"position": {"task": 2}, "hook": lambda: None})
+        save_checkpoint(path, {"config": config, "position": {"task": 2}, "hook": lambda: None})
     assert path.read_bytes() == before and load_checkpoint(path)["position"] == {"task": 1}
     assert names(tmp_path) == ["checkpoint.pt"]
 
