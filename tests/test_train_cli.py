@@ -2,6 +2,7 @@
 must end in a one-line error with a non-zero exit status, never a traceback."""
 
 import json
+import shutil
 import signal
 
 import pytest
@@ -93,6 +94,23 @@ def test_a_run_killed_under_checkpoint_version_1_resumes_and_exports(finished_ru
     exported = run_cli("export", cut, "--format", "onnx", "--out", tmp_path / "bundle",
                        env={"DHP_DATA_DIR": str(data_dir)})
     assert exported.returncode == 0, exported.stderr
+
+
+@pytest.mark.parametrize("field", ["checkpoint", "configuration"])
+def test_a_run_from_a_newer_release_is_refused_in_one_line(finished_run, tmp_path, data_dir,
+                                                           field):
+    newer = tmp_path / "newer"
+    shutil.copytree(finished_run[0], newer)
+    payload = torch.load(newer / "checkpoint.pt", weights_only=True)
+    if field == "checkpoint":
+        payload["version"] = 3
+    else:
+        payload["config"]["config_version"] = 3
+    torch.save(payload, newer / "checkpoint.pt")
+    before = (newer / "checkpoint.pt").read_bytes()
+    result = dhp_train("--resume", newer, data_dir=data_dir)
+    assert_one_line_error(result, "cannot resume", "version 3")
+    assert (newer / "checkpoint.pt").read_bytes() == before  # left as it was
 
 
 def test_resume_after_a_kill_between_tasks_with_ewc(tmp_path, data_dir):
