@@ -29,8 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dhp_deploy.export import fold_model
-from dhp_deploy.formats import write_onnx, write_plastic_onnx, write_torchscript
+from dhp_deploy.bundle_kinds import PLASTIC
+from dhp_deploy.formats import write_onnx, write_torchscript
+from dhp_deploy.frozen import fold_model
 from dhp_deploy.network import DHPNet
 from dhp_deploy.plastic import plastic_model
 from timing import Figures, median_times
@@ -43,8 +44,8 @@ def backends(model: DHPNet, directory: Path) -> dict:
     frozen, plastic = fold_model(model), plastic_model(model)
     write_torchscript(frozen, directory / "frozen.ts")
     write_torchscript(plastic, directory / "plastic.ts")
-    write_onnx(frozen, directory / "frozen.onnx", model.trunk[0].in_features)
-    write_plastic_onnx(plastic, directory / "plastic.onnx")
+    write_onnx(frozen, directory / "frozen.onnx")
+    write_onnx(plastic, directory / "plastic.onnx", PLASTIC)
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = torch.get_num_threads()  # the same threads as TorchScript

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from dhp_deploy.run_dir import load_model
-from dhp_deploy.export import fold_model
 from dhp_deploy.formats import write_onnx, write_torchscript
+from dhp_deploy.frozen import fold_model
 from dhp_deploy.network import DHPNet
 from dhp_deploy.runtime import time_calls
 from timing import Figures, describe_peak, matmul_peak
@@ -47,7 +47,7 @@ def runners(model: DHPNet, directory: Path, name: str) -> dict:
     r"""``{"eager", "torchscript", "onnx"}`` → callable on a float32 numpy batch."""
     frozen = fold_model(model)
     write_torchscript(frozen, directory / f"{name}.ts")
-    write_onnx(frozen, directory / f"{name}.onnx", model.trunk[0].in_features)
+    write_onnx(frozen, directory / f"{name}.onnx")
     scripted = torch.jit.load(str(directory / f"{name}.ts")).eval()
     ort_session = session(directory / f"{name}.onnx")
 

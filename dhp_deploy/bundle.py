@@ -14,7 +14,7 @@ from pathlib import Path
 __all__ = ["BundleError", "ExportError", "BUNDLE_FORMAT", "BUNDLE_VERSION", "MANIFEST_NAME", "INPUT_NAME",
            "OUTPUT_NAME", "FORMATS", "DEVICES", "ARTIFACT_FILES", "GOLDEN_FILES", "ATOL", "RTOL",
            "sha256_file", "read_manifest", "LABELS_NAME", "HEBB_NAME", "HEBB_OUT_NAME", "NO_LABEL",
-           "HEBB_FILE", "PLASTIC_GOLDEN_FILES"]
+           "HEBB_FILE", "PLASTIC_GOLDEN_FILES", "BUNDLE_KINDS", "bundle_kind"]
 
 BUNDLE_FORMAT = "dhp-deploy-bundle"
 BUNDLE_VERSION = 1
@@ -25,7 +25,10 @@ DEVICES = ("cpu", "cuda")  # where a backend may run an artifact
 ARTIFACT_FILES = {"torchscript": "model.ts", "onnx": "model.onnx", "pt2": "model.pt2"}
 GOLDEN_FILES = {"inputs": "golden_inputs.npy", "logits": "golden_logits.npy",
                 "tasks": "golden_tasks.npy", "labels": "golden_labels.npy"}
-# A plastic bundle (dhp-export --plastic): the trace is explicit state, an input and an output.
+# A bundle is frozen (the trace folded in) or plastic (dhp-export --plastic: the trace is explicit
+# state, an input and an output); each kind's parts: bundle_kinds.KINDS (export), sessions.SESSIONS
+# (serve).
+BUNDLE_KINDS = ("frozen", "plastic")
 LABELS_NAME, HEBB_NAME, HEBB_OUT_NAME = "labels", "hebb", "hebb_out"
 NO_LABEL = -1
 HEBB_FILE = "hebb.npy"  # the trace at export: a plastic session's initial state
@@ -87,3 +90,8 @@ def read_manifest(bundle_dir, verify: bool = True) -> dict:
             if sha256_file(file) != entry.get("sha256"):
                 raise BundleError(f"{file} fails its sha256 check: corrupted or modified")
     return manifest
+
+
+def bundle_kind(manifest: dict) -> str:
+    r"""The kind of the bundle described by ``manifest``, one of :data:`BUNDLE_KINDS`."""
+    return "plastic" if manifest.get("plastic") else "frozen"

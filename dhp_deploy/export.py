@@ -1,4 +1,5 @@
-r"""Frozen export bundles: fold the trained network, write TorchScript / ONNX, manifest, goldens.
+r"""Export bundles: a trained run's served model (frozen or plastic, :mod:`dhp_deploy.bundle_kinds`)
+in every format, with goldens and a manifest.
 
 A bundle is one directory, written whole or not at all (built in a temporary directory beside the
 target, renamed into place at the end)::
@@ -14,13 +15,11 @@ target, renamed into place at the end)::
       golden_tasks.npy     int64 [G]       the task each golden image was drawn from
       golden_labels.npy    int64 [G]       its true global class id
 
-Folding: in eval mode the DHP head computes ``z = h · (θ + α ⊙ Hebb)`` with a fixed trace, so the
-bundle stores the one matrix ``(θ + α ⊙ Hebb)ᵀ`` as the weight of a bias-free ``nn.Linear``; the
-exported network is then exactly a plain MLP and costs what one costs. The plain baseline head
-folds to itself. The full format is documented in ``export/README.md``.
+The frozen model folds the trace into the head (:mod:`dhp_deploy.frozen`); a plastic bundle
+(``plastic=True``) serves the trace as an input and an output, ships ``hebb.npy`` and a golden
+stream instead (:mod:`dhp_deploy.plastic`). The full format is documented in ``export/README.md``.
 """
 
-import copy
 import json
 import platform
 import shutil
@@ -29,71 +28,22 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from dhp_deploy.bundle import (ARTIFACT_FILES, ATOL, BUNDLE_FORMAT, BUNDLE_VERSION, FORMATS,
-                               ExportError,
-                               GOLDEN_FILES, HEBB_FILE, HEBB_NAME, HEBB_OUT_NAME, INPUT_NAME,
-                               LABELS_NAME, MANIFEST_NAME, NO_LABEL, OUTPUT_NAME,
-                               PLASTIC_GOLDEN_FILES, RTOL, sha256_file)
-from dhp_deploy.io import commit_directory, make_sibling_dir
-from dhp_deploy.run_dir import METRICS_NAME, CheckpointError, load_model
-from dhp_deploy.layer import DHPSoftmax, dhp_logits
-from dhp_deploy.network import DHPNet, PlainHead, predicted_classes
-from dhp_deploy.plastic import plastic_model, reference_step
+                               ExportError, GOLDEN_FILES, INPUT_NAME, MANIFEST_NAME, OUTPUT_NAME,
+                               RTOL, sha256_file)
+from dhp_deploy.bundle_kinds import KINDS, BundleKind
 from dhp_deploy.config import TrainConfig, model_arguments
 from dhp_deploy.formats import WRITERS
+from dhp_deploy.frozen import FrozenMLP, fold_model
+from dhp_deploy.io import commit_directory, make_sibling_dir
+from dhp_deploy.network import DHPNet, predicted_classes
+from dhp_deploy.run_dir import METRICS_NAME, CheckpointError, load_model
 
-__all__ = ["ExportError", "FrozenMLP", "fold_model", "export_run", "benchmark_of_run",
-           "evaluate_accuracy", "sha256_file",
+__all__ = ["ExportError", "export_run", "benchmark_of_run", "evaluate_accuracy", "sha256_file",
            "BUNDLE_FORMAT", "BUNDLE_VERSION", "FORMATS", "ATOL", "RTOL", "INPUT_NAME",
            "OUTPUT_NAME", "MANIFEST_NAME", "GOLDEN_FILES", "ARTIFACT_FILES"]
-
-class FrozenMLP(nn.Module):
-    r"""The inference network of a bundle: the trunk, then a bias-free linear head.
-
-    ``forward(x)`` maps float32 pixels ``(N, in_features)`` in [0, 1] to logits
-    ``(N, num_classes)``; no state, no labels, nothing that depends on the batch.
-    """
-
-    def __init__(self, trunk: nn.Sequential, head_weight: Tensor) -> None:
-        super().__init__()
-        self.trunk = trunk
-        self.head = nn.Linear(head_weight.shape[1], head_weight.shape[0], bias=False,
-                              dtype=head_weight.dtype)
-        with torch.no_grad():
-            self.head.weight.copy_(head_weight)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.trunk(x))
-
-
-def fold_model(model: DHPNet) -> FrozenMLP:
-    r"""The eval-mode network with the latest trace folded in: head weight ``(w + alpha*hebb)ᵀ``.
-
-    The folded matrix is bit-identical to the one the eager head multiplies by on every call (it
-    is computed by the layer's own :func:`~dhp_deploy.layer.dhp_logits`). The model is not
-    modified.
-    """
-    for layer in model.trunk:
-        if not isinstance(layer, (nn.Linear, nn.ReLU)):
-            raise ExportError(f"cannot fold a trunk layer of type {type(layer).__name__}")
-    with torch.no_grad():
-        if isinstance(model.head, DHPSoftmax):
-            head = model.head
-            # The layer's own logits function applied to the identity: I·(θ + α⊙Hebb) is that
-            # matrix exactly (each entry is 1·m + zeros), computed by the very expression the
-            # eager head uses (addcmul today), so the fold cannot drift from the layer.
-            eye = torch.eye(head.in_features, dtype=head.w.dtype, device=head.w.device)
-            weight = dhp_logits(eye, head.w, head.alpha, head.hebb).t().contiguous()
-        elif isinstance(model.head, PlainHead):
-            weight = model.head.linear.weight.detach().clone()
-        else:
-            raise ExportError(f"cannot fold a head of type {type(model.head).__name__}")
-    frozen = FrozenMLP(copy.deepcopy(model.trunk), weight).eval()
-    frozen.requires_grad_(False)
-    return frozen
-
 
 def benchmark_of_run(payload: dict, data_dir=None):
     r"""Rebuild the run's benchmark (same test sets) from the training config of its checkpoint."""
@@ -136,22 +86,6 @@ def evaluate_accuracy(predict_logits, benchmark) -> list[tuple[int, int]]:
     return counts
 
 
-def _golden_rows(benchmark, count: int):
-    # Spread the goldens over the tasks: the first ⌈count/T⌉ test images of each task, in order.
-    per_task = -(-count // len(benchmark.tasks))
-    xs, ys, ts = [], [], []
-    for task in benchmark.tasks:
-        xs.append(task.x_test[:per_task].cpu())
-        ys.append(task.y_test[:per_task].cpu())
-        ts.append(torch.full((len(ys[-1]),), task.task_id, dtype=torch.int64))
-    return torch.cat(xs)[:count], torch.cat(ys)[:count], torch.cat(ts)[:count]
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    with open(path, "wb") as f:
-        np.save(f, np.ascontiguousarray(array), allow_pickle=False)
-
-
 def _versions() -> dict:
     import dhp_deploy
 
@@ -179,9 +113,9 @@ def _read_metrics(run_dir: Path, payload: dict) -> dict:
 
 
 def _manifest(model: DHPNet, frozen: FrozenMLP, payload: dict, metrics: dict, formats,
-              golden: dict, sections: dict, plastic_io: Optional[dict]) -> dict:
-    r"""The bundle's manifest; ``plastic_io``: the plastic model's inputs and outputs, None for a
-    frozen bundle."""
+              golden: dict, sections: dict, kind: BundleKind) -> dict:
+    r"""The bundle's manifest (``sections``: what each format's writer recorded)."""
+    plastic_io = kind.io(model)
     config = payload.get("config", {})
     model_config = model_arguments(config)
     bench = payload.get("benchmark", {})
@@ -197,8 +131,7 @@ def _manifest(model: DHPNet, frozen: FrozenMLP, payload: dict, metrics: dict, fo
             "in_features": in_features,
             "hidden": [m.out_features for m in linears[:-1]],
             "num_classes": num_classes,
-            "head": ("dhp-plastic" if plastic_io else
-                     "dhp-folded" if isinstance(model.head, DHPSoftmax) else "plain"),
+            "head": kind.head(model),
             "folding": "head weight = (w + alpha * hebb)^T with the latest trace (DHP), or the "
                        "plain head's weight; bias-free",
             "parameters": sum(p.numel() for p in frozen.parameters()),
@@ -248,7 +181,7 @@ def export_run(run_dir, out_dir, formats: Sequence[str] = FORMATS, *, overwrite:
             and an output, ``hebb.npy`` the initial state) instead of the folded frozen one.
         verify: called as ``verify(bundle_dir, formats)`` on the complete temporary bundle
             before it is committed; whatever it raises stops the export and nothing is written.
-            ``dhp-export`` passes :func:`dhp_deploy.runtime.verify_bundle` (every artifact loaded
+            ``dhp-export`` passes :func:`dhp_deploy.sessions.verify_bundle` (every artifact loaded
             and checked against the goldens); the exporter itself knows nothing of runtimes.
         pt2_device: ``"cpu"`` or ``"cuda"``: the device the ``.pt2`` package is compiled for.
 
@@ -269,13 +202,12 @@ def export_run(run_dir, out_dir, formats: Sequence[str] = FORMATS, *, overwrite:
     if not (payload.get("position") or {}).get("finished") and not allow_unfinished:
         raise ExportError(f"{run_dir}: training has not finished (pass --allow-unfinished to "
                           f"export the latest checkpoint anyway)")
-    if plastic and not isinstance(model.head, DHPSoftmax):
-        raise ExportError(f"{run_dir}: --plastic needs a run with a DHP head; this one's head "
-                          f"is plain (nothing to keep learning)")
+    kind = KINDS["plastic" if plastic else "frozen"]
+    kind.check(model, run_dir)
     metrics = _read_metrics(run_dir, payload)
     benchmark = benchmark_of_run(payload, data_dir)
-    frozen = fold_model(model)
-    served = plastic_model(model) if plastic else frozen
+    frozen = fold_model(model)  # its shapes describe the model in every manifest
+    served = kind.served(model)
 
     parent = out_dir.parent
     try:
@@ -285,14 +217,11 @@ def export_run(run_dir, out_dir, formats: Sequence[str] = FORMATS, *, overwrite:
         raise ExportError(f"cannot create the bundle beside {out_dir}: {err.strerror or err}") \
             from None
     try:
-        golden = (_write_plastic_goldens(tmp, model, benchmark, golden_count) if plastic
-                  else _write_goldens(tmp, model, benchmark, golden_count))
-        sections = {fmt: WRITERS[fmt](served, tmp / ARTIFACT_FILES[fmt], plastic, pt2_device)
+        golden = kind.write_goldens(tmp, model, benchmark, golden_count)
+        sections = {fmt: WRITERS[fmt](served, tmp / ARTIFACT_FILES[fmt], kind, pt2_device)
                     for fmt in formats}
-        if plastic:  # the session's initial state
-            _save_npy(tmp / HEBB_FILE, model.head.hebb.numpy().astype(np.float32))
-        manifest = _manifest(model, frozen, payload, metrics, formats, golden, sections,
-                             _plastic_manifest(model) if plastic else None)
+        kind.write_state(tmp, model)
+        manifest = _manifest(model, frozen, payload, metrics, formats, golden, sections, kind)
         for path in sorted(tmp.iterdir()):
             manifest["files"][path.name] = {"sha256": sha256_file(path),
                                             "bytes": path.stat().st_size}
@@ -313,89 +242,6 @@ def export_run(run_dir, out_dir, formats: Sequence[str] = FORMATS, *, overwrite:
             raise ExportError(f"writing the bundle failed: {err}") from None
         raise
     return out_dir
-
-
-def _write_goldens(tmp: Path, model: DHPNet, benchmark, count: int) -> dict:
-    if count < 1:
-        raise ExportError(f"golden_count={count}, expected at least 1")
-    x, y, tasks = _golden_rows(benchmark, count)
-    with torch.no_grad():
-        logits = model.eval()(x)  # the eager, unfolded model: θ + α⊙Hebb computed per call
-    arrays = {"inputs": x.numpy().astype(np.float32), "logits": logits.numpy().astype(np.float32),
-              "tasks": tasks.numpy(), "labels": y.numpy()}
-    return _save_goldens(tmp, arrays, GOLDEN_FILES,
-                         "eager unfolded model from the checkpoint (eval mode, latest trace), "
-                         "real test images of the run's benchmark")
-
-
-def _save_goldens(tmp: Path, arrays: dict, files: dict, source: str) -> dict:
-    r"""Write ``arrays[key]`` to ``files[key]``; the manifest's ``golden`` entry describing them."""
-    golden = {"source": source,
-              "tolerance": {"atol": ATOL, "rtol": RTOL, "rule": "|out - golden| <= atol + "
-                                                              "rtol * |golden| elementwise"}}
-    for key, name in files.items():
-        _save_npy(tmp / name, arrays[key])
-        golden[key] = {"file": name, "dtype": str(arrays[key].dtype),
-                       "shape": list(arrays[key].shape)}
-    return golden
-
-
-# The golden stream's batch sizes, repeated until the golden rows run out: batch-1 calls and
-# larger ones; labels are the true classes with every third row unlabelled, and one whole batch
-# unlabelled (the trace must come back unchanged).
-STREAM_BATCH_SIZES = (1, 2, 3, 5, 4)
-UNLABELLED_BATCH = 3
-MIN_STREAM_ROWS = 60  # 20 calls: a stream long enough for the trace to drift if anything is off
-
-
-def _write_plastic_goldens(tmp: Path, model: DHPNet, benchmark, count: int) -> dict:
-    if count < MIN_STREAM_ROWS:
-        raise ExportError(f"--golden {count}: a plastic bundle's golden stream needs at least "
-                          f"{MIN_STREAM_ROWS} rows (20 calls)")
-    x, y, tasks = _golden_rows(benchmark, count)
-    labels = y.clone()
-    labels[2::3] = NO_LABEL
-    sizes, start = [], 0
-    while start < len(x):
-        sizes.append(min(STREAM_BATCH_SIZES[len(sizes) % len(STREAM_BATCH_SIZES)],
-                         len(x) - start))
-        start += sizes[-1]
-    bounds = np.cumsum([0, *sizes])
-    labels[bounds[UNLABELLED_BATCH]:bounds[UNLABELLED_BATCH + 1]] = NO_LABEL
-    hebb, logits, traces = model.head.hebb.clone(), [], []
-    for low, high in zip(bounds[:-1], bounds[1:]):
-        out, hebb = reference_step(model.eval(), x[low:high], labels[low:high], hebb)
-        logits.append(out)
-        traces.append(hebb)
-    arrays = {"inputs": x.numpy().astype(np.float32), "labels": labels.numpy(),
-              "tasks": tasks.numpy(), "batch_sizes": np.asarray(sizes, dtype=np.int64),
-              "logits": torch.cat(logits).numpy().astype(np.float32),
-              "traces": torch.stack(traces).numpy().astype(np.float32)}
-    return _save_goldens(tmp, arrays, PLASTIC_GOLDEN_FILES,
-                         "a stream of calls through the eager DHP layer (eval-mode logits with "
-                         "the trace given, then Algorithm 1 on the labelled rows), starting from "
-                         "hebb.npy, on real test images of the run's benchmark")
-
-
-def _plastic_manifest(model: DHPNet) -> dict:
-    head = model.head
-    shape = [head.in_features, head.out_features]
-    return {
-        "inputs": [{"name": INPUT_NAME, "dtype": "float32", "shape": ["N", model.trunk[0].in_features]},
-                   {"name": LABELS_NAME, "dtype": "int64", "shape": ["N"],
-                    "meaning": f"each row's class id, {NO_LABEL} = no label (predict only)"},
-                   {"name": HEBB_NAME, "dtype": "float32", "shape": shape,
-                    "meaning": "the Hebbian trace to predict with and to update"}],
-        "outputs": [{"name": OUTPUT_NAME, "dtype": "float32", "shape": ["N", head.out_features]},
-                    {"name": HEBB_OUT_NAME, "dtype": "float32", "shape": shape}],
-        "initial_state": {"file": HEBB_FILE, "dtype": "float32", "shape": shape},
-        "semantics": "predict, then learn: logits use the trace given in hebb (eval-mode layer); "
-                     "hebb_out is that trace after one Algorithm-1 step on the labelled rows "
-                     "only: (1 - eta) * hebb[:, c] + eta * mean(h[labels == c]) for each class c "
-                     "with a labelled row, every other column unchanged (an all-unlabelled call "
-                     "returns hebb bit for bit). theta, alpha, eta and the trunk are frozen.",
-        "eta": head.eta.item(),
-    }
 
 
 def _commit(tmp: Path, out_dir: Path, overwrite: bool) -> None:

@@ -1,12 +1,12 @@
 r"""The files of a bundle's formats: TorchScript, ONNX (the dynamo exporter) and AOTInductor's
-.pt2, each written from an eval-mode module (frozen, or the plastic model with the trace as an
-input and an output).
+.pt2, each written from an eval-mode module of a bundle kind (:mod:`dhp_deploy.bundle_kinds`:
+frozen, or the plastic model with the trace as an input and an output).
 
 ``WRITERS`` is the one table of them the exporter reads: a format's writer takes the served
-module, the artifact's path, whether the module is plastic and the device to compile for, and
-returns what the manifest records of it under the format's name (None: nothing). A new format is
-its file name in ``bundle.ARTIFACT_FILES``, a writer here and a loader in
-``runtime.LOADERS``."""
+module, the artifact's path, the bundle kind (example inputs, input and output names, dynamic
+axes) and the device to compile for, and returns what the manifest records of it under the
+format's name (None: nothing). A new format is its file name in ``bundle.ARTIFACT_FILES``, a
+writer here and a loader in ``runtime.LOADERS``."""
 
 import copy
 import logging
@@ -16,12 +16,10 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from dhp_deploy.bundle import (HEBB_NAME, HEBB_OUT_NAME, INPUT_NAME, LABELS_NAME, NO_LABEL,
-                               OUTPUT_NAME, ExportError)
-from dhp_deploy.plastic import PlasticMLP
+from dhp_deploy.bundle import ExportError
+from dhp_deploy.bundle_kinds import FROZEN, BundleKind
 
-__all__ = ["ONNX_OPSET", "WRITERS", "write_torchscript", "write_onnx", "write_plastic_onnx",
-           "write_pt2"]
+__all__ = ["ONNX_OPSET", "WRITERS", "write_torchscript", "write_onnx", "write_pt2"]
 
 ONNX_OPSET = 20
 
@@ -44,43 +42,23 @@ def _quiet_onnx_logs():
         logger.setLevel(level)
 
 
-def write_onnx(module: nn.Module, path, in_features: int) -> int:
+def write_onnx(module: nn.Module, path, kind: BundleKind = FROZEN) -> int:
     r"""ONNX through the dynamo exporter (never the legacy one), dynamic batch, one file.
 
     Returns the file's ONNX IR version (readers such as onnxruntime support a maximum).
     """
-    batch = torch.export.Dim("batch", min=1)
-    return _export_onnx(module, path, (torch.rand(2, in_features),), [INPUT_NAME],
-                        [OUTPUT_NAME], {"x": {0: batch}})
+    example, dynamic = kind.example(module, "cpu")
+    return _export_onnx(module, path, example, list(kind.input_names), list(kind.output_names),
+                        dynamic)
 
 
-def write_plastic_onnx(module: PlasticMLP, path) -> int:
-    r"""The plastic model as ONNX: inputs ``input``/``labels`` with a dynamic batch, ``hebb`` fixed."""
-    example, dynamic = _plastic_example(module, "cpu")
-    return _export_onnx(module, path, example, [INPUT_NAME, LABELS_NAME, HEBB_NAME],
-                        [OUTPUT_NAME, HEBB_OUT_NAME], dynamic)
-
-
-def _plastic_example(module: PlasticMLP, device: str) -> tuple[tuple, dict]:
-    r"""Example inputs of the plastic model (a labelled and an unlabelled row, a zero trace) and
-    its dynamic shapes: ``input`` and ``labels`` share the batch axis, ``hebb`` is fixed."""
-    batch = torch.export.Dim("batch", min=1)
-    example = (torch.rand(2, module.trunk[0].in_features, device=device),
-               torch.tensor([0, NO_LABEL], device=device), module.w.new_zeros(module.w.shape))
-    return example, {"x": {0: batch}, "labels": {0: batch}, "hebb": None}
-
-
-def write_pt2(module: nn.Module, path, plastic: bool, device: str = "cpu") -> None:
+def write_pt2(module: nn.Module, path, kind: BundleKind = FROZEN, device: str = "cpu") -> None:
     r"""``torch.export`` + AOTInductor: a package of code compiled for this host's CPU (or, with
     ``device="cuda"``, its GPU), loaded by ``torch._inductor.aoti_load_package`` in Python and
     ``AOTIModelPackageLoader`` in C++. It needs a C++ compiler here, and runs only on that kind of
     device and with the torch version that compiled it."""
     module = copy.deepcopy(module).to(device)  # the other formats keep the CPU module
-    if plastic:
-        example, dynamic = _plastic_example(module, device)
-    else:
-        example = (torch.rand(2, module.trunk[0].in_features, device=device),)
-        dynamic = {"x": {0: torch.export.Dim("batch", min=1)}}
+    example, dynamic = kind.example(module, device)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
         try:
@@ -115,25 +93,19 @@ def _export_onnx(module: nn.Module, path, example: tuple, input_names, output_na
     return int(written.ir_version)
 
 
-def _torchscript_artifact(module: nn.Module, path, plastic: bool, device: str) -> None:
+def _torchscript_artifact(module: nn.Module, path, kind: BundleKind, device: str) -> None:
     write_torchscript(module, path)
     return None
 
 
-def _onnx_artifact(module: nn.Module, path, plastic: bool, device: str) -> dict:
-    if plastic:
-        ir_version = write_plastic_onnx(module, path)
-        axes = {INPUT_NAME: {"0": "batch"}, LABELS_NAME: {"0": "batch"},
-                OUTPUT_NAME: {"0": "batch"}}
-    else:
-        ir_version = write_onnx(module, path, module.trunk[0].in_features)
-        axes = {INPUT_NAME: {"0": "batch"}, OUTPUT_NAME: {"0": "batch"}}
+def _onnx_artifact(module: nn.Module, path, kind: BundleKind, device: str) -> dict:
+    ir_version = write_onnx(module, path, kind)
     return {"opset": ONNX_OPSET, "exporter": "torch.onnx.export(dynamo=True)",
-            "dynamic_axes": axes, "ir_version": ir_version}
+            "dynamic_axes": kind.onnx_axes, "ir_version": ir_version}
 
 
-def _pt2_artifact(module: nn.Module, path, plastic: bool, device: str) -> dict:
-    write_pt2(module, path, plastic, device)
+def _pt2_artifact(module: nn.Module, path, kind: BundleKind, device: str) -> dict:
+    write_pt2(module, path, kind, device)
     return {"exporter": "torch.export + torch._inductor.aoti_compile_and_package",
             "device": device, "torch": torch.__version__,
             "note": "AOTInductor code compiled for one kind of device: it loads only there "

@@ -29,11 +29,11 @@ import numpy as np
 
 from dhp_deploy.bundle import (ATOL, HEBB_FILE, HEBB_NAME, HEBB_OUT_NAME, INPUT_NAME,
                                LABELS_NAME, NO_LABEL, OUTPUT_NAME, PLASTIC_GOLDEN_FILES, RTOL,
-                               BundleError, read_manifest)
-from dhp_deploy.runtime import (OUTPUTS_REUSED, InputError, artifact_device, check_input,
-                                checked_manifest, compare, load_artifact)
+                               BundleError)
+from dhp_deploy.runtime import (OUTPUTS_REUSED, InputError, check_input, checked_manifest, compare,
+                                load_artifact)
 
-__all__ = ["PlasticSession", "verify_plastic_bundle"]
+__all__ = ["PlasticSession"]
 
 
 class PlasticSession:
@@ -120,6 +120,14 @@ class PlasticSession:
         golden = {key: _load(self.path / name) for key, name in PLASTIC_GOLDEN_FILES.items()}
         with self._lock:
             return self._replay(golden, atol, rtol)
+
+    @staticmethod
+    def describe(report: dict) -> str:
+        r"""One line of :meth:`check`'s report."""
+        return (f"{report['calls']} calls, max_abs_error={report['max_abs_error']:.3e} "
+                f"max_trace_error={report['max_trace_error']:.3e} "
+                f"argmax_agree={report['argmax_agree']}/{report['rows']} "
+                f"unlabelled_call_exact={report['unlabelled_call_exact']}")
 
     def _step(self, x: np.ndarray, labels: np.ndarray) -> np.ndarray:
         r"""One call, under the lock: run, then keep the new trace only if it is finite."""
@@ -262,18 +270,3 @@ class _OrtState:
 
     def commit(self) -> None:
         self.buffers.reverse()  # the written buffer becomes the state; the old one is reused
-
-
-def verify_plastic_bundle(bundle_dir, formats) -> None:
-    r"""Open each of ``formats`` (on CPU; a ``.pt2`` where it was compiled for) and replay the
-    golden stream; BundleError if one fails (what ``dhp-export --plastic`` runs before it commits
-    a bundle)."""
-    manifest = read_manifest(bundle_dir)
-    for fmt in formats:
-        # threads=None: the exporting process keeps its own thread settings.
-        report = PlasticSession(bundle_dir, backend=fmt, device=artifact_device(manifest, fmt),
-                                threads=None).check()
-        if not report["ok"]:
-            raise BundleError(f"the plastic {fmt} artifact does not match the eager stream (max "
-                              f"logit error {report['max_abs_error']:.3g}, max trace error "
-                              f"{report['max_trace_error']:.3g})")

@@ -36,7 +36,7 @@ from dhp_deploy.bundle import (ARTIFACT_FILES, ATOL, DEVICES, FORMATS, GOLDEN_FI
                                BundleError, read_manifest)
 
 __all__ = ["BundleError", "InputError", "Prediction", "Runtime", "open_bundle", "read_manifest",
-           "artifact_device", "ort_session", "verify_bundle", "compare", "check_input", "load_pt2",
+           "artifact_device", "ort_session", "compare", "check_input", "load_pt2",
            "checked_manifest", "load_artifact", "LOADERS", "OUTPUTS_REUSED",
            "time_calls", "set_torch_threads", "BACKENDS", "DEVICES"]
 
@@ -165,6 +165,15 @@ class Runtime:
         report["batch_sizes"] = [len(golden["inputs"]), 1]
         return report
 
+    @staticmethod
+    def describe(report: dict) -> str:
+        r"""One line of :meth:`check`'s report."""
+        rows = report["rows"]
+        return (f"max_abs_error={report['max_abs_error']:.3e} "
+                f"max_rel_error={report['max_rel_error']:.3e} "
+                f"argmax_agree={report['argmax_agree']}/{rows} "
+                f"task_head_agree={report['task_agree']}/{rows} batches={report['batch_sizes']}")
+
 
 def check_input(x, in_features: int, allow_nonfinite: bool = False) -> np.ndarray:
     r"""``x`` as a contiguous float32 ``(N, in_features)`` array, or :class:`InputError` (one line):
@@ -236,21 +245,6 @@ def artifact_device(manifest: dict, backend: str) -> str:
     r"""Where ``backend``'s artifact runs by default: a ``.pt2`` on the device it was compiled
     for, everything else on CPU."""
     return (manifest.get("pt2") or {}).get("device", "cpu") if backend == "pt2" else "cpu"
-
-
-def verify_bundle(bundle_dir, formats) -> None:
-    r"""Open each of ``formats`` (on CPU; a ``.pt2`` where it was compiled for) and check it
-    against the goldens; BundleError if one fails."""
-    manifest = read_manifest(bundle_dir)
-    for fmt in formats:
-        try:  # threads=None: the exporting process keeps its own thread settings
-            report = open_bundle(bundle_dir, backend=fmt, device=artifact_device(manifest, fmt),
-                                 threads=None).check()
-        except BundleError as err:
-            raise BundleError(f"the {fmt} artifact failed verification: {err}") from None
-        if not report["ok"]:
-            raise BundleError(f"the {fmt} artifact does not match the eager goldens "
-                              f"(max abs error {report['max_abs_error']:.3g})")
 
 
 def set_torch_threads(threads: Optional[int]) -> None:

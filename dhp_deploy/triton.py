@@ -135,11 +135,10 @@ def triton_requirements(ir_version: int, opset: int) -> dict:
 
 def write_triton_repository(run_dir, out_dir, *, overwrite: bool = False, data_dir=None,
                             golden_count: int = 64, allow_unfinished: bool = False,
-                            gpu: bool = True, sequences: int = 1, verify_frozen=None,
-                            verify_plastic=None) -> Path:
+                            gpu: bool = True, sequences: int = 1, verify=None) -> Path:
     r"""Export ``run_dir``'s frozen and plastic ONNX models as a Triton repository at
-    ``out_dir``; the plastic models serve up to ``sequences`` sequences at once. ``verify_*``
-    check each bundle before it is used (as in :func:`export_run`). Raises
+    ``out_dir``; the plastic models serve up to ``sequences`` sequences at once. ``verify``
+    checks each bundle before it is used (as in :func:`export_run`). Raises
     :class:`ExportError`; nothing is written at ``out_dir`` then."""
     if sequences < 1:
         raise ExportError(f"sequences must be at least 1, not {sequences}")
@@ -154,8 +153,7 @@ def write_triton_repository(run_dir, out_dir, *, overwrite: bool = False, data_d
                           f"{err.strerror or err}") from None
     try:
         bundles = {}
-        for name, plastic, verify in ((FROZEN_MODEL, False, verify_frozen),
-                                      (PLASTIC_MODEL, True, verify_plastic)):
+        for name, plastic in ((FROZEN_MODEL, False), (PLASTIC_MODEL, True)):
             bundles[name] = export_run(run_dir, work / f"bundle-{name}", ("onnx", "torchscript"),
                                        golden_count=golden_count, data_dir=data_dir,
                                        allow_unfinished=allow_unfinished, plastic=plastic,

@@ -19,8 +19,9 @@ STAGES = {
     **dict.fromkeys(("lean_step", "cuda_graph", "distributed", "importance", "evaluation",
                      "stability", "regularizer_base", "regularizers", "metrics", "run_dir",
                      "config", "steps", "loop", "train", "cohort"), 2),
-    **dict.fromkeys(("plastic", "triton", "triton_repository", "bundle", "formats", "export"), 3),
-    **dict.fromkeys(("plastic_session", "runtime"), 4),
+    **dict.fromkeys(("frozen", "plastic", "bundle", "bundle_kinds", "formats", "export", "triton",
+                     "triton_repository"), 3),
+    **dict.fromkeys(("plastic_session", "runtime", "sessions"), 4),
     "cli": 5,
 }
 

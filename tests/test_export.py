@@ -15,7 +15,8 @@ import torch
 
 from dhp_deploy.run_dir import load_model
 from dhp_deploy.export import (ATOL, RTOL, ExportError, benchmark_of_run, evaluate_accuracy,
-                               export_run, fold_model, sha256_file)
+                               export_run, sha256_file)
+from dhp_deploy.frozen import fold_model
 from dhp_deploy.formats import write_onnx
 from dhp_deploy.network import DHPNet, task_logits
 
@@ -210,7 +211,7 @@ def test_folded_bundle_is_structurally_a_plain_mlp(served, tmp_path):
     _, bundle = served
     torch.manual_seed(0)
     plain = fold_model(DHPNet(hidden=(64, 64), dhp=False).eval())
-    write_onnx(plain, tmp_path / "plain.onnx", 784)
+    write_onnx(plain, tmp_path / "plain.onnx")
     folded, baseline = onnx.load(str(bundle / "model.onnx")), onnx.load(str(tmp_path / "plain.onnx"))
     assert [n.op_type for n in folded.graph.node] == [n.op_type for n in baseline.graph.node]
     shapes = lambda m: sorted(tuple(t.dims) for t in m.graph.initializer)  # noqa: E731
@@ -353,7 +354,7 @@ def test_cli_refuses_an_unfinished_run(served, tmp_path):
 
 
 def test_a_bundle_that_fails_verification_is_never_written(served, tmp_path, data_dir):
-    from dhp_deploy.runtime import verify_bundle
+    from dhp_deploy.sessions import verify_bundle
 
     run, _ = served
 
@@ -371,8 +372,9 @@ def test_train_export_and_serve_run_on_synthetic_files(synthetic_mnist, tmp_path
     r"""The whole data → train → export → serve path in-process on synthetic MNIST-format files
     (the fast lane): frozen and plastic bundles, TorchScript and ONNX, each verified against its
     goldens before it is committed, then opened and checked again."""
-    from dhp_deploy.plastic_session import PlasticSession, verify_plastic_bundle
-    from dhp_deploy.runtime import open_bundle, verify_bundle
+    from dhp_deploy.plastic_session import PlasticSession
+    from dhp_deploy.runtime import open_bundle
+    from dhp_deploy.sessions import verify_bundle
     from dhp_deploy.tasks import build_benchmark
     from dhp_deploy.train import TrainConfig, TrainingRun
 
@@ -385,7 +387,7 @@ def test_train_export_and_serve_run_on_synthetic_files(synthetic_mnist, tmp_path
     frozen = export_run(tmp_path / "run", tmp_path / "frozen", formats, golden_count=64,
                         data_dir=synthetic_mnist, verify=verify_bundle)
     plastic = export_run(tmp_path / "run", tmp_path / "plastic", formats, golden_count=64,
-                         data_dir=synthetic_mnist, plastic=True, verify=verify_plastic_bundle)
+                         data_dir=synthetic_mnist, plastic=True, verify=verify_bundle)
     for backend in formats:
         assert open_bundle(frozen, backend=backend).check()["ok"]
         assert PlasticSession(plastic, backend=backend).check()["ok"]

@@ -15,7 +15,8 @@ from dhp_deploy.bundle import BundleError
 from dhp_deploy.export import benchmark_of_run, export_run
 from dhp_deploy.network import DHPNet
 from dhp_deploy.plastic import plastic_model, reference_step
-from dhp_deploy.plastic_session import PlasticSession, verify_plastic_bundle
+from dhp_deploy.plastic_session import PlasticSession
+from dhp_deploy.sessions import verify_bundle
 from dhp_deploy.run_dir import load_model
 from dhp_deploy.runtime import InputError, open_bundle
 
@@ -80,7 +81,7 @@ def plastic_bundle(served, tmp_path_factory, data_dir):
     run, _ = served
     out = tmp_path_factory.mktemp("plastic") / "bundle"
     export_run(run, out, ("torchscript", "onnx", "pt2"), data_dir=data_dir, plastic=True,
-               verify=verify_plastic_bundle)
+               verify=verify_bundle)
     return out
 
 
@@ -255,13 +256,11 @@ def test_cli_exports_and_checks_a_plastic_bundle(served, tmp_path, data_dir):
 
 @pytest.fixture(scope="module")
 def triton_repo(served, tmp_path_factory, data_dir):
-    from dhp_deploy.runtime import verify_bundle
     from dhp_deploy.triton import write_triton_repository
 
     run, _ = served
     return write_triton_repository(run, tmp_path_factory.mktemp("triton") / "repo",
-                                   data_dir=data_dir, verify_frozen=verify_bundle,
-                                   verify_plastic=verify_plastic_bundle)
+                                   data_dir=data_dir, verify=verify_bundle)
 
 
 def test_every_generated_config_parses_with_tritons_schema_and_fits_its_model(served,
@@ -378,12 +377,11 @@ def test_on_cuda_torchscript_and_a_cuda_pt2_replay_the_stream(served, plastic_bu
     # The plastic golden stream (23 calls, the trace fed back) on the GPU: TorchScript from the
     # CPU bundle, and .pt2 packages compiled for CUDA, frozen and plastic (dhp-export
     # --pt2-device cuda), each checked against the eager CPU goldens.
-    from dhp_deploy.runtime import verify_bundle
 
     assert PlasticSession(plastic_bundle, backend="torchscript", device="cuda").check()["ok"]
     run, _ = served
     plastic = export_run(run, tmp_path / "plastic", ("pt2",), data_dir=data_dir, plastic=True,
-                         verify=verify_plastic_bundle, pt2_device="cuda")
+                         verify=verify_bundle, pt2_device="cuda")
     session = PlasticSession(plastic, backend="pt2", device="cuda")
     report = session.check()
     assert report["ok"], report

@@ -269,3 +269,17 @@ def test_every_format_is_declared_once_and_complete():
     option = next(p for p in export_command.params if p.name == "fmt")
     assert list(option.type.choices) == [*FORMATS, "all", "triton"]
     assert list(BACKEND_CHOICES) == [*FORMATS, "all"]
+
+
+def test_every_bundle_kind_is_declared_once_on_each_side(served):
+    r"""A kind of bundle.BUNDLE_KINDS has its export side (bundle_kinds.KINDS: model, goldens,
+    manifest entries) and its session (sessions.SESSIONS); open_session picks it by manifest."""
+    from dhp_deploy.bundle import BUNDLE_KINDS, bundle_kind, read_manifest
+    from dhp_deploy.bundle_kinds import KINDS
+    from dhp_deploy.runtime import Runtime
+    from dhp_deploy.sessions import SESSIONS, open_session
+
+    assert list(KINDS) == list(SESSIONS) == list(BUNDLE_KINDS)
+    bundle = served[1]
+    assert bundle_kind(read_manifest(bundle)) == "frozen"
+    assert isinstance(open_session(bundle, backend="onnx"), Runtime)

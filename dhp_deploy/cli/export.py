@@ -58,8 +58,7 @@ def main(ctx, run_dir, fmt, out_dir, overwrite, golden_count, data_dir, allow_un
     if out_dir is not None:
         _check_out_parent(out_dir)
     from dhp_deploy.export import ExportError, export_run
-    from dhp_deploy.plastic_session import verify_plastic_bundle
-    from dhp_deploy.runtime import verify_bundle
+    from dhp_deploy.sessions import verify_bundle
 
     if fmt == "triton":
         return _triton(run_dir, out_dir, overwrite, golden_count, data_dir, allow_unfinished,
@@ -71,7 +70,7 @@ def main(ctx, run_dir, fmt, out_dir, overwrite, golden_count, data_dir, allow_un
         if not torch.cuda.is_available():
             raise click.BadParameter("cuda: torch sees no CUDA device on this host",
                                      param_hint="--pt2-device")
-    verify = None if no_verify else verify_plastic_bundle if plastic else verify_bundle
+    verify = None if no_verify else verify_bundle
     out_dir = out_dir or Path("export") / "bundles" / run_dir.resolve().name
     try:
         path = export_run(run_dir, out_dir, formats, overwrite=overwrite,
@@ -115,8 +114,7 @@ def _check_out_parent(out_dir: Path) -> None:
 def _triton(run_dir, out_dir, overwrite, golden_count, data_dir, allow_unfinished, no_verify,
             cpu, sequences) -> None:
     from dhp_deploy.export import ExportError
-    from dhp_deploy.plastic_session import verify_plastic_bundle
-    from dhp_deploy.runtime import verify_bundle
+    from dhp_deploy.sessions import verify_bundle
     from dhp_deploy.triton import write_triton_repository
 
     out_dir = out_dir or Path("export") / "triton" / run_dir.resolve().name
@@ -124,8 +122,7 @@ def _triton(run_dir, out_dir, overwrite, golden_count, data_dir, allow_unfinishe
         path = write_triton_repository(
             run_dir, out_dir, overwrite=overwrite, data_dir=data_dir, golden_count=golden_count,
             allow_unfinished=allow_unfinished, gpu=not cpu, sequences=sequences,
-            verify_frozen=None if no_verify else verify_bundle,
-            verify_plastic=None if no_verify else verify_plastic_bundle)
+            verify=None if no_verify else verify_bundle)
     except ExportError as err:
         raise ExportFailed(str(err)) from None
     click.echo(f"wrote Triton model repository {path} (dhp: frozen, dhp_plastic: sequence "

@@ -88,10 +88,12 @@ def check(bundle, backend, device, atol, rtol):
     r"""Run the golden inputs (one batch, then one row at a time) against the eager logits.
 
     Passes when |out − golden| ≤ atol + rtol·|golden| everywhere and every argmax (all classes
-    and within each row's task head) agrees; exit status 1 otherwise. A Triton repository
+    and within each row's task head) agrees; exit status 1 otherwise. A plastic bundle replays its
+    golden stream of calls instead (every call's logits and trace). A Triton repository
     (dhp-export --format triton) is checked instead: files, sha256, every config against its model.
     """
-    from dhp_deploy.runtime import ATOL, RTOL, BundleError, read_manifest
+    from dhp_deploy.bundle import ATOL, RTOL, BundleError, bundle_kind, read_manifest
+    from dhp_deploy.sessions import open_session
 
     if not (bundle / "manifest.json").exists():  # not a bundle; maybe a Triton repository
         from dhp_deploy.triton_repository import is_repository
@@ -99,29 +101,27 @@ def check(bundle, backend, device, atol, rtol):
         if is_repository(bundle):
             return _check_triton(bundle)
     try:
-        plastic = bool(read_manifest(bundle, verify=False).get("plastic"))
+        kind = bundle_kind(read_manifest(bundle, verify=False))
     except BundleError as err:
         raise ServeFailed(str(err)) from None
-    if plastic:
-        return _check_plastic(bundle, _backends(bundle, backend), device, atol, rtol)
+    label = " (plastic)" if kind == "plastic" else ""
 
     def check_one(name: str) -> tuple[bool, str]:
-        runtime = _open(bundle, name, device)
-        tolerance = runtime.manifest.get("golden", {}).get("tolerance", {})
-        a = atol if atol is not None else float(tolerance.get("atol", ATOL))
-        r = rtol if rtol is not None else float(tolerance.get("rtol", RTOL))
         try:
-            report = runtime.check(atol=a, rtol=r)
+            session = open_session(bundle, backend=name, device=device)
+            tolerance = session.manifest.get("golden", {}).get("tolerance", {})
+            a = atol if atol is not None else float(tolerance.get("atol", ATOL))
+            r = rtol if rtol is not None else float(tolerance.get("rtol", RTOL))
+            report = session.check(atol=a, rtol=r)
+        except BundleError as err:
+            raise ServeFailed(str(err)) from None
         except Exception as err:  # a backend failing at run time (e.g. CUDA OOM)
             raise ServeFailed(f"{name}/{device}: {str(err).splitlines()[0][:300]}") from None
-        rows = report["rows"]
-        return report["ok"], (f"{name}/{device}: max_abs_error={report['max_abs_error']:.3e} "
-                              f"max_rel_error={report['max_rel_error']:.3e} "
-                              f"argmax_agree={report['argmax_agree']}/{rows} "
-                              f"task_head_agree={report['task_agree']}/{rows} "
-                              f"batches={report['batch_sizes']} atol={a:g} rtol={r:g}")
+        return report["ok"], (f"{name}/{device}{label}: {session.describe(report)} "
+                              f"atol={a:g} rtol={r:g}")
 
-    _report_each(_backends(bundle, backend), check_one, "parity check")
+    _report_each(_backends(bundle, backend), check_one, f"{kind + ' ' if label else ''}"
+                                                        f"parity check")
 
 
 def _check_triton(repo: Path) -> None:
@@ -145,28 +145,6 @@ def _report_each(backends: list, check_one, what: str) -> None:
             failed.append(name)
     if failed:
         raise ServeFailed(f"{what} failed for {', '.join(failed)}")
-
-
-def _check_plastic(bundle: Path, backends: list, device: str, atol, rtol) -> None:
-    r"""Replay a plastic bundle's golden stream on each backend: every call's logits and trace."""
-    from dhp_deploy.bundle import ATOL, RTOL, BundleError
-    from dhp_deploy.plastic_session import PlasticSession
-
-    a, r = (ATOL if atol is None else atol), (RTOL if rtol is None else rtol)
-
-    def check_one(name: str) -> tuple[bool, str]:
-        try:
-            report = PlasticSession(bundle, backend=name, device=device).check(atol=a, rtol=r)
-        except BundleError as err:
-            raise ServeFailed(str(err)) from None
-        return report["ok"], (f"{name}/{device} (plastic): {report['calls']} calls, "
-                              f"max_abs_error={report['max_abs_error']:.3e} "
-                              f"max_trace_error={report['max_trace_error']:.3e} "
-                              f"argmax_agree={report['argmax_agree']}/{report['rows']} "
-                              f"unlabelled_call_exact={report['unlabelled_call_exact']} "
-                              f"atol={a:g} rtol={r:g}")
-
-    _report_each(backends, check_one, "plastic parity check")
 
 
 @main.command()
