@@ -65,6 +65,8 @@ from reproduction.records import REPO  # noqa: E402
 from reproduction.runs import (RUN_STATUS, ConfigMismatch, auto_setting, execute,  # noqa: E402
                               recorded_result)
 
+COMMITTED_SUMMARIES = REPO / "docs" / "results"  # the records this repository ships
+
 
 # --------------------------------------------------------------------------- command line
 
@@ -137,7 +139,7 @@ def parse_arguments(argv=None):
                              "interventions: permuted-mnist, seeds 0-9 by default)")
     parser.add_argument("--runs", type=Path, default=REPO / "runs" / "reproduce",
                         help="root of the run directories (default runs/reproduce)")
-    parser.add_argument("--summaries", type=Path, default=REPO / "docs" / "results",
+    parser.add_argument("--summaries", type=Path, default=COMMITTED_SUMMARIES,
                         help="where run summaries and strengths.json go (default docs/results)")
     parser.add_argument("--strengths", type=Path, help="chosen strengths JSON "
                         "(default SUMMARIES/strengths.json)")
@@ -258,13 +260,16 @@ def run_state(config, run_dir, role, summary_path) -> str:
 def print_plan(jobs, states, log, processes: int = 1) -> None:
     r"""One line per benchmark: its runs, how many are already done or will be trained, and an
     estimate of the training time from the recorded runs of the same benchmark, protocol and
-    method (their wall times, on the hosts their summaries name)."""
+    method (their wall times, on the hosts their summaries name): those under the grid's own
+    summaries, else the repository's committed ones (a grid into a fresh folder)."""
     plan, seconds, unknown = {}, {}, {}
     for (config, _, _, summary_path), state in zip(jobs, states):
         counts = plan.setdefault(config.benchmark, {})
         counts[state] = counts.get(state, 0) + 1
         if state in ("to run", "to resume"):
-            estimate = _recorded_wall(summary_path.parents[4], config)
+            estimate = next((wall for wall in (_recorded_wall(folder, config) for folder in
+                                               (summary_path.parents[4], COMMITTED_SUMMARIES))
+                             if wall is not None), None)
             seconds[config.benchmark] = seconds.get(config.benchmark, 0.0) + (estimate or 0.0)
             unknown[config.benchmark] = unknown.get(config.benchmark, 0) + (estimate is None)
     for benchmark, counts in plan.items():
@@ -272,9 +277,9 @@ def print_plan(jobs, states, log, processes: int = 1) -> None:
         line = (f"plan: {benchmark}: {sum(counts.values())} runs, {done} already done, "
                 f"{counts.get('to resume', 0)} to resume, {counts.get('to run', 0)} to train")
         if seconds.get(benchmark):
-            line += (f"; ≈ {format_duration(seconds[benchmark])} of one-process training as "
-                     f"recorded here (≈ {format_duration(seconds[benchmark] / processes)} at "
-                     f"--jobs {processes})")
+            line += (f"; ≈ {format_duration(seconds[benchmark])} of one-process training at "
+                     f"the recorded runs' wall times (≈ "
+                     f"{format_duration(seconds[benchmark] / processes)} at --jobs {processes})")
             if unknown.get(benchmark):
                 line += f", {unknown[benchmark]} run(s) with no recorded peer not counted"
         log(line)

@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import statistics
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -618,3 +619,20 @@ def test_trace_study_verdicts_follow_the_stated_criteria():
     assert verdict.startswith("**partial**: of 2") and "1 stopped run(s)" in verdict
     # No seed where DHP+X ends below X: the hypothesis has nothing to explain.
     assert _pair_verdict(_recovery_rows(plain, {0: run(0.95, 0.9, 0.9)})).startswith("no finished")
+
+
+def test_a_grid_into_a_fresh_folder_plans_from_the_committed_wall_times(tmp_path, capsys):
+    # A grid into an empty --summaries folder prints its plan, with a time estimate taken from
+    # the runs the repository ships, and trains nothing under --dry-run.
+    committed = REPO / "docs" / "results"
+    if not any((committed / "runs" / "split-mnist").glob("*/*/seed*.json")):
+        pytest.skip("no committed Split MNIST records")
+    assert reproduce.main(["grid", "--benchmarks", "split-mnist", "--variants", "finetune,dhp",
+                           "--seeds", "0-1", "--summaries", str(tmp_path / "sum"),
+                           "--strengths", str(committed / "strengths.json"),
+                           "--runs", str(tmp_path / "runs"), "--jobs", "2", "--dry-run"]) == 0
+    plan = [line for line in capsys.readouterr().out.splitlines() if line.startswith("plan:")]
+    assert plan and "4 runs, 0 already done, 0 to resume, 4 to train" in plan[0]
+    one_process, at_jobs = re.findall(r"≈ ([0-9hms]+)", plan[0])
+    assert at_jobs != one_process  # halved for two processes
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "sum").exists()
