@@ -173,7 +173,7 @@ def export_run(run_dir, out_dir, formats: Sequence[str] = FORMATS, *, overwrite:
     Args:
         run_dir: a training run directory (``checkpoint.pt``, ``metrics.json``).
         out_dir: the bundle directory to create; must not exist unless ``overwrite``.
-        formats: any of ``"torchscript"``, ``"onnx"``.
+        formats: any of :data:`~dhp_deploy.bundle.FORMATS` (torchscript, onnx, pt2).
         golden_count: how many real test images to store as golden vectors.
         data_dir: MNIST root to rebuild the test sets (None → ``$DHP_DATA_DIR`` → ``./data``).
         allow_unfinished: export a run whose training has not finished.
