@@ -10,9 +10,10 @@ evaluation), the whole grid's time projected from them (a run not yet measured t
 its benchmark and variant's measured runs, else its benchmark's), that time at ``--jobs`` one-thread
 processes, and the arithmetic limit: the grid's training samples × the nominal FLOPs of a training
 sample (3 × the forward's 2·in·out per layer) ÷ the host's peak. ``--elapsed``: the measured
-runs' real elapsed time (from the grid's start to its last run's end), whose excess over their
-recorded wall time ÷ jobs is the per-run overhead (process start, data build, files) the
-projection then adds. Run it on an idle machine: the peak is measured here.
+runs' real elapsed time (from the grid's start to its last run's end); its ratio to their
+recorded wall time ÷ jobs is the overhead factor (process starts, data builds, files, uneven
+packing), by which the projection is then multiplied. Run it on an idle machine: the peak is
+measured here.
 """
 
 import argparse
@@ -34,7 +35,8 @@ from timing import describe_peak, matmul_peak, training_flops_per_sample  # noqa
 def measured_and_grid(summaries: Path, strengths: Path) -> tuple[list, list]:
     r"""(the grid's jobs as ``(benchmark, variant, summary or None)``, the host names recorded)."""
     args = reproduce.parse_arguments(["grid", "--summaries", str(summaries), "--strengths",
-                                      str(strengths), "--runs", str(summaries / "unused")])
+                                      str(strengths), "--runs", str(summaries / "unused"),
+                                      "--jobs", "1", "--cohort", "1"])  # no auto choice to log
     rows, hosts = [], set()
     for config, _, _, summary_path in grid_jobs(args):
         record = read_summary(summary_path) if summary_path.exists() else None
@@ -119,18 +121,18 @@ def report(args) -> list[str]:
         limit = line["samples"] * flops / (peak["peak"] * 1e9)
         parallel = line["wall"] / args.jobs
         out(f"{benchmark:<28}{line['runs']:>6}{line['measured']:>10}"
-              f"{format_duration(line['measured_wall']):>15}{format_duration(line['wall']):>14}"
-              f"{format_duration(parallel):>13}{format_duration(limit):>9}"
-              f"{parallel / limit if limit else float('nan'):>7.2f}")
+            f"{format_duration(line['measured_wall']):>15}{format_duration(line['wall']):>14}"
+            f"{format_duration(parallel):>13}{format_duration(limit):>9}"
+            f"{parallel / limit if limit else float('nan'):>7.2f}")
     if total["unknown"]:
         out(f"{total['unknown']} run(s) of benchmarks with no measured run: not counted")
     if args.elapsed and total["measured"]:
         overhead = args.elapsed / (total["measured_wall"] / args.jobs)
         out(f"measured runs: {format_duration(args.elapsed)} elapsed for "
-              f"{format_duration(total['measured_wall'])} of recorded wall time at --jobs "
-              f"{args.jobs}: overhead factor {overhead:.3f}; the whole grid at that factor: "
-              f"{format_duration(total['wall'] / args.jobs * overhead)} (limit "
-              f"{format_duration(total['samples'] * flops / (peak['peak'] * 1e9))})")
+            f"{format_duration(total['measured_wall'])} of recorded wall time at --jobs "
+            f"{args.jobs}: overhead factor {overhead:.3f}; the whole grid at that factor: "
+            f"{format_duration(total['wall'] / args.jobs * overhead)} (limit "
+            f"{format_duration(total['samples'] * flops / (peak['peak'] * 1e9))})")
     return lines
 
 

@@ -6,7 +6,7 @@ formats write (:func:`~dhp_deploy.frozen.fold_model` or
 :func:`~dhp_deploy.plastic.plastic_model`), its example inputs, input and output names and
 dynamic axes (read by every format's writer, :mod:`dhp_deploy.formats`), its goldens, the state
 files it ships and its manifest entries. The exporter (:mod:`dhp_deploy.export`) holds no branch
-on the kind; serving opens each kind with its session (``runtime.SESSIONS``).
+on the kind; serving opens each kind with its session (``sessions.SESSIONS``).
 """
 
 from dataclasses import dataclass
@@ -170,7 +170,8 @@ def _plastic_io(model: DHPNet) -> dict:
     head = model.head
     shape = [head.in_features, head.out_features]
     return {
-        "inputs": [{"name": INPUT_NAME, "dtype": "float32", "shape": ["N", model.trunk[0].in_features]},
+        "inputs": [{"name": INPUT_NAME, "dtype": "float32",
+                    "shape": ["N", model.trunk[0].in_features]},
                    {"name": LABELS_NAME, "dtype": "int64", "shape": ["N"],
                     "meaning": f"each row's class id, {NO_LABEL} = no label (predict only)"},
                    {"name": HEBB_NAME, "dtype": "float32", "shape": shape,

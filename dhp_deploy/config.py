@@ -42,6 +42,8 @@ _V1_DERIVED = ("model", "data", "regularizer", "optimizer")
 def migrate_config(config: dict) -> dict:
     r"""A run's JSON configuration in the current layout, from any version; ValueError for one
     newer than this dhp-deploy reads."""
+    if not isinstance(config, dict):
+        raise TypeError(f"a run configuration is a JSON object, not {type(config).__name__}")
     version = config.get("config_version", 1)
     if version == CONFIG_VERSION:
         return config

@@ -116,7 +116,7 @@ def _manifest(model: DHPNet, frozen: FrozenMLP, payload: dict, metrics: dict, fo
               golden: dict, sections: dict, kind: BundleKind) -> dict:
     r"""The bundle's manifest (``sections``: what each format's writer recorded)."""
     plastic_io = kind.io(model)
-    config = payload.get("config", {})
+    config = payload["config"]  # load_checkpoint guarantees it, in the current layout
     model_config = model_arguments(config)
     bench = payload.get("benchmark", {})
     linears = [m for m in frozen.modules() if isinstance(m, nn.Linear)]

@@ -27,7 +27,7 @@ class Loop:
         self.outcomes = {}  # run → its metrics.json content or its TrainingError
 
     def run(self) -> dict:
-        r"""Train every run to the end and write its metrics; ``{run: metrics or TrainingError}``."""
+        r"""Train every run to the end, write its metrics; ``{run: metrics or TrainingError}``."""
         for _ in self.epochs():
             pass
         for run in self.runs:
@@ -46,7 +46,7 @@ class Loop:
             task_id, epoch = positions[0]
             if epoch == 0:
                 self.steps.begin_task()
-            sums, seconds = self.steps.train_epoch(self.runs, task_id, epoch)
+            sums, seconds = self.steps.train_epoch(task_id, epoch)
             share = seconds / len(self.runs)  # a cohort's run: its share of the time
             sums_of = dict(zip(self.runs, sums))
             self._each(lambda run: run.end_epoch(task_id, epoch, *sums_of[run], share))

@@ -49,7 +49,7 @@ class PlasticSession:
                  verify: bool = True, threads: int | None = 1) -> None:
         self.path = Path(bundle_dir)
         self.manifest = checked_manifest(self.path, backend, device, verify, threads,
-                                         plastic=True)
+                                         kind="plastic")
         self.backend, self.device = backend, device
         self.in_features = int(self.manifest["input"]["shape"][1])
         self.num_classes = int(self.manifest["output"]["shape"][1])

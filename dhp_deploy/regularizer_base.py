@@ -2,7 +2,8 @@ r"""What a consolidation regulariser is: the hooks the training loop calls, the 
 quadratic-anchor state the penalties share (the methods themselves: :mod:`dhp_deploy.regularizers`).
 
 Every regulariser subclasses :class:`Regularizer` and overrides the hooks it needs, called by the
-training loop (``dhp_deploy.train``):
+training loop (the steps, :mod:`dhp_deploy.steps`; a task's start and end,
+:class:`dhp_deploy.train.TrainingRun`):
 
 - ``before_task(model)``: a task is about to start (SI records where the weights start).
 - ``penalty(model)``: the consolidation term added to the task loss, ``loss = ce + penalty``, so its
@@ -18,8 +19,8 @@ training loop (``dhp_deploy.train``):
   ``generator``) and anchor. Data-parallel, each rank takes its shard of that subset and the sums
   are all-reduced (``replicas``, :mod:`dhp_deploy.distributed`): every rank gets the one-process
   importances. SI needs no collective: its path integral uses the all-reduced gradients.
-- ``state_dict()`` / ``load_state_dict(state)``: tensors, lists and numbers only, so checkpoints load
-  with ``weights_only=True`` and a resumed run continues bit for bit.
+- ``state_dict()`` / ``load_state_dict(state)``: tensors, lists and numbers only, so checkpoints
+  load with ``weights_only=True`` and a resumed run continues bit for bit.
 
 "Slow weights" are every parameter except the DHP layers' plasticity ``alpha`` and ``eta``. The
 parameters are handled as one flat vector (their ``named_parameters`` order), so a penalty is a

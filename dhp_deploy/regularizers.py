@@ -27,6 +27,7 @@ EWC_LAMBDA = Option(1000.0, "EWC / Online EWC strength.")
 FISHER_SAMPLES = Option(1000, "Training samples per Fisher / MAS importance estimate.", low=1,
                         integer=True)
 
+
 @register
 class Finetune(Regularizer):
     r"""No consolidation: plain sequential fine-tuning (the lower baseline)."""

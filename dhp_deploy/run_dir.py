@@ -88,8 +88,13 @@ def is_finished(run_dir) -> bool:
 
 
 def read_config(run_dir) -> dict:
-    r"""The run's ``config.json``, in the current layout (:func:`dhp_deploy.config.migrate_config`)."""
-    return migrate_config(json.loads((Path(run_dir) / CONFIG_NAME).read_text()))
+    r"""The run's ``config.json`` in the current layout (:func:`~dhp_deploy.config.migrate_config`);
+    :class:`CheckpointError` for one this release cannot read."""
+    path = Path(run_dir) / CONFIG_NAME
+    try:
+        return migrate_config(json.loads(path.read_text()))
+    except (KeyError, TypeError, ValueError) as err:  # json's errors are ValueErrors
+        raise CheckpointError(f"{path} is not a readable run configuration ({err})") from None
 
 
 def read_metrics(run_dir) -> dict:

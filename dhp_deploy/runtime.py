@@ -33,7 +33,7 @@ from typing import Optional
 import numpy as np
 
 from dhp_deploy.bundle import (ARTIFACT_FILES, ATOL, DEVICES, FORMATS, GOLDEN_FILES, RTOL,
-                               BundleError, read_manifest)
+                               BundleError, bundle_kind, read_manifest)
 
 __all__ = ["BundleError", "InputError", "Prediction", "Runtime", "open_bundle", "read_manifest",
            "artifact_device", "ort_session", "compare", "check_input", "load_pt2",
@@ -202,26 +202,32 @@ def open_bundle(bundle_dir, backend: str = "torchscript", device: str = "cpu",
     r"""Open a bundle with ``backend`` ("torchscript" | "onnx" | "pt2") on ``device`` ("cpu" |
     "cuda"), with ``threads`` intra-op threads (1 by default; see the module's docstring)."""
     bundle_dir = Path(bundle_dir)
-    manifest = checked_manifest(bundle_dir, backend, device, verify, threads, plastic=False)
+    manifest = checked_manifest(bundle_dir, backend, device, verify, threads, kind="frozen")
     return Runtime(bundle_dir, manifest, backend, device, threads)
 
 
+# What opening a bundle as one kind says when it is the other (sessions.open_session picks right).
+_OPENED_AS_OTHER_KIND = {
+    "frozen": "is a plastic bundle (its trace is an input); open it with "
+              "dhp_deploy.plastic_session.PlasticSession",
+    "plastic": "is a frozen bundle (its trace is folded in); a plastic session needs one "
+               "exported with dhp-export --plastic",
+}
+
+
 def checked_manifest(bundle_dir: Path, backend: str, device: str, verify: bool,
-                     threads: Optional[int], plastic: bool) -> dict:
+                     threads: Optional[int], kind: str) -> dict:
     r"""The manifest of a bundle about to be opened, after the checks every way of opening one
     makes (:func:`open_bundle`, the plastic session): a known backend and device, the bundle's
-    kind (frozen or ``plastic``), its artifact for ``backend``, a valid thread count."""
+    ``kind`` (one of ``bundle.BUNDLE_KINDS``), its artifact for ``backend``, a valid thread
+    count."""
     if backend not in BACKENDS:
         raise BundleError(f"unknown backend {backend!r}, expected one of {', '.join(BACKENDS)}")
     if device not in DEVICES:
         raise BundleError(f"unknown device {device!r}, expected one of {', '.join(DEVICES)}")
     manifest = read_manifest(bundle_dir, verify=verify)
-    if plastic and not manifest.get("plastic"):
-        raise BundleError(f"{bundle_dir} is a frozen bundle (its trace is folded in); a "
-                          f"plastic session needs one exported with dhp-export --plastic")
-    if not plastic and manifest.get("plastic"):
-        raise BundleError(f"{bundle_dir} is a plastic bundle (its trace is an input); open it "
-                          f"with dhp_deploy.plastic_session.PlasticSession")
+    if bundle_kind(manifest) != kind:
+        raise BundleError(f"{bundle_dir} {_OPENED_AS_OTHER_KIND[kind]}")
     if backend not in (manifest.get("artifacts") or {}):
         have = ", ".join(manifest.get("artifacts") or {}) or "none"
         raise BundleError(f"{bundle_dir} has no {backend} artifact (it has: {have}); "

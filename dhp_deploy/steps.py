@@ -8,8 +8,9 @@ configuration) and leaves the epoch's bookkeeping to the run; :func:`sgd_update`
 writer of a plain-SGD update both share.
 
 Interface: ``begin_task()`` before a task's first step (a regulariser's state may live in new
-tensors: captured graphs are dropped); ``train_epoch(runs, task_id, epoch)`` returns each run's
-``(loss sum, correct)`` and the seconds spent; ``restack(runs)`` after runs left the loop.
+tensors: captured graphs are dropped); ``train_epoch(task_id, epoch)`` returns each of its runs'
+``(loss sum, correct)``, in order, and the seconds spent; ``restack(runs)`` after runs left the
+loop (the runs still training).
 """
 
 import time
@@ -29,7 +30,7 @@ __all__ = ["OneRunSteps", "StackedSteps", "sgd_update", "derived_generator", "ta
 
 
 def derived_generator(seed: int, purpose: str, *keys: int) -> torch.Generator:
-    r"""A CPU generator seeded from ``(seed, purpose, keys)`` alone (sha256, so streams are unrelated)."""
+    r"""A CPU generator seeded from ``(seed, purpose, keys)`` alone (sha256: unrelated streams)."""
     return seeded_generator("dhp-train", seed, purpose, *keys)
 
 
@@ -64,7 +65,7 @@ class OneRunSteps:
     def restack(self, runs) -> None:
         pass  # one run: when it leaves, the loop ends
 
-    def train_epoch(self, runs, task_id: int, epoch: int) -> tuple[list, float]:
+    def train_epoch(self, task_id: int, epoch: int) -> tuple[list, float]:
         r"""One pass over the task's training set; returns ``([(loss sum, correct)], seconds)``."""
         run = self.run
         task, head = run.benchmark.tasks[task_id], run.heads[task_id]
@@ -75,7 +76,8 @@ class OneRunSteps:
         totals = torch.zeros(2, dtype=torch.float64, device=run.device)
         loss_sum, correct = totals[0], totals[1]  # views: one in-place op each per step
         size = run.config.batch_size
-        sizes = [min(size, len(task.y_train) - start) for start in range(0, len(task.y_train), size)]
+        count = len(task.y_train)
+        sizes = [min(size, count - start) for start in range(0, count, size)]
         part = run.replicas.shard if run.replicas.distributed else None
         for (xb, yb), global_size in zip(batches(task.x_train, task.y_train, size, generator,
                                                  part=part), sizes):
@@ -172,7 +174,7 @@ class StackedSteps:
             for name, buffer in model.named_buffers():
                 buffer.data = buffers[name][index]
 
-    def train_epoch(self, runs, task_id: int, epoch: int) -> tuple[list, float]:
+    def train_epoch(self, task_id: int, epoch: int) -> tuple[list, float]:
         r"""One epoch of every run, in lockstep, without waiting for the device; returns each
         run's ``(loss sum, correct)`` and the seconds spent."""
         first = self.runs[0]

@@ -133,7 +133,7 @@ def _class_counts(y: torch.Tensor) -> list[int]:
 def seeded_generator(*parts) -> torch.Generator:
     r"""A CPU generator seeded from ``parts`` alone: the first 8 bytes of the sha256 of
     ``"/".join(parts)``, so neighbouring seeds or keys share nothing. The one way the data and the
-    training loop derive their random streams (``train.derived_generator`` too)."""
+    training loop derive their random streams (``steps.derived_generator`` too)."""
     digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
 

@@ -33,7 +33,7 @@ from dhp_deploy.run_dir import (CHECKPOINT_NAME, CONFIG_NAME, CheckpointError, a
 from dhp_deploy.metrics import average_accuracies, format_duration, run_metrics, write_run_metrics
 from dhp_deploy.lean_step import supports_lean_step
 from dhp_deploy.loop import Loop
-from dhp_deploy.steps import OneRunSteps, derived_generator, target_map
+from dhp_deploy.steps import OneRunSteps, derived_generator
 from dhp_deploy.stability import (TrainingDiverged, TrainingError, UnstableStrength,
                                   check_finite, check_stable)
 from dhp_deploy.evaluation import dhp_heads, evaluate, task_heads, trace_evaluations
@@ -42,6 +42,7 @@ from dhp_deploy.regularizers import build_regularizer
 
 __all__ = ["TrainConfig", "TrainingError", "TrainingDiverged", "UnstableStrength", "TrainingRun",
            "start_or_resume"]
+
 
 @dataclass
 class Progress:
@@ -307,14 +308,14 @@ def start_or_resume(run_dir, benchmark_of: Callable[[TrainConfig], Benchmark],
     ``benchmark_of(config)`` builds the data (called once, with the saved configuration when
     resuming). The one way ``dhp-train`` and the reproduction grid open a run. Raises
     :class:`TrainingError` (one line) when there is nothing to resume and no ``config``, or the
-    checkpoint does not fit.
+    checkpoint cannot be read (e.g. a newer release's: it is never started over) or does not fit.
     """
+    if config is not None and not (Path(run_dir) / CHECKPOINT_NAME).exists():
+        return TrainingRun.start(config, benchmark_of(config), run_dir, device, **hooks), "started"
     try:
         payload = load_checkpoint(run_dir, map_location=device)
     except CheckpointError as err:
-        if config is None:
-            raise TrainingError(f"cannot resume: {err}") from None
-        return TrainingRun.start(config, benchmark_of(config), run_dir, device, **hooks), "started"
+        raise TrainingError(f"cannot resume: {err}") from None
     try:
         saved = TrainConfig.from_json(payload["config"])
     except (KeyError, TypeError) as err:

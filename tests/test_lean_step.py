@@ -18,7 +18,8 @@ from dhp_deploy.lean_step import _cross_entropy_and_gradient, lean_gradients, su
 from dhp_deploy.network import DHPNet, task_logits
 from dhp_deploy.importance import flat_slow_weights
 from dhp_deploy.regularizers import build_regularizer
-from dhp_deploy.steps import target_map
+from dhp_deploy.loop import Loop
+from dhp_deploy.steps import OneRunSteps, target_map
 from dhp_deploy.train import TrainConfig, TrainingRun
 from synthetic import split_benchmark
 
@@ -234,8 +235,9 @@ def test_a_whole_cuda_training_epoch_needs_no_host_sync(tmp_path, method):
     run = TrainingRun.start(config, _on_cuda(split_benchmark(IN, train=256, test=64)),
                             tmp_path, device="cuda")
     assert run.lean
+    steps = OneRunSteps(run)
     run.regularizer.before_task(run.model)
-    run.train_epoch(0, 0)
+    steps.train_epoch(0, 0)
     run.end_task(0)
     run.regularizer.before_task(run.model)
     task, head = run.benchmark.tasks[1], run.heads[1]
@@ -246,7 +248,7 @@ def test_a_whole_cuda_training_epoch_needs_no_host_sync(tmp_path, method):
     torch.cuda.set_sync_debug_mode("error")
     try:
         for xb, yb in epoch:
-            run.train_step(xb, yb, head, targets_of)
+            steps.step(xb, yb, head, targets_of)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert all(torch.isfinite(p).all() for p in run.model.parameters())
@@ -266,10 +268,11 @@ def test_training_replayed_as_cuda_graphs_equals_eager_training(tmp_path, method
     for graphs in (True, False):
         run = TrainingRun.start(config, _on_cuda(split_benchmark(IN, train=250, test=64)),
                                 tmp_path / str(graphs), device="cuda", cuda_graphs=graphs)
-        runs[graphs] = (run, run.run())
-        assert run.graphs.enabled == graphs
-    (graphed, graphed_metrics), (eager, eager_metrics) = runs[True], runs[False]
-    assert any(isinstance(step, GraphedStep) for step in graphed.graphs.captured.values())
+        steps = OneRunSteps(run)
+        runs[graphs] = (run, Loop([run], steps, keep_going=False).run()[run], steps)
+        assert steps.graphs.enabled == graphs
+    (graphed, graphed_metrics, graphed_steps), (eager, eager_metrics, _) = runs[True], runs[False]
+    assert any(isinstance(step, GraphedStep) for step in graphed_steps.graphs.captured.values())
     for (name, a), b in zip(graphed.model.state_dict().items(), eager.model.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
     # Weights equal to rounding: a test example near the boundary may flip, no more.

@@ -390,7 +390,7 @@ def test_a_method_with_only_a_penalty_is_applied_on_the_lean_path(dhp, tmp_path)
         run.regularizer = regularizer
         task, head = benchmark.tasks[0], run.heads[0]
         OneRunSteps(run).step(task.x_train[:16], task.y_train[:16], head,
-                       target_map(head, benchmark.num_classes, run.device))
+                              target_map(head, benchmark.num_classes, run.device))
         return {name: p.detach().clone() for name, p in run.model.named_parameters()}
 
     lean, autograd = one_step(True, _PenaltyOnly()), one_step(False, _PenaltyOnly())

@@ -11,8 +11,8 @@ the committed summaries.
 import argparse
 import json
 import os
-import statistics
 import re
+import statistics
 import subprocess
 import sys
 from pathlib import Path

@@ -19,8 +19,8 @@ from dhp_deploy.cohort import Cohort, stack_key
 from dhp_deploy.regularizers import OPTIONS
 from dhp_deploy.tasks import build_benchmark
 from dhp_deploy.metrics import format_duration
-from dhp_deploy.run_dir import (CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, atomic_write_json,
-                                is_finished, read_config)
+from dhp_deploy.run_dir import (CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, CheckpointError,
+                                atomic_write_json, is_finished, read_config)
 from dhp_deploy.train import TrainConfig, TrainingDiverged, TrainingError, start_or_resume
 from reproduction.naming import DIVERGED_NAME, train_command
 from reproduction.records import REPO, read_summary, summarize_run, write_summary
@@ -96,7 +96,11 @@ def open_run(config, benchmark_of, run_dir: Path, *, role: str, device: str, log
     train, or ``("skipped" | "diverged" | "failed", None)`` when there is nothing to train."""
     run_dir = Path(run_dir)
     if (run_dir / CONFIG_NAME).exists():
-        differ = same_training(config, read_config(run_dir)["training"])
+        try:
+            differ = same_training(config, read_config(run_dir)["training"])
+        except CheckpointError as err:  # e.g. a newer release's run: never trained over
+            raise ConfigMismatch(f"{err}; move it away or use another --runs directory") \
+                from None
         if differ:
             raise ConfigMismatch(f"{run_dir} holds a run with other settings "
                                  f"({', '.join(differ)}); move it away or use another --runs "

@@ -120,8 +120,8 @@ def check(bundle, backend, device, atol, rtol):
         return report["ok"], (f"{name}/{device}{label}: {session.describe(report)} "
                               f"atol={a:g} rtol={r:g}")
 
-    _report_each(_backends(bundle, backend), check_one, f"{kind + ' ' if label else ''}"
-                                                        f"parity check")
+    what = "plastic parity check" if kind == "plastic" else "parity check"
+    _report_each(_backends(bundle, backend), check_one, what)
 
 
 def _check_triton(repo: Path) -> None:
