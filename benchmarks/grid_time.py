@@ -40,8 +40,6 @@ def measured_and_grid(summaries: Path, strengths: Path) -> tuple[list, list]:
     rows, hosts = [], set()
     for config, _, _, summary_path in grid_jobs(args):
         record = read_summary(summary_path) if summary_path.exists() else None
-        if record is not None and record["metrics"] is None:
-            record = None  # a diverged run stopped early: its time is not a run's time
         if record is not None:
             hosts.add(record["machine"]["cpu"])
         rows.append((config.benchmark, summary_path.parent.name, record))
@@ -50,10 +48,11 @@ def measured_and_grid(summaries: Path, strengths: Path) -> tuple[list, list]:
 
 def projection(rows: list) -> dict:
     r"""Per benchmark: measured runs, their wall and samples; the grid's projected wall and
-    samples (unmeasured runs at the mean of their variant's measured runs, else the benchmark's)."""
+    samples (unmeasured runs at the mean of their variant's measured runs, else the benchmark's).
+    A run that diverged counts with the time it took; only finished runs project others."""
     by_variant, by_benchmark = defaultdict(list), defaultdict(list)
     for benchmark, variant, record in rows:
-        if record is not None:
+        if record is not None and record["metrics"] is not None:
             entry = (record["wall_s"], record["timings"]["samples"])
             by_variant[benchmark, variant].append(entry)
             by_benchmark[benchmark].append(entry)

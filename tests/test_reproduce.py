@@ -641,16 +641,19 @@ def test_a_grid_into_a_fresh_folder_plans_from_the_committed_wall_times(tmp_path
 def test_the_grid_time_projects_unmeasured_runs_from_their_variant_then_benchmark():
     import grid_time
 
-    def run(wall, samples):
-        return {"wall_s": wall, "timings": {"samples": samples}}
+    def run(wall, samples, diverged=False):
+        return {"wall_s": wall, "timings": {"samples": samples},
+                "metrics": None if diverged else {}}
 
     rows = [("a", "dhp", run(10.0, 100)), ("a", "dhp", run(20.0, 100)), ("a", "dhp", None),
-            ("a", "ewc", run(40.0, 300)), ("a", "si", None), ("b", "dhp", None)]
+            ("a", "dhp", run(4.0, 30, diverged=True)), ("a", "ewc", run(40.0, 300)),
+            ("a", "si", None), ("b", "dhp", None)]
     table = grid_time.projection(rows)
-    assert table["a"]["runs"] == 5 and table["a"]["measured"] == 3
-    assert table["a"]["measured_wall"] == 70.0
-    # The unmeasured dhp run at its variant's mean (15 s), si at the benchmark's (70 / 3 s).
-    assert table["a"]["wall"] == pytest.approx(70.0 + 15.0 + 70.0 / 3)
-    assert table["a"]["samples"] == pytest.approx(500 + 100 + 500 / 3)
+    assert table["a"]["runs"] == 6 and table["a"]["measured"] == 4
+    assert table["a"]["measured_wall"] == 74.0  # a diverged run costs the time it took
+    # The unmeasured dhp run at its variant's finished runs' mean (15 s), si at the benchmark's
+    # (70 / 3 s): a diverged run projects nothing.
+    assert table["a"]["wall"] == pytest.approx(74.0 + 15.0 + 70.0 / 3)
+    assert table["a"]["samples"] == pytest.approx(530 + 100 + 500 / 3)
     assert table["b"] == {"runs": 1, "measured": 0, "measured_wall": 0.0, "wall": 0.0,
                           "samples": 0.0, "unknown": 1}
