@@ -35,7 +35,7 @@ CONFIG_VERSION = 2
 # What a version-1 run that predates an option ran with: nn.Linear's init before head_init
 # existed, η free before eta_bound, and η's first initial value.
 _BEFORE_OPTIONS = {"head_init": "linear", "eta_bound": False, "eta_init": 0.01}
-# Version-1 sections derived from "training" that nothing reads.
+# Version-1 sections that restate "training" ("model" also held the data shape, kept as such).
 _V1_DERIVED = ("model", "data", "regularizer", "optimizer")
 
 
@@ -64,7 +64,7 @@ def model_arguments(config: dict) -> dict:
     training = config["training"]
     return {**config["data_shape"], "hidden": tuple(training["hidden"]), "dhp": training["dhp"],
             "eta_init": training["eta_init"],
-            "head_init": training["head_init"] or default_head_init(training["dhp"])}
+            "head_init": training["head_init"]}  # resolved when the config was written
 
 
 def build_model(config: dict) -> DHPNet:

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
+from dhp_deploy.config import build_model, migrate_config
 # The atomic writes live in dhp_deploy.io (no torch); they are re-exported here, where the run
 # directory's writers have always found them.
-from dhp_deploy.config import build_model, migrate_config
 from dhp_deploy.io import atomic_write_bytes, atomic_write_json, atomic_write_text, atomic_writer
 from dhp_deploy.network import DHPNet
 
