@@ -130,3 +130,10 @@ session = PlasticSession({str(bundle)!r}, backend="onnx")
 assert session.check()["ok"]
 session.step(np.zeros((2, session.in_features), np.float32), np.array([0, -1]))
 """ + dhp_serve("check", bundle, "--backend", "onnx"))
+
+
+def test_no_module_of_the_package_outgrows_a_reading():
+    # One job per module: past ~450 lines a module holds more than one (issue-level rule).
+    sizes = {str(path.relative_to(PACKAGE)): len(path.read_text().splitlines())
+             for path in PACKAGE.rglob("*.py")}
+    assert not {name: lines for name, lines in sizes.items() if lines > 450}
