@@ -1,4 +1,4 @@
-r"""The DHP head's training step as fused CPU kernels (``csrc/dhp_head.cpp``), built once per machine.
+r"""The lean step's fused CPU kernels (``csrc/dhp_head.cpp``, ``csrc/penalised_sgd.cpp``), built once per machine.
 
 At batch 64 the eager DHP head is about 30 small torch ops whose dispatch (3–10 µs each) is the
 cost, not their arithmetic: on a 2-core CPU, one thread, its forward + backward took 311 µs
@@ -6,7 +6,8 @@ against a plain head's 44 µs. The same arithmetic as three C++ kernels around A
 takes 73 µs, which brings the DHP training step to the plain one's cost
 (benchmarks/bench_layer.py measures both side by side). The cross-entropy that ends both heads'
 steps (log-softmax, its gradient, the task's logits and the hit count: a dozen ops, ~80 µs) is a
-fourth kernel.
+fourth kernel. A fifth, ``penalised_sgd``, is the quadratic regularisers' penalty gradient and the
+plain-SGD update in one pass over the weights (three memory-bound passes in torch ops).
 
 torch builds the extension on first use (:mod:`torch.utils.cpp_extension`: a C++ compiler and
 ninja, about 20 s; ``make install`` does it ahead) and caches it. Where it cannot build, or with
@@ -30,7 +31,8 @@ from torch import Tensor
 
 __all__ = ["ENABLED", "kernels", "usable"]
 
-SOURCE = Path(__file__).resolve().parent / "csrc" / "dhp_head.cpp"
+SOURCES = [str(Path(__file__).resolve().parent / "csrc" / name)
+           for name in ("dhp_head.cpp", "penalised_sgd.cpp")]
 # On by default; DHP_FUSED_HEAD=0 keeps the eager head (tests and benchmarks compare the two).
 ENABLED = os.environ.get("DHP_FUSED_HEAD", "1") != "0"
 # torch's build lock is a file that only the builder removes: a builder killed outright (SIGKILL,
@@ -50,7 +52,7 @@ def build_directory() -> Path:
 @cache
 def kernels() -> Optional[ModuleType]:
     r"""The compiled kernels (``class_stats``, ``head_forward``, ``head_backward``,
-    ``cross_entropy``), or None."""
+    ``cross_entropy``, ``penalised_sgd``), or None."""
     directory = build_directory()
     try:
         from torch.utils import cpp_extension
@@ -58,7 +60,7 @@ def kernels() -> Optional[ModuleType]:
         lock = directory / "lock"
         if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
             lock.unlink(missing_ok=True)
-        return cpp_extension.load("dhp_deploy_head", [str(SOURCE)], extra_cflags=["-O3"],
+        return cpp_extension.load("dhp_deploy_head", SOURCES, extra_cflags=["-O3"],
                                   build_directory=str(directory))
     except Exception as err:  # no compiler, no ninja, a compile error: the eager head still works
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]

@@ -14,6 +14,8 @@ training loop (the steps, :mod:`dhp_deploy.steps`; a task's start and end,
   grads)``, the task's gradients plus the penalty's closed-form gradient, and, after a plain-SGD
   update ``θ ← θ − lr·g`` (no momentum), ``after_sgd_step(model, task_grads, lr)`` in place of
   ``after_step``: SI then knows its step exactly and needs one pass over the weights, not five.
+  ``penalised_sgd(model, grads, lr)`` is that update with the penalty's gradient: the quadratic
+  penalties do both in one fused pass over the weights where the CPU kernels built.
 - ``after_task(model, inputs, classes, generator, replicas)``: the task is learned; estimate
   importances on at most ``fisher_samples`` of its training ``inputs`` (a subset drawn with
   ``generator``) and anchor. Data-parallel, each rank takes its shard of that subset and the sums
@@ -33,6 +35,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from dhp_deploy import fused_head
 from dhp_deploy.distributed import SINGLE, Replicas
 from dhp_deploy.importance import StepViews, parameter_views, slow_parameters
 
@@ -129,6 +132,12 @@ class Regularizer:
         return {**grads, **{id(p): grads[id(p)] + g for p, g in zip(params, extra)
                             if g is not None}}
 
+    def penalised_sgd(self, model: nn.Module, grads: dict, lr: float) -> tuple[dict, frozenset]:
+        r"""``(totals, updated)``: the task gradients ``grads`` plus the penalty's, as
+        :meth:`gradients_with_penalty`, and the ids of the parameters this call already moved by
+        ``−lr·total`` (none here: the caller's plain-SGD update moves them all)."""
+        return self.gradients_with_penalty(model, grads), frozenset()
+
     def max_curvature(self) -> float:
         return 0.0
 
@@ -168,20 +177,38 @@ class QuadraticAnchors(Regularizer):
 
     @torch.no_grad()
     def gradients_with_penalty(self, model: nn.Module, grads: dict) -> dict:
-        # g + 2·scale·strength·F ⊙ (θ − θ*): two passes over the weights, the product F·constant
-        # kept from one step to the next (it changes only with the anchor or the strength).
+        # g + 2·scale·strength·F ⊙ (θ − θ*): two passes over the weights.
         if self._merged is None:
             return grads
-        importance, anchor, _ = self._merged
-        if self._curvature is None or self._curvature[0] != self.strength:
-            self._curvature = (self.strength,
-                               importance * (2 * self.penalty_scale * self.strength))
         params = self._views.parameters(model)
-        offsets = torch._foreach_sub(params, self._views.of(model, "anchor", anchor))
+        offsets = torch._foreach_sub(params, self._views.of(model, "anchor", self._merged[1]))
         totals = torch._foreach_addcmul([grads[id(p)] for p in params],
-                                        self._views.of(model, "curvature", self._curvature[1]),
+                                        self._views.of(model, "curvature", self._curvature_row()),
                                         offsets)
         return {**grads, **{id(p): total for p, total in zip(params, totals)}}
+
+    def _curvature_row(self) -> Tensor:
+        # 2·scale·strength·F, kept from one step to the next (it changes only with the anchor or
+        # the strength).
+        if self._curvature is None or self._curvature[0] != self.strength:
+            self._curvature = (self.strength,
+                               self._merged[0] * (2 * self.penalty_scale * self.strength))
+        return self._curvature[1]
+
+    @torch.no_grad()
+    def penalised_sgd(self, model: nn.Module, grads: dict, lr: float) -> tuple[dict, frozenset]:
+        # Penalty gradient and update in one pass (csrc/penalised_sgd.cpp): the same fused
+        # multiply-adds as the torch ops, a third of the memory traffic.
+        params = self._views.parameters(model)
+        if self._merged is None or not fused_head.usable(params[0]):
+            return super().penalised_sgd(model, grads, lr)
+        importance, anchor, _ = self._merged
+        totals = fused_head.kernels().penalised_sgd(
+            params, [grads[id(p)] for p in params],
+            self._views.of(model, "curvature", self._curvature_row()),
+            self._views.of(model, "anchor", anchor), lr)
+        return ({**grads, **{id(p): total for p, total in zip(params, totals)}},
+                frozenset(id(p) for p in params))
 
     def max_curvature(self) -> float:
         if self._merged is None:

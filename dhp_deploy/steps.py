@@ -47,7 +47,8 @@ def target_map(head: Optional[Tensor], num_classes: int, device) -> Optional[Ten
 @torch.no_grad()
 def sgd_update(params: list[Tensor], grads: list[Tensor], lr: float) -> None:
     r"""``θ ← θ − lr·g``: torch SGD's own foreach update without its per-call overhead."""
-    torch._foreach_add_(params, grads, alpha=-lr)
+    if params:
+        torch._foreach_add_(params, grads, alpha=-lr)
 
 
 class OneRunSteps:
@@ -106,12 +107,16 @@ class OneRunSteps:
         task_grads, task_loss, _, hits = lean_gradients(run.model, xb, yb, head, targets,
                                                         run.replicas, global_size,
                                                         run.parameters)
-        grads = run.regularizer.gradients_with_penalty(run.model, task_grads)
+        if run.config.momentum == 0:  # the penalised weights may be updated with their penalty
+            grads, moved = run.regularizer.penalised_sgd(run.model, task_grads, run.config.lr)
+        else:
+            grads, moved = run.regularizer.gradients_with_penalty(run.model, task_grads), ()
         ordered = [grads[id(param)] for param in run.parameters]
         for param, gradient in zip(run.parameters, ordered):  # as backward() leaves them: SI
             param.grad = gradient                             # reads them after the update
         if run.config.momentum == 0:
-            sgd_update(run.parameters, ordered, run.config.lr)
+            rest = [(p, g) for p, g in zip(run.parameters, ordered) if id(p) not in moved]
+            sgd_update([p for p, _ in rest], [g for _, g in rest], run.config.lr)
             run.bound_eta()
             run.regularizer.after_sgd_step(run.model, task_grads, run.config.lr)
         else:

@@ -16,7 +16,7 @@ from dhp_deploy.tasks import batches
 from dhp_deploy.cuda_graph import GraphedStep
 from dhp_deploy.lean_step import _cross_entropy_and_gradient, lean_gradients, supports_lean_step
 from dhp_deploy.network import DHPNet, task_logits
-from dhp_deploy.importance import flat_slow_weights
+from dhp_deploy.importance import flat_slow_weights, slow_parameters
 from dhp_deploy.regularizers import build_regularizer
 from dhp_deploy.loop import Loop
 from dhp_deploy.steps import OneRunSteps, target_map
@@ -184,6 +184,57 @@ def test_fused_cross_entropy_equals_the_eager_one(head):
     assert torch.equal(fused_used, used) and hits == (used.argmax(1) == targets).sum()
     with pytest.raises(RuntimeError, match=f"label {used.shape[1]} is not in"):
         kernels.cross_entropy(logits, classes, torch.full((16,), used.shape[1]), 64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("method", ["ewc", "online-ewc", "mas", "si"])
+def test_fused_penalised_sgd_equals_the_torch_ops(method, dtype, monkeypatch):
+    r"""The one-pass penalty + SGD update (csrc/penalised_sgd.cpp) against the torch ops it
+    replaces: bit for bit where torch's CPU kernels fuse their multiply-adds (AVX2/AVX-512
+    hosts, measured), else within an ulp's rounding (1e-6 relative)."""
+    built_kernels()
+    nets, totals = {}, {}
+    for fused in (True, False):
+        monkeypatch.setattr(fused_head, "ENABLED", fused)
+        torch.manual_seed(4)
+        net = make_net(True).to(dtype)
+        regularizer = build_regularizer(method, fisher_samples=16, ewc_lambda=30.0, si_c=3.0,
+                                        mas_lambda=3.0)
+        regularizer.before_task(net)
+        with torch.no_grad():  # an anchor with made-up importances, then move away from it
+            anchor = flat_slow_weights(net).clone()
+            regularizer.add_anchor(torch.rand(anchor.numel(), dtype=dtype), anchor)
+            for p in net.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        # The head's gradient arrives transposed, as the lean step computes it.
+        task = {id(p): (torch.randn_like(p.t()).t() if p.dim() == 2 and p.shape[1] == CLASSES
+                        else torch.randn_like(p)) for p in net.parameters()}
+        grads, moved = regularizer.penalised_sgd(net, task, 0.05)
+        slow = {id(p) for p in slow_parameters(net).values()}  # all but α and η
+        assert moved == (slow if fused else frozenset())
+        params = list(net.parameters())
+        rest = [p for p in params if id(p) not in moved]
+        with torch.no_grad():
+            for p in rest:
+                p.add_(grads[id(p)], alpha=-0.05)
+        nets[fused], totals[fused] = net, [grads[id(p)] for p in params]
+    exact = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    tolerance = dict(rtol=0, atol=0) if exact else dict(rtol=1e-6, atol=1e-12)
+    for (name, a), b in zip(nets[True].named_parameters(), nets[False].parameters()):
+        torch.testing.assert_close(a, b, **tolerance, msg=name)
+    for a, b in zip(totals[True], totals[False]):
+        torch.testing.assert_close(a, b, **tolerance)
+
+
+def test_fused_penalised_sgd_refuses_mismatched_operands():
+    kernels = built_kernels()
+    theta = torch.zeros(8)
+    with pytest.raises(RuntimeError, match="an anchor must be a contiguous CPU tensor"):
+        kernels.penalised_sgd([theta], [torch.zeros(8)], [torch.zeros(8)], [torch.zeros(7)], 0.1)
+    with pytest.raises(RuntimeError, match="a curvature must be"):
+        kernels.penalised_sgd([theta], [torch.zeros(8)], [torch.zeros(8, dtype=torch.float64)],
+                              [torch.zeros(8)], 0.1)
+    assert torch.equal(theta, torch.zeros(8))  # refused before any write
 
 
 def test_other_models_fall_back_to_autograd():

@@ -182,9 +182,15 @@ std::vector<at::Tensor> cross_entropy(const at::Tensor& logits_in, const at::Ten
   return {loss, dz, logits, at::scalar_tensor(hits, targets.options())};
 }
 
+// csrc/penalised_sgd.cpp
+std::vector<at::Tensor> penalised_sgd(std::vector<at::Tensor> params, std::vector<at::Tensor> grads,
+                                      std::vector<at::Tensor> curvatures,
+                                      std::vector<at::Tensor> anchors, double lr);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cross_entropy", &cross_entropy);
   m.def("class_stats", &class_stats);
   m.def("head_forward", &head_forward);
   m.def("head_backward", &head_backward);
+  m.def("penalised_sgd", &penalised_sgd);
 }
