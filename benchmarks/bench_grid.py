@@ -1,14 +1,17 @@
 r"""Grid throughput: runs per hour of ``reproduce.py grid``, one run at a time vs ``--jobs N``
-vs ``--cohort K`` (K runs trained as one vectorised model, dhp_deploy.cohort).
+vs ``--cohort K`` (K runs trained as one vectorised model, dhp_deploy.cohort) vs both
+(N processes, each stacking K/N runs).
 
-    python benchmarks/bench_grid.py    # 16 short Split MNIST runs: --jobs 1, --jobs 2, --cohort 8
+    python benchmarks/bench_grid.py    # 16 short Split MNIST runs: sequential, --jobs 2,
+                                       # --cohort 8, --jobs 2 --cohort 4
     python benchmarks/bench_grid.py --runs 4 --epochs 1 --tasks 2   # a quick look
     python benchmarks/bench_grid.py --device cuda --jobs 1 --cohort 8  # on a GPU
 
 The same runs (Finetune and DHP, seeds 0..) are trained three times into fresh temporary folders,
-first sequentially (one process, one thread) and then with ``--jobs N`` (N one-thread worker
-processes) and then in one process with ``--cohort K`` (Finetune's runs in stacks of K, DHP's in
-others), and the wall time of each whole grid command is compared. On a 2-core machine the
+first sequentially (one process, one thread), then with ``--jobs N`` (N one-thread worker
+processes), then in one one-thread process with ``--cohort K`` (Finetune's runs in stacks of K,
+DHP's in others), then with both (N one-thread processes, each stacking K/N runs: the stacking
+lever with every core busy), and the wall time of each whole grid command is compared. On a 2-core machine the
 ratio says how much of the second core a grid uses; it needs an idle machine to mean anything.
 Each command pays its start-up once (the workers import torch, ~2 s in all, while the one-process
 grid's import is its parent's): with 8 of these 4-second runs that was a tenth of the parallel
@@ -62,14 +65,17 @@ def main() -> dict:
     with tempfile.TemporaryDirectory() as root:
         grid_seconds(1, 1, argparse.Namespace(**{**vars(args), "runs": 2, "epochs": 1,
                                                  "tasks": 1}), Path(root))
+    mixed = max(1, args.cohort // args.jobs)
     settings = {"sequential": (1, 1), f"--jobs {args.jobs}": (args.jobs, 1),
-                f"--cohort {args.cohort}": (1, args.cohort)}
+                f"--cohort {args.cohort}": (1, args.cohort),
+                f"--jobs {args.jobs} --cohort {mixed}": (args.jobs, mixed)}
     for name, (jobs, cohort) in settings.items():
-        if (jobs, cohort) == (1, 1) and name != "sequential":
-            continue  # --jobs 1 or --cohort 1: the sequential grid again
+        if (jobs, cohort) in [tuple(r["setting"]) for r in results.values()]:
+            continue  # e.g. --jobs 1 or --cohort 1: a setting already measured
         with tempfile.TemporaryDirectory() as root:
             seconds = grid_seconds(jobs, cohort, args, Path(root))
-        results[name] = {"seconds": seconds, "runs_per_hour": args.runs * 3600 / seconds}
+        results[name] = {"seconds": seconds, "runs_per_hour": args.runs * 3600 / seconds,
+                         "setting": (jobs, cohort)}
         figures.key(f"{name}: {args.runs} runs (Split MNIST, {args.tasks} tasks × {args.epochs} "
                     f"epochs, {args.device}) in {seconds:.1f} s = "
                     f"{results[name]['runs_per_hour']:.0f} runs/hour")

@@ -37,7 +37,7 @@ SCRIPTS = (
     ("bench_data.py", "benchmark build time from the MNIST files", {"--only": "split-mnist"}),
     ("bench_train.py", "training protocol wall time and throughput",
      {"--tasks": "2", "--epochs": "1"}),
-    ("bench_grid.py", "grid throughput: sequential vs --jobs 2 vs --cohort 8",
+    ("bench_grid.py", "grid throughput: sequential vs --jobs 2 vs --cohort 8 vs both",
      {"--runs": "4", "--epochs": "1", "--tasks": "2"}),
     ("bench_serve.py", "export/serving: folded vs plain, runtimes vs peak",
      {"--iters": "50", "--repeats": "3", "--rounds": "2", "--peak-size": "1024"}),

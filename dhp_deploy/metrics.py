@@ -143,7 +143,10 @@ def accuracy_plot_png(acc_matrix: Matrix, title: str = "",
     curve_axes.grid(True, alpha=0.3)
     if title:
         figure.suptitle(title)
-    figure.tight_layout()
+    # Fixed margins: tight_layout measured every label again, 40% of the plot's 0.37 s (a grid
+    # draws one per run).
+    figure.subplots_adjust(left=0.06 if trace else 0.07, right=0.98, bottom=0.13, top=0.86,
+                           wspace=0.3)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
     return buffer.getvalue()
