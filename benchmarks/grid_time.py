@@ -12,8 +12,9 @@ processes, and the arithmetic limit: the grid's training samples × the nominal 
 sample (3 × the forward's 2·in·out per layer) ÷ the host's peak. ``--elapsed``: the measured
 runs' real elapsed time (from the grid's start to its last run's end); its ratio to their
 recorded wall time ÷ jobs is the overhead factor (process starts, data builds, files, uneven
-packing), by which the projection is then multiplied. Run it on an idle machine: the peak is
-measured here.
+packing), by which the projection is then multiplied. ``--search-elapsed``: the real seconds the
+strength searches took (``reproduce.py search`` prints them), which the grid needs first: with
+both, the time from nothing to the report. Run it on an idle machine: the peak is measured here.
 """
 
 import argparse
@@ -84,6 +85,8 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=2, help="one-thread processes of the grid")
     parser.add_argument("--elapsed", type=float, default=None,
                         help="real seconds the measured runs took, start to end (optional)")
+    parser.add_argument("--search-elapsed", type=float, default=None,
+                        help="real seconds the strength searches took (optional)")
     parser.add_argument("--out", type=Path, default=None,
                         help="also write the report as Markdown to this file")
     args = parser.parse_args()
@@ -132,6 +135,10 @@ def report(args) -> list[str]:
             f"{args.jobs}: overhead factor {overhead:.3f}; the whole grid at that factor: "
             f"{format_duration(total['wall'] / args.jobs * overhead)} (limit "
             f"{format_duration(total['samples'] * flops / (peak['peak'] * 1e9))})")
+        if args.search_elapsed:
+            whole = args.search_elapsed + total["wall"] / args.jobs * overhead
+            out(f"strength searches: {format_duration(args.search_elapsed)} elapsed (measured); "
+                f"from nothing to the report: {format_duration(whole)}")
     return lines
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
+import torch  # noqa: E402
 from reproduction.records import machine  # noqa: E402
 from timing import describe_peak, matmul_peak, training_flops_per_sample  # noqa: E402
 
@@ -117,7 +118,12 @@ def render(header: dict, peaks: dict, results: list, quick: bool) -> str:
              "- The machine may be shared with other jobs: read ratios (measured interleaved "
              "within one script) rather than absolute times.",
              f"- {header['peak_size']}³, best of {header['peak_repeats']} "
-             f"(benchmarks/timing.py): {describe_peak(peaks)}", "",
+             f"(benchmarks/timing.py): {describe_peak(peaks)}",
+             "- The whole paper grid's time against this host's arithmetic limit: "
+             "[GRID_TIME.md](GRID_TIME.md) (benchmarks/grid_time.py, from a timed grid's run "
+             "records).",
+             f"- GPU: {header['gpu']}; the GPU figures of earlier sittings: "
+             "[PERFORMANCE_GPU.md](PERFORMANCE_GPU.md).", "",
              "## Key figures", ""]
     for result in results:
         if result["status"] == "missing":
@@ -157,7 +163,9 @@ def main(argv=None) -> int:
                             capture_output=True, text=True).stdout.strip() or "unknown"
     size, repeats = (1024, 5) if args.quick else (2048, 7)
     header = {**machine(), "commit": commit, "peak_size": size, "peak_repeats": repeats,
-              "at": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+              "at": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+              "gpu": (torch.cuda.get_device_name(0) if torch.cuda.is_available()
+                      else "no GPU available to this run")}
     print(f"matmul peak ({size}³) ...", file=sys.stderr, flush=True)
     peaks = matmul_peak(size, repeats)
     results = []
