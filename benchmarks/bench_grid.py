@@ -2,17 +2,18 @@ r"""Grid throughput: runs per hour of ``reproduce.py grid``, one run at a time v
 vs ``--cohort K`` (K runs trained as one vectorised model, dhp_deploy.cohort) vs both
 (N processes, each stacking K/N runs).
 
-    python benchmarks/bench_grid.py    # 16 short Split MNIST runs: sequential, --jobs 2,
-                                       # --cohort 8, --jobs 2 --cohort 4
+    python benchmarks/bench_grid.py    # 16 short Split MNIST runs: sequential,
+                                       # --jobs 2, --cohort 8, --jobs 2 --cohort 4
     python benchmarks/bench_grid.py --runs 4 --epochs 1 --tasks 2   # a quick look
     python benchmarks/bench_grid.py --device cuda --jobs 1 --cohort 8  # on a GPU
 
-The same runs (Finetune and DHP, seeds 0..) are trained three times into fresh temporary folders,
+The same runs (Finetune and DHP, seeds 0..) are trained four times into fresh temporary folders,
 first sequentially (one process, one thread), then with ``--jobs N`` (N one-thread worker
 processes), then in one one-thread process with ``--cohort K`` (Finetune's runs in stacks of K,
 DHP's in others), then with both (N one-thread processes, each stacking K/N runs: the stacking
-lever with every core busy), and the wall time of each whole grid command is compared. On a 2-core machine the
-ratio says how much of the second core a grid uses; it needs an idle machine to mean anything.
+lever with every core busy), and the wall time of each whole grid command is compared. On a
+2-core machine the ratio says how much of the second core a grid uses; it needs an idle machine
+to mean anything.
 Each command pays its start-up once (the workers import torch, ~2 s in all, while the one-process
 grid's import is its parent's): with 8 of these 4-second runs that was a tenth of the parallel
 wall time, a share a real grid (hundreds of runs of 20 s and more) never sees; 16 runs halve it.

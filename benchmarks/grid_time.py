@@ -90,6 +90,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None,
                         help="also write the report as Markdown to this file")
     args = parser.parse_args()
+    if args.search_elapsed and not args.elapsed:
+        parser.error("--search-elapsed needs --elapsed (the grid's overhead factor)")
     lines = report(args)
     print("\n".join(lines))
     if args.out is not None:

@@ -27,7 +27,6 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
-import torch  # noqa: E402
 from reproduction.records import machine  # noqa: E402
 from timing import describe_peak, matmul_peak, training_flops_per_sample  # noqa: E402
 
@@ -105,6 +104,18 @@ def reproduce_throughput(peak: float, peak_one: float) -> list[str]:
     return lines
 
 
+def gpu_name() -> str:
+    # nvidia-smi, not torch.cuda: a CUDA context here would hold GPU memory while the benchmark
+    # scripts run.
+    try:
+        names = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                               capture_output=True, text=True, timeout=30).stdout.split("\n")
+    except (OSError, subprocess.TimeoutExpired):
+        names = []
+    names = [name.strip() for name in names if name.strip()]
+    return ", ".join(names) if names else "no GPU available to this run"
+
+
 def render(header: dict, peaks: dict, results: list, quick: bool) -> str:
     peak_one = peaks.get("torch.mm 1 thread")
     peak_one = peak_one if isinstance(peak_one, float) else 0.0
@@ -164,8 +175,7 @@ def main(argv=None) -> int:
     size, repeats = (1024, 5) if args.quick else (2048, 7)
     header = {**machine(), "commit": commit, "peak_size": size, "peak_repeats": repeats,
               "at": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-              "gpu": (torch.cuda.get_device_name(0) if torch.cuda.is_available()
-                      else "no GPU available to this run")}
+              "gpu": gpu_name()}
     print(f"matmul peak ({size}³) ...", file=sys.stderr, flush=True)
     peaks = matmul_peak(size, repeats)
     results = []

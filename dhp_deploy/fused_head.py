@@ -1,4 +1,6 @@
-r"""The lean step's fused CPU kernels (``csrc/dhp_head.cpp``, ``csrc/penalised_sgd.cpp``), built once per machine.
+r"""The lean step's fused CPU kernels (``csrc/dhp_head.cpp``, ``csrc/penalised_sgd.cpp``).
+
+Built once per machine.
 
 At batch 64 the eager DHP head is about 30 small torch ops whose dispatch (3–10 µs each) is the
 cost, not their arithmetic: on a 2-core CPU, one thread, its forward + backward took 311 µs
@@ -29,7 +31,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["ENABLED", "kernels", "usable"]
+__all__ = ["ENABLED", "kernels", "usable", "penalty_usable"]
 
 SOURCES = [str(Path(__file__).resolve().parent / "csrc" / name)
            for name in ("dhp_head.cpp", "penalised_sgd.cpp")]
@@ -64,8 +66,8 @@ def kernels() -> Optional[ModuleType]:
                                   build_directory=str(directory))
     except Exception as err:  # no compiler, no ninja, a compile error: the eager head still works
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        warnings.warn(f"dhp_deploy: the fused DHP head did not build ({reason}); "
-                      "training uses the eager head (same maths, slower)", RuntimeWarning)
+        warnings.warn(f"dhp_deploy: the fused CPU kernels did not build ({reason}); "
+                      "training uses the eager torch ops (same maths, slower)", RuntimeWarning)
         return None
 
 
@@ -73,6 +75,20 @@ def usable(h: Tensor) -> bool:
     r"""Whether the lean step may run the fused kernels on activations ``h``."""
     return (ENABLED and h.device.type == "cpu" and h.dtype in (torch.float32, torch.float64)
             and kernels() is not None)
+
+
+def penalty_usable(params: list) -> bool:
+    r"""Whether the penalised-SGD kernel may update ``params``: contiguous CPU tensors of one
+    float dtype, on a CPU with FMA units (elsewhere its fma() would be a libm call per element)."""
+    first = params[0]
+    return (usable(first) and _penalty_vectorised()
+            and all(p.is_contiguous() and p.dtype == first.dtype and p.device == first.device
+                    for p in params))
+
+
+@cache
+def _penalty_vectorised() -> bool:
+    return kernels().penalised_sgd_vectorised()
 
 
 if __name__ == "__main__":  # `python -m dhp_deploy.fused_head`: build now (make install does)

@@ -198,11 +198,12 @@ class QuadraticAnchors(Regularizer):
     @torch.no_grad()
     def penalised_sgd(self, model: nn.Module, grads: dict, lr: float) -> tuple[dict, frozenset]:
         # Penalty gradient and update in one pass (csrc/penalised_sgd.cpp): the same fused
-        # multiply-adds as the torch ops, a third of the memory traffic.
+        # multiply-adds as the torch ops, 6 array passes instead of 10.
         params = self._views.parameters(model)
-        if self._merged is None or not fused_head.usable(params[0]):
+        if (self._merged is None or not fused_head.penalty_usable(params)
+                or self._merged[0].dtype != params[0].dtype):
             return super().penalised_sgd(model, grads, lr)
-        importance, anchor, _ = self._merged
+        anchor = self._merged[1]
         totals = fused_head.kernels().penalised_sgd(
             params, [grads[id(p)] for p in params],
             self._views.of(model, "curvature", self._curvature_row()),

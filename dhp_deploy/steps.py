@@ -47,7 +47,7 @@ def target_map(head: Optional[Tensor], num_classes: int, device) -> Optional[Ten
 @torch.no_grad()
 def sgd_update(params: list[Tensor], grads: list[Tensor], lr: float) -> None:
     r"""``θ ← θ − lr·g``: torch SGD's own foreach update without its per-call overhead."""
-    if params:
+    if params:  # none left when the penalised-SGD kernel moved them all (a plain net)
         torch._foreach_add_(params, grads, alpha=-lr)
 
 
@@ -110,7 +110,8 @@ class OneRunSteps:
         if run.config.momentum == 0:  # the penalised weights may be updated with their penalty
             grads, moved = run.regularizer.penalised_sgd(run.model, task_grads, run.config.lr)
         else:
-            grads, moved = run.regularizer.gradients_with_penalty(run.model, task_grads), ()
+            grads = run.regularizer.gradients_with_penalty(run.model, task_grads)
+            moved = frozenset()
         ordered = [grads[id(param)] for param in run.parameters]
         for param, gradient in zip(run.parameters, ordered):  # as backward() leaves them: SI
             param.grad = gradient                             # reads them after the update

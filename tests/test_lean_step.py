@@ -190,9 +190,11 @@ def test_fused_cross_entropy_equals_the_eager_one(head):
 @pytest.mark.parametrize("method", ["ewc", "online-ewc", "mas", "si"])
 def test_fused_penalised_sgd_equals_the_torch_ops(method, dtype, monkeypatch):
     r"""The one-pass penalty + SGD update (csrc/penalised_sgd.cpp) against the torch ops it
-    replaces: bit for bit where torch's CPU kernels fuse their multiply-adds (AVX2/AVX-512
-    hosts, measured), else within an ulp's rounding (1e-6 relative)."""
-    built_kernels()
+    replaces: bit for bit where torch's CPU kernels fuse their multiply-adds (its AVX2/AVX-512
+    kernels in torch 2.13, measured; a torch build may change that), else within a few roundings
+    of the largest penalty term (an unfused total can cancel against g)."""
+    if not built_kernels().penalised_sgd_vectorised():
+        pytest.skip("no FMA units: the torch ops keep the update")
     nets, totals = {}, {}
     for fused in (True, False):
         monkeypatch.setattr(fused_head, "ENABLED", fused)
@@ -219,22 +221,25 @@ def test_fused_penalised_sgd_equals_the_torch_ops(method, dtype, monkeypatch):
                 p.add_(grads[id(p)], alpha=-0.05)
         nets[fused], totals[fused] = net, [grads[id(p)] for p in params]
     exact = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-    tolerance = dict(rtol=0, atol=0) if exact else dict(rtol=1e-6, atol=1e-12)
-    for (name, a), b in zip(nets[True].named_parameters(), nets[False].parameters()):
-        torch.testing.assert_close(a, b, **tolerance, msg=name)
+    eps = torch.finfo(dtype).eps
     for a, b in zip(totals[True], totals[False]):
-        torch.testing.assert_close(a, b, **tolerance)
+        scale = 0 if exact else 4 * eps * max(a.abs().max().item(), 1.0)
+        torch.testing.assert_close(a, b, rtol=0, atol=scale)
+    for (name, a), b in zip(nets[True].named_parameters(), nets[False].parameters()):
+        scale = 0 if exact else 4 * eps * max(a.abs().max().item(), 1.0)
+        torch.testing.assert_close(a, b, rtol=0, atol=scale, msg=name)
 
 
-def test_fused_penalised_sgd_refuses_mismatched_operands():
+def test_fused_penalised_sgd_refuses_mismatched_operands_before_any_write():
     kernels = built_kernels()
-    theta = torch.zeros(8)
-    with pytest.raises(RuntimeError, match="an anchor must be a contiguous CPU tensor"):
-        kernels.penalised_sgd([theta], [torch.zeros(8)], [torch.zeros(8)], [torch.zeros(7)], 0.1)
-    with pytest.raises(RuntimeError, match="a curvature must be"):
-        kernels.penalised_sgd([theta], [torch.zeros(8)], [torch.zeros(8, dtype=torch.float64)],
-                              [torch.zeros(8)], 0.1)
-    assert torch.equal(theta, torch.zeros(8))  # refused before any write
+    first, second = torch.zeros(8), torch.zeros(2, 4)
+    ones = [torch.ones(8), torch.ones(2, 4)]
+    with pytest.raises(RuntimeError, match="anchor 1 must be a contiguous CPU tensor"):
+        kernels.penalised_sgd([first, second], ones, ones, [torch.ones(8), torch.ones(4, 2)], 0.1)
+    with pytest.raises(RuntimeError, match="curvature 1 must be"):
+        kernels.penalised_sgd([first, second], ones, [torch.ones(8), torch.ones(2, 4).double()],
+                              ones, 0.1)
+    assert not first.any() and not second.any()  # the first parameter did not move either
 
 
 def test_other_models_fall_back_to_autograd():

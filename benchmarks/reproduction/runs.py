@@ -324,8 +324,10 @@ def _outcome(role: str, status: str, metrics, seconds: float) -> str:
     return f"final {split} avg acc {100 * metrics[key][-1]:.2f}% in {seconds:.0f}s{share}"
 
 
-# The CPU cohort measured 0.81-0.92x the one-by-one grid, on an H200 1.78x (docs/PERFORMANCE.md,
-# docs/PERFORMANCE_GPU.md): stacks on a GPU, one-thread processes on a CPU.
+# The CPU cohort measured 0.81-0.92x the one-by-one grid on a 2-core AMD EPYC and 0.95x on a
+# 2-core Intel Xeon (AVX-512), where 2 processes stacking 4 runs each made 1.44x against 2
+# one-stack processes' 1.75x; on an H200 1.78x (docs/PERFORMANCE.md, docs/PERFORMANCE_GPU.md):
+# stacks on a GPU, one-thread processes on a CPU.
 GPU_COHORT = 10
 RAM_PER_PROCESS = 4 * 2**30  # a worker's benchmark cache holds a Permuted MNIST seed (~1.7 GB)
 

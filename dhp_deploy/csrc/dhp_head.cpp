@@ -186,6 +186,7 @@ std::vector<at::Tensor> cross_entropy(const at::Tensor& logits_in, const at::Ten
 std::vector<at::Tensor> penalised_sgd(std::vector<at::Tensor> params, std::vector<at::Tensor> grads,
                                       std::vector<at::Tensor> curvatures,
                                       std::vector<at::Tensor> anchors, double lr);
+bool penalised_sgd_vectorised();
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cross_entropy", &cross_entropy);
@@ -193,4 +194,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("head_forward", &head_forward);
   m.def("head_backward", &head_backward);
   m.def("penalised_sgd", &penalised_sgd);
+  m.def("penalised_sgd_vectorised", &penalised_sgd_vectorised);
 }

@@ -10,8 +10,7 @@
 // The rounding is torch's on the CPU: θ − a rounded, then torch's vectorised addcmul and add_
 // with alpha are fused multiply-adds (measured: fma(c, θ − a, g) and fma(total, −lr, θ), the
 // alpha rounded to the weights' dtype first), so on a host with FMA units the results are
-// bit-identical to the torch ops. The FMA clones are chosen at load time; the generic clone calls
-// fma() from libm, slower but the same numbers.
+// bit-identical to the torch ops.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -24,7 +23,21 @@ namespace {
 
 constexpr int64_t kGrain = 32768;  // ATen's elementwise grain: below it, one thread
 
-#define DHP_CLONES __attribute__((target_clones("avx512f", "avx2,fma", "default")))
+// x86-64 glibc: one clone for AVX-512, one for FMA (which implies AVX), picked by the loader
+// (ifunc; in target_clones each comma starts a clone); aarch64 has FMA in its baseline ISA.
+// Without FMA units std::fma is a slow libm call per element: `vectorised()` then tells Python to
+// keep the torch ops.
+#if defined(__x86_64__) && defined(__linux__) && defined(__GLIBC__) && \
+    (defined(__GNUC__) || defined(__clang__))
+#define DHP_CLONES __attribute__((target_clones("avx512f", "fma", "default")))
+bool vectorised() { return __builtin_cpu_supports("fma") || __builtin_cpu_supports("avx512f"); }
+#elif defined(__aarch64__) || defined(__FMA__)
+#define DHP_CLONES
+bool vectorised() { return true; }
+#else
+#define DHP_CLONES
+bool vectorised() { return false; }
+#endif
 
 DHP_CLONES void penalised_sgd_f32(float* __restrict theta, float* __restrict total,
                                   const float* __restrict g, const float* __restrict c,
@@ -46,53 +59,62 @@ DHP_CLONES void penalised_sgd_f64(double* __restrict theta, double* __restrict t
   }
 }
 
-void check_operand(const at::Tensor& operand, const at::Tensor& param, const char* name) {
+void check_operand(const at::Tensor& operand, const at::Tensor& param, size_t k,
+                   const char* name) {
   TORCH_CHECK(operand.device().is_cpu() && operand.scalar_type() == param.scalar_type() &&
-                  operand.is_contiguous() && operand.numel() == param.numel(),
-              "penalised_sgd: ", name, " must be a contiguous CPU tensor of the parameter's "
-              "dtype and size");
+                  operand.is_contiguous() && operand.sizes() == param.sizes(),
+              "penalised_sgd: ", name, " ", k, " must be a contiguous CPU tensor of parameter ",
+              k, "'s dtype and shape (", param.scalar_type(), " ", param.sizes(), "), not ",
+              operand.device(), " ", operand.scalar_type(), " ", operand.sizes(),
+              operand.is_contiguous() ? "" : " non-contiguous");
+}
+
+void update(at::Tensor& theta, at::Tensor& total, const at::Tensor& g, const at::Tensor& c,
+            const at::Tensor& a, double lr) {
+  const bool single = theta.scalar_type() == at::kFloat;
+  at::parallel_for(0, theta.numel(), kGrain, [&](int64_t begin, int64_t end) {
+    if (single) {
+      penalised_sgd_f32(theta.data_ptr<float>() + begin, total.data_ptr<float>() + begin,
+                        g.data_ptr<float>() + begin, c.data_ptr<float>() + begin,
+                        a.data_ptr<float>() + begin, -static_cast<float>(lr), end - begin);
+    } else {
+      penalised_sgd_f64(theta.data_ptr<double>() + begin, total.data_ptr<double>() + begin,
+                        g.data_ptr<double>() + begin, c.data_ptr<double>() + begin,
+                        a.data_ptr<double>() + begin, -lr, end - begin);
+    }
+  });
+  theta.unsafeGetTensorImpl()->bump_version();  // as torch's in-place ops do
 }
 
 }  // namespace
 
+bool penalised_sgd_vectorised() { return vectorised(); }
+
 // For each parameter θ_k (updated in place): returns the totals g_k + c_k ⊙ (θ_k − a_k), taken
-// at the weights before the update.
+// at the weights before the update. Every operand is checked before any weight moves.
 std::vector<at::Tensor> penalised_sgd(std::vector<at::Tensor> params, std::vector<at::Tensor> grads,
                                       std::vector<at::Tensor> curvatures,
                                       std::vector<at::Tensor> anchors, double lr) {
   TORCH_CHECK(grads.size() == params.size() && curvatures.size() == params.size() &&
                   anchors.size() == params.size(),
               "penalised_sgd: one gradient, curvature and anchor per parameter");
-  std::vector<at::Tensor> totals;
-  totals.reserve(params.size());
+  std::vector<at::Tensor> contiguous_grads;
   for (size_t k = 0; k < params.size(); ++k) {
-    at::Tensor& theta = params[k];
+    const at::Tensor& theta = params[k];
     TORCH_CHECK(theta.device().is_cpu() && theta.is_contiguous() &&
                     (theta.scalar_type() == at::kFloat || theta.scalar_type() == at::kDouble),
-                "penalised_sgd: parameters must be contiguous float32 or float64 CPU tensors");
+                "penalised_sgd: parameter ", k, " must be a contiguous float32 or float64 CPU "
+                "tensor");
     // A gradient may come transposed (the head's is computed in its (out, in) layout).
-    const at::Tensor g = grads[k].contiguous();
-    check_operand(g, theta, "a gradient");
-    check_operand(curvatures[k], theta, "a curvature");
-    check_operand(anchors[k], theta, "an anchor");
-    at::Tensor total = at::empty_like(theta);
-    const bool single = theta.scalar_type() == at::kFloat;
-    at::parallel_for(0, theta.numel(), kGrain, [&](int64_t begin, int64_t end) {
-      if (single) {
-        penalised_sgd_f32(theta.data_ptr<float>() + begin, total.data_ptr<float>() + begin,
-                          g.data_ptr<float>() + begin,
-                          curvatures[k].data_ptr<float>() + begin,
-                          anchors[k].data_ptr<float>() + begin, -static_cast<float>(lr),
-                          end - begin);
-      } else {
-        penalised_sgd_f64(theta.data_ptr<double>() + begin, total.data_ptr<double>() + begin,
-                          g.data_ptr<double>() + begin,
-                          curvatures[k].data_ptr<double>() + begin,
-                          anchors[k].data_ptr<double>() + begin, -lr, end - begin);
-      }
-    });
-    theta.unsafeGetTensorImpl()->bump_version();  // as torch's in-place ops do
-    totals.push_back(total);
+    contiguous_grads.push_back(grads[k].contiguous());
+    check_operand(contiguous_grads[k], theta, k, "gradient");
+    check_operand(curvatures[k], theta, k, "curvature");
+    check_operand(anchors[k], theta, k, "anchor");
+  }
+  std::vector<at::Tensor> totals;
+  for (size_t k = 0; k < params.size(); ++k) {
+    totals.push_back(at::empty_like(params[k]));
+    update(params[k], totals[k], contiguous_grads[k], curvatures[k], anchors[k], lr);
   }
   return totals;
 }
