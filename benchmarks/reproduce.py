@@ -226,7 +226,8 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     states = [run_state(*job) for job in jobs]
-    print_plan(jobs, states, args.log, args.jobs)
+    estimates = job_estimates(jobs, states)
+    print_plan(jobs, states, estimates, args.log, args.jobs)
     if args.dry_run:
         for (config, run_dir, _, _), state in zip(jobs, states):
             print(f"{state:>10}  {run_dir}  ({train_command(asdict(config))})")
@@ -236,7 +237,7 @@ def main(argv=None) -> int:
     try:
         counts = execute(jobs, data_dir=args.data_dir, device=args.device,
                          summaries=args.summaries, log=args.log, stop_at=stop_at,
-                         processes=args.jobs, cohort=args.cohort)
+                         processes=args.jobs, cohort=args.cohort, estimates=estimates)
     except ConfigMismatch as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -257,19 +258,26 @@ def run_state(config, run_dir, role, summary_path) -> str:
     return "to resume" if (run_dir / CHECKPOINT_NAME).exists() else "to run"
 
 
-def print_plan(jobs, states, log, processes: int = 1) -> None:
+def job_estimates(jobs, states) -> list:
+    r"""Each job's expected seconds: 0 for a run already done; for one to train, the mean wall
+    time of the recorded runs of the same benchmark, protocol and method (on the hosts their
+    summaries name): those under the grid's own summaries, else the repository's committed ones
+    (a grid into a fresh folder); None where none is recorded."""
+    return [0.0 if state not in ("to run", "to resume") else
+            next((wall for wall in (_recorded_wall(folder, config) for folder in
+                                    (summary_path.parents[4], COMMITTED_SUMMARIES))
+                  if wall is not None), None)
+            for (config, _, _, summary_path), state in zip(jobs, states)]
+
+
+def print_plan(jobs, states, estimates, log, processes: int = 1) -> None:
     r"""One line per benchmark: its runs, how many are already done or will be trained, and an
-    estimate of the training time from the recorded runs of the same benchmark, protocol and
-    method (their wall times, on the hosts their summaries name): those under the grid's own
-    summaries, else the repository's committed ones (a grid into a fresh folder)."""
+    estimate of the training time (:func:`job_estimates`)."""
     plan, seconds, unknown = {}, {}, {}
-    for (config, _, _, summary_path), state in zip(jobs, states):
+    for (config, _, _, _), state, estimate in zip(jobs, states, estimates):
         counts = plan.setdefault(config.benchmark, {})
         counts[state] = counts.get(state, 0) + 1
         if state in ("to run", "to resume"):
-            estimate = next((wall for wall in (_recorded_wall(folder, config) for folder in
-                                               (summary_path.parents[4], COMMITTED_SUMMARIES))
-                             if wall is not None), None)
             seconds[config.benchmark] = seconds.get(config.benchmark, 0.0) + (estimate or 0.0)
             unknown[config.benchmark] = unknown.get(config.benchmark, 0) + (estimate is None)
     for benchmark, counts in plan.items():
@@ -313,7 +321,8 @@ def search(args) -> int:
     while True:
         jobs = search_jobs(args, values)
         states = [run_state(*job) for job in jobs]
-        print_plan(jobs, states, args.log, args.jobs)
+        estimates = job_estimates(jobs, states)
+        print_plan(jobs, states, estimates, args.log, args.jobs)
         if args.dry_run:
             for (_, run_dir, _, _), state in zip(jobs, states):
                 print(f"{state:>10}  {run_dir}")
@@ -323,7 +332,7 @@ def search(args) -> int:
             try:
                 counts = execute(jobs, data_dir=args.data_dir, device=args.device,
                                  summaries=args.summaries, log=args.log, processes=args.jobs,
-                                 cohort=args.cohort)
+                                 cohort=args.cohort, estimates=estimates)
             except ConfigMismatch as err:
                 print(f"error: {err}", file=sys.stderr)
                 return 2

@@ -657,3 +657,16 @@ def test_the_grid_time_projects_unmeasured_runs_from_their_variant_then_benchmar
     assert table["a"]["samples"] == pytest.approx(530 + 100 + 500 / 3)
     assert table["b"] == {"runs": 1, "measured": 0, "measured_wall": 0.0, "wall": 0.0,
                           "samples": 0.0, "unknown": 1}
+
+
+def test_the_eta_weighs_each_pending_run_by_its_expected_time_at_this_sittings_speed():
+    from reproduction.runs import time_left
+
+    # Runs took 1.5x their recorded peers: a pending 100-s run and a 10-s one are 165 s; one
+    # already done (0 s expected) adds nothing; one with no recorded peer takes the mean so far.
+    measured = [(150.0, 100.0), (15.0, 10.0)]
+    assert time_left([100.0, 10.0, 0.0], measured, processes=1) == "2m45s"
+    assert time_left([100.0, 10.0, 0.0], measured, processes=2) == "1m22s"
+    assert time_left([None], measured, processes=1) == "1m22s"  # the mean of 150 s and 15 s
+    assert time_left([None, None], [(30.0, None)], processes=1) == "1m00s"  # nothing recorded
+    assert time_left([100.0], [], processes=1) == "n/a"

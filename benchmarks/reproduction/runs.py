@@ -346,14 +346,30 @@ def auto_setting(device: str, jobs, cohort) -> tuple[int, int, str]:
     return (*chosen, f"a CPU: {cores} cores, {memory / 2**30:.0f} GiB: one-thread processes")
 
 
+def time_left(pending: list, measured: list, processes: int) -> str:
+    r"""The time left: each ``pending`` job's expected seconds (None: the mean of the runs
+    trained so far) scaled by how the ``measured`` runs (``(seconds, expected)``) compared with
+    their expectations (this host's speed, this sitting's load), over ``processes``."""
+    if not measured:
+        return "n/a"
+    mean = sum(seconds for seconds, _ in measured) / len(measured)
+    known = [(seconds, estimate) for seconds, estimate in measured if estimate]
+    speed = (sum(seconds for seconds, _ in known) / sum(estimate for _, estimate in known)
+             if known else 1.0)
+    left = sum(mean if estimate is None else estimate * speed for estimate in pending)
+    return format_duration(left / processes)
+
+
 def execute(jobs, *, data_dir, device, summaries, log, stop_at=None, processes=1,
-            cohort=1) -> dict:
+            cohort=1, estimates=None) -> dict:
     r"""Run ``jobs`` (``(config, run_dir, role, summary_path)``), ``processes`` at a time (one
     torch thread each when more than one), up to ``cohort`` compatible runs trained together as
     one stacked model (:func:`cohorts`); return status counts. One progress line per job with
-    the grid's state: jobs done / total and the ETA at the rate of the runs trained so far."""
+    the grid's state: jobs done / total and the ETA (:func:`time_left`) from ``estimates``,
+    each job's expected seconds (0: nothing to train; None: unknown)."""
     counts = {status: 0 for status in RUN_STATUS}
-    trained_seconds, trained, done = 0.0, 0, 0
+    expected = list(estimates) if estimates is not None else [None] * len(jobs)
+    pending, measured, done = set(range(1, len(jobs) + 1)), [], 0
     setting = {"jobs": processes, "cohort": cohort}  # recorded in each summary
     units = [([index + 1 for index in group], [jobs[index] for index in group])
              for group in cohorts(jobs, cohort)]
@@ -374,13 +390,12 @@ def execute(jobs, *, data_dir, device, summaries, log, stop_at=None, processes=1
                 _, run_dir, role, _ = jobs[number - 1]
                 counts[status] += 1
                 done += 1
+                pending.discard(number)
                 if status in ("started", "resumed") and metrics is not None:
                     counts["finished"] += 1
-                    trained, trained_seconds = trained + 1, trained_seconds + seconds
+                    measured.append((seconds, expected[number - 1]))
                 lines.append((done, run_dir, _outcome(role, status, metrics, seconds)))
-            left = len(jobs) - done
-            eta = (f"ETA {format_duration(trained_seconds / trained * left / processes)}"
-                   if trained else "ETA n/a")
+            eta = f"ETA {time_left([expected[n - 1] for n in pending], measured, processes)}"
             for done_then, run_dir, outcome in lines:
                 log(f"[{done_then}/{len(jobs)} done, {eta}] {run_dir}: {outcome}")
     finally:
