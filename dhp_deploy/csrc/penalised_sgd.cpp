@@ -39,24 +39,26 @@ bool vectorised() { return true; }
 bool vectorised() { return false; }
 #endif
 
-DHP_CLONES void penalised_sgd_f32(float* __restrict theta, float* __restrict total,
-                                  const float* __restrict g, const float* __restrict c,
-                                  const float* __restrict a, float minus_lr, int64_t n) {
+// Inlined into each clone below, so each compiles for that clone's ISA.
+template <typename T>
+inline __attribute__((always_inline)) void penalised_sgd_loop(
+    T* __restrict theta, T* __restrict total, const T* __restrict g, const T* __restrict c,
+    const T* __restrict a, T minus_lr, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
-    const float t = std::fma(c[i], theta[i] - a[i], g[i]);
+    const T t = std::fma(c[i], theta[i] - a[i], g[i]);
     total[i] = t;
     theta[i] = std::fma(t, minus_lr, theta[i]);
   }
 }
 
-DHP_CLONES void penalised_sgd_f64(double* __restrict theta, double* __restrict total,
-                                  const double* __restrict g, const double* __restrict c,
-                                  const double* __restrict a, double minus_lr, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    const double t = std::fma(c[i], theta[i] - a[i], g[i]);
-    total[i] = t;
-    theta[i] = std::fma(t, minus_lr, theta[i]);
-  }
+DHP_CLONES void penalised_sgd_f32(float* theta, float* total, const float* g, const float* c,
+                                  const float* a, float minus_lr, int64_t n) {
+  penalised_sgd_loop(theta, total, g, c, a, minus_lr, n);
+}
+
+DHP_CLONES void penalised_sgd_f64(double* theta, double* total, const double* g,
+                                  const double* c, const double* a, double minus_lr, int64_t n) {
+  penalised_sgd_loop(theta, total, g, c, a, minus_lr, n);
 }
 
 void check_operand(const at::Tensor& operand, const at::Tensor& param, size_t k,
