@@ -92,4 +92,4 @@ def _penalty_vectorised() -> bool:
 
 
 if __name__ == "__main__":  # `python -m dhp_deploy.fused_head`: build now (make install does)
-    print("fused DHP head:", "built" if kernels() is not None else "not available (see warning)")
+    print("fused CPU kernels:", "built" if kernels() is not None else "not available (see warning)")

@@ -107,17 +107,15 @@ class OneRunSteps:
         task_grads, task_loss, _, hits = lean_gradients(run.model, xb, yb, head, targets,
                                                         run.replicas, global_size,
                                                         run.parameters)
-        if run.config.momentum == 0:  # the penalised weights may be updated with their penalty
+        if run.config.momentum == 0:  # the penalised weights may move with their penalty
             grads, moved = run.regularizer.penalised_sgd(run.model, task_grads, run.config.lr)
+            rest = [param for param in run.parameters if id(param) not in moved]
+            sgd_update(rest, [grads[id(param)] for param in rest], run.config.lr)
         else:
             grads = run.regularizer.gradients_with_penalty(run.model, task_grads)
-            moved = frozenset()
-        ordered = [grads[id(param)] for param in run.parameters]
-        for param, gradient in zip(run.parameters, ordered):  # as backward() leaves them: SI
-            param.grad = gradient                             # reads them after the update
+        for param in run.parameters:  # as backward() leaves them: SI reads them after the update
+            param.grad = grads[id(param)]
         if run.config.momentum == 0:
-            rest = [(p, g) for p, g in zip(run.parameters, ordered) if id(p) not in moved]
-            sgd_update([p for p, _ in rest], [g for _, g in rest], run.config.lr)
             run.bound_eta()
             run.regularizer.after_sgd_step(run.model, task_grads, run.config.lr)
         else:
