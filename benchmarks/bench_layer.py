@@ -4,16 +4,17 @@
 
 (1) the training step at batch 64 for DHPNet (784-256-256, 2-class task head as in Split MNIST)
 with a DHP head and with a plain head: the lean step that dhp-train runs (``TrainingRun``'s
-forward, hand-written backward and SGD update; on the CPU the DHP head's fused kernels, and the
-same step with the head's eager torch ops) and the generic autograd step (module forward,
+forward, hand-written backward and SGD update; on the CPU the DHP head's fused kernels and the
+gradients as one C++ call, beside the same step with the head's eager torch ops and with the
+gradients' ATen ops called from Python) and the generic autograd step (module forward,
 ``loss.backward()``, ``optimizer.step()``), and the lean DHP step with each regulariser's penalty
 active (a first task consolidated) against finetune's; on the CPU also the step's gradients
 eager (with the fused kernels) against ``torch.compile`` of the same maths; (2) the output layer
 alone (forward + backward) for the vectorised DHPSoftmax, the authors' per-class loop
 (dhp_deploy.layer.algorithm1_step) and a plain linear layer. All variants are timed interleaved in one process,
 so machine noise hits them alike; the figure is the median over rounds. The fp32 matmul peak (1024³ torch.mm, best of 10) is measured
-in the same run, with the same threads, and the lean plain step's GFLOP/s compared with it. On
-CUDA it also checks the vectorised step makes no host sync.
+in the same run, with the same threads, and the lean plain step's GFLOP/s compared with it; on a
+multi-core CPU also both at one thread, a grid worker's setting. On CUDA it also checks the vectorised step makes no host sync.
 """
 
 import argparse
@@ -86,6 +87,18 @@ def with_eager_head(step):
     return run
 
 
+def with_python_step(step):
+    r"""``step`` with its gradients computed from Python (the same ATen ops as the one C++ call
+    of ``csrc/lean_step.cpp``, one binding call each)."""
+    def run():
+        one_call, fused_head.ONE_CALL_STEP = fused_head.ONE_CALL_STEP, False
+        try:
+            step()
+        finally:
+            fused_head.ONE_CALL_STEP = one_call
+    return run
+
+
 def compiled_gradients(x, y, device) -> dict:
     r"""The lean step's gradients alone (no update), eager (with the fused kernels on the CPU)
     and through ``torch.compile`` of the same maths (``lean_step.step_gradients``; the fused
@@ -105,6 +118,19 @@ def compiled_gradients(x, y, device) -> dict:
         steps[f"{name} gradients (eager)"] = gradients
         steps[f"{name} gradients (torch.compile)"] = compiled
     return steps
+
+
+def one_thread_share(step, args) -> dict:
+    r"""``step``'s GFLOP/s on one thread and the one-thread torch.mm peak, measured one after the
+    other: what each one-thread process of a grid (``reproduce.py``'s choice on a CPU) reaches."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        seconds = median_times({"step": step}, args.iters, args.rounds)["step"]
+        peak = matmul_peak(1024, 10, engines=("torch.mm",))["peak"]
+    finally:
+        torch.set_num_threads(threads)
+    return {"step_s": seconds, "gflops": step_gflop() / seconds, "peak_gflops": peak}
 
 
 def step_gflop() -> float:
@@ -165,6 +191,9 @@ def main():
             training_steps(dhp, x, y, device)
     if fused_head.usable(x):
         steps["DHPNet step (lean, eager head)"] = with_eager_head(steps["DHPNet step (lean)"])
+        for name in ("DHPNet", "plain net"):
+            steps[f"{name} step (lean, Python step)"] = with_python_step(
+                steps[f"{name} step (lean)"])
     steps.update(regularised_steps(x, y, device))
     layers, vectorised = layer_steps(device, gen)
     times = median_times({**steps, **layers}, args.iters, args.rounds, cuda_sync(device))
@@ -187,6 +216,10 @@ def main():
         ratio = times["DHPNet step (lean, eager head)"] / times["plain net step (lean)"]
         figures.key(f"DHP / plain full step (lean, eager head instead of the fused kernels) "
                     f"{ratio:6.3f}")
+    for name in ("DHPNet", "plain net"):
+        if f"{name} step (lean, Python step)" in times:
+            ratio = times[f"{name} step (lean)"] / times[f"{name} step (lean, Python step)"]
+            figures.key(f"{name} lean step, gradients in one C++ call / from Python  {ratio:6.3f}")
     for method in REGULARISERS:
         ratio = times[f"DHPNet + {method} step (lean)"] / times["DHPNet step (lean)"]
         figures.key(f"{method} + DHP / finetune + DHP step (lean) {ratio:6.3f}   "
@@ -198,6 +231,14 @@ def main():
     figures.key(f"plain lean step {achieved:.1f} GFLOP/s = {100 * achieved / peak:.0f}% of the "
                 f"{peak:.0f} GFLOP/s torch.mm peak measured here (target >= 50%; nominal "
                 f"{step_gflop() * 1e3:.1f} MFLOP per step)")
+    if device.type == "cpu" and torch.get_num_threads() > 1:
+        one_thread = one_thread_share(steps["plain net step (lean)"], args)
+        figures.data["one_thread"] = one_thread
+        figures.key(f"plain lean step at one thread (a grid worker's setting) "
+                    f"{one_thread['gflops']:.1f} GFLOP/s = "
+                    f"{100 * one_thread['gflops'] / one_thread['peak_gflops']:.0f}% of the "
+                    f"{one_thread['peak_gflops']:.0f} GFLOP/s one-thread torch.mm peak measured "
+                    f"here (target >= 50%)")
     for name in ("DHPNet", "plain net"):
         if f"{name} gradients (torch.compile)" in times:
             ratio = (times[f"{name} gradients (torch.compile)"]

@@ -1,4 +1,5 @@
-r"""The lean step's fused CPU kernels (``csrc/dhp_head.cpp``, ``csrc/penalised_sgd.cpp``).
+r"""The lean step's fused CPU kernels (``csrc/dhp_head.cpp``, ``csrc/penalised_sgd.cpp``,
+``csrc/lean_step.cpp``).
 
 Built once per machine.
 
@@ -9,7 +10,10 @@ takes 73 µs, which brings the DHP training step to the plain one's cost
 (benchmarks/bench_layer.py measures both side by side). The cross-entropy that ends both heads'
 steps (log-softmax, its gradient, the task's logits and the hit count: a dozen ops, ~80 µs) is a
 fourth kernel. A fifth, ``penalised_sgd``, is the quadratic regularisers' penalty gradient and the
-plain-SGD update in one pass over the weights (three memory-bound passes in torch ops).
+plain-SGD update in one pass over the weights (three memory-bound passes in torch ops). A sixth,
+``lean_step``, is the whole one-process step's gradients as one call: the same ATen ops as
+:func:`dhp_deploy.lean_step.python_step_gradients`, in the same order, without the Python between
+them.
 
 torch builds the extension on first use (:mod:`torch.utils.cpp_extension`: a C++ compiler and
 ninja, about 20 s; ``make install`` does it ahead) and caches it. Where it cannot build, or with
@@ -31,12 +35,15 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["ENABLED", "kernels", "usable", "penalty_usable"]
+__all__ = ["ENABLED", "ONE_CALL_STEP", "kernels", "usable", "penalty_usable"]
 
 SOURCES = [str(Path(__file__).resolve().parent / "csrc" / name)
-           for name in ("dhp_head.cpp", "penalised_sgd.cpp")]
+           for name in ("dhp_head.cpp", "penalised_sgd.cpp", "lean_step.cpp")]
 # On by default; DHP_FUSED_HEAD=0 keeps the eager head (tests and benchmarks compare the two).
 ENABLED = os.environ.get("DHP_FUSED_HEAD", "1") != "0"
+# With the kernels, a one-process lean step runs as one C++ call (csrc/lean_step.cpp); False runs
+# the same ops from Python (benchmarks/bench_layer.py measures the two side by side).
+ONE_CALL_STEP = True
 # torch's build lock is a file that only the builder removes: a builder killed outright (SIGKILL,
 # a terminated grid worker) leaves it, and every later load would wait on it forever. A build
 # takes under a minute, so a lock this old is stale.
@@ -54,7 +61,7 @@ def build_directory() -> Path:
 @cache
 def kernels() -> Optional[ModuleType]:
     r"""The compiled kernels (``class_stats``, ``head_forward``, ``head_backward``,
-    ``cross_entropy``, ``penalised_sgd``), or None."""
+    ``cross_entropy``, ``penalised_sgd``, ``lean_step``), or None."""
     directory = build_directory()
     try:
         from torch.utils import cpp_extension

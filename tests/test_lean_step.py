@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from dhp_deploy import fused_head
 from dhp_deploy.tasks import batches
 from dhp_deploy.cuda_graph import GraphedStep
-from dhp_deploy.lean_step import _cross_entropy_and_gradient, lean_gradients, supports_lean_step
+from dhp_deploy.lean_step import (_cross_entropy_and_gradient, lean_gradients, python_step_gradients,
+                                  step_gradients, supports_lean_step)
 from dhp_deploy.network import DHPNet, task_logits
 from dhp_deploy.importance import flat_slow_weights, slow_parameters
 from dhp_deploy.regularizers import build_regularizer
@@ -184,6 +185,32 @@ def test_fused_cross_entropy_equals_the_eager_one(head):
     assert torch.equal(fused_used, used) and hits == (used.argmax(1) == targets).sum()
     with pytest.raises(RuntimeError, match=f"label {used.shape[1]} is not in"):
         kernels.cross_entropy(logits, classes, torch.full((16,), used.shape[1]), 64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dhp", [True, False])
+@pytest.mark.parametrize("multi_head", [True, False])
+@pytest.mark.parametrize("case", list(LABELS))
+def test_the_one_call_step_is_the_python_step_bit_for_bit(case, multi_head, dhp, dtype):
+    r"""csrc/lean_step.cpp runs python_step_gradients' ATen ops in its order: the same bits for the
+    gradients, loss, logits, hits and the updated trace, so a run's results do not depend on it."""
+    built_kernels()
+    y = torch.tensor(LABELS[case])
+    x = torch.randn(len(y), IN, dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(len(y))).to(dtype)
+    head = torch.tensor([3, 0, 5, 1, 2, 4]) if multi_head else None  # a permuted task head
+    targets = target_map(head, CLASSES, "cpu").index_select(0, y) if multi_head else y
+    results, traces = [], []
+    for step in (step_gradients, python_step_gradients):
+        net = make_net(dhp).to(dtype)
+        hebb = net.head.hebb if dhp else None
+        results.append(step(list(net.parameters()), hebb, x, y, head, targets, 64, fused=True))
+        traces.append(hebb)
+    (grads, *outputs), (expected_grads, *expected_outputs) = results
+    assert len(grads) == len(expected_grads) == len(list(make_net(dhp).parameters()))
+    for a, b in zip(grads + outputs, expected_grads + expected_outputs):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    assert not dhp or torch.equal(traces[0], traces[1])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

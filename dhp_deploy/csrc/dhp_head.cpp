@@ -11,6 +11,7 @@
 #include <torch/csrc/utils/pybind.h>
 
 #include <cmath>
+#include <optional>
 #include <vector>
 
 namespace {
@@ -187,6 +188,11 @@ std::vector<at::Tensor> penalised_sgd(std::vector<at::Tensor> params, std::vecto
                                       std::vector<at::Tensor> curvatures,
                                       std::vector<at::Tensor> anchors, double lr);
 bool penalised_sgd_vectorised();
+// csrc/lean_step.cpp
+std::vector<at::Tensor> lean_step(const std::vector<at::Tensor>& params,
+                                  const std::optional<at::Tensor>& hebb, const at::Tensor& x,
+                                  const at::Tensor& y, const at::Tensor& head,
+                                  const at::Tensor& targets, int64_t batch_size);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cross_entropy", &cross_entropy);
@@ -195,4 +201,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("head_backward", &head_backward);
   m.def("penalised_sgd", &penalised_sgd);
   m.def("penalised_sgd_vectorised", &penalised_sgd_vectorised);
+  m.def("lean_step", &lean_step);
 }
