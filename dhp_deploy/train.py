@@ -36,7 +36,8 @@ from dhp_deploy.loop import Loop
 from dhp_deploy.steps import OneRunSteps, derived_generator
 from dhp_deploy.stability import (TrainingDiverged, TrainingError, UnstableStrength,
                                   check_finite, check_stable)
-from dhp_deploy.evaluation import dhp_heads, evaluate, task_heads, trace_evaluations
+from dhp_deploy.evaluation import (dhp_heads, evaluate, evaluate_with_traces, task_heads,
+                                   trace_diagnostic_sets, trace_state)
 from dhp_deploy.config import TrainConfig, build_model
 from dhp_deploy.regularizers import build_regularizer
 
@@ -52,7 +53,7 @@ class Progress:
     val_acc_matrix: list = field(default_factory=list)  # the same on validation data, if any
     # DHP heads only, the same layout as acc_matrix: the same weights with the trace zeroed (θ
     # alone), and each task k with the trace saved at the end of task k (tasks not yet learned:
-    # the current trace); per task, the trace's state (TrainingRun.trace_diagnostics).
+    # the current trace); per task, the trace's state (TrainingRun.end_task).
     acc_matrix_trace_zeroed: list = field(default_factory=list)
     acc_matrix_own_trace: list = field(default_factory=list)
     trace_diagnostics: list = field(default_factory=list)
@@ -200,40 +201,46 @@ class TrainingRun:
             eta.clamp_(0.0, 1.0)
 
     def end_task(self, task_id: int) -> None:
-        r"""The regulariser's end-of-task step, then one row of test (and val) accuracies."""
+        r"""The regulariser's end-of-task step, then one row of test (and val) accuracies, and
+        for a DHP head the trace's diagnostics in the same pass over the test sets."""
         task, started = self.benchmark.tasks[task_id], time.perf_counter()
         curvature = self.regularizer.max_curvature()  # the penalty this task trained under
         generator = derived_generator(self.config.seed, "consolidation", task_id)
         self.regularizer.after_task(self.model, task.x_train, self.heads[task_id], generator,
                                     self.replicas)
         consolidated = time.perf_counter()
-        self.progress.acc_matrix.append(evaluate(self.model, self.benchmark, "test",
-                                                 self.replicas))
+        diagnostics = self._trace_diagnostic_sets(task_id)
+        rows, seconds = evaluate_with_traces(self.model, self.benchmark, [None] + diagnostics,
+                                             "test", self.replicas)
+        self.progress.acc_matrix.append(rows[0])
+        evaluated = consolidated + seconds[0]
         if any(len(t.y_val) for t in self.benchmark.tasks):
+            val_started = time.perf_counter()
             self.progress.val_acc_matrix.append(evaluate(self.model, self.benchmark, "val",
                                                          self.replicas))
-        evaluated = time.perf_counter()
+            evaluated += time.perf_counter() - val_started
         timings = self.progress.timings
         timings["consolidate_s"] += consolidated - started
         timings["evaluate_s"] += evaluated - consolidated
-        if dhp_heads(self.model):  # two more evaluations: their cost is kept apart
-            self.trace_diagnostics(task_id, curvature)
+        if dhp_heads(self.model):  # the diagnostics' share of the evaluation is kept apart
             timings["trace_diagnostics_s"] = (timings.get("trace_diagnostics_s", 0.0)
-                                              + time.perf_counter() - evaluated)
+                                              + sum(seconds[1:]))
+        if diagnostics:
+            self.progress.acc_matrix_trace_zeroed.append(rows[1])
+            self.progress.acc_matrix_own_trace.append(rows[2])
+            self.progress.trace_diagnostics.append({
+                **trace_state(self.model), "lr_max_curvature": self.config.lr * curvature})
 
-    def trace_diagnostics(self, task_id: int, curvature: float) -> None:
-        r"""What the Hebbian trace does to the accuracies after task ``task_id``: every task with
-        the trace zeroed (θ alone) and with its own trace (saved at the end of that task, kept in
-        the checkpoint); the trace's state; lr × the penalty's largest curvature."""
-        if len(self.saved_traces) != task_id:  # resumed from a checkpoint written before these
-            return
+    def _trace_diagnostic_sets(self, task_id: int) -> list:
+        r"""What the Hebbian trace does to the accuracies after task ``task_id``, as
+        evaluation entries (:func:`trace_diagnostic_sets`): every task with the trace zeroed
+        (θ alone) and with its own trace (saved at the end of that task, kept in the
+        checkpoint). None for a plain head, or a run resumed from a checkpoint written before
+        these diagnostics existed."""
+        if not dhp_heads(self.model) or len(self.saved_traces) != task_id:
+            return []
         self.saved_traces.append([head.hebb.detach().clone() for head in dhp_heads(self.model)])
-        zeroed, own, state = trace_evaluations(self.model, self.benchmark, self.replicas,
-                                               self.saved_traces, task_id)
-        self.progress.acc_matrix_trace_zeroed.append(zeroed)
-        self.progress.acc_matrix_own_trace.append(own)
-        self.progress.trace_diagnostics.append({
-            **state, "lr_max_curvature": self.config.lr * curvature})
+        return trace_diagnostic_sets(self.model, self.saved_traces, task_id)
 
     # ------------------------------------------------------------------ state on disk
 

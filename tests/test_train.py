@@ -11,6 +11,7 @@ import torch
 
 from dhp_deploy.tasks import build_benchmark
 from dhp_deploy.config import build_model
+from dhp_deploy.network import DHPNet
 from dhp_deploy.run_dir import load_checkpoint, load_model
 from dhp_deploy.metrics import (average_accuracies, backward_transfer, final_accuracy, forgetting,
                                 forgetting_per_task, summarize)
@@ -265,6 +266,27 @@ def test_trace_diagnostics_evaluate_every_task_three_ways(tmp_path):
     assert diagnostics[-1]["max_abs_hebb"] == run.model.head.hebb.abs().max().item()
     written = json.loads((tmp_path / "dhp" / "metrics.json").read_text())
     assert written["acc_matrix_own_trace"] == own
+
+
+@pytest.mark.parametrize("shared_trunk", [True, False], ids=["DHPNet", "other model"])
+def test_one_evaluation_pass_gives_each_trace_its_own_row(shared_trunk):
+    # The rows of one shared pass equal separate evaluations, the model's trace comes back, and a
+    # model that is not a trunk + head network is run whole for each entry.
+    from dhp_deploy.evaluation import evaluate, evaluate_with_traces
+
+    torch.manual_seed(3)
+    net = DHPNet(20, 6, hidden=(16,), dhp=True)
+    with torch.no_grad():
+        net.head.alpha.uniform_(-1, 1)
+        net.head.hebb.uniform_(0, 2)
+    model = net if shared_trunk else torch.nn.Sequential(net)
+    benchmark = split_benchmark(20, train=32, test=2500, num_tasks=3)  # 3 evaluation batches
+    own = net.head.hebb.clone()
+    sets = [None, lambda k: [torch.zeros_like(own)], lambda k: [own.flip(0) * k]]
+    rows, seconds = evaluate_with_traces(model, benchmark, sets)
+    assert rows == [evaluate(model, benchmark, traces=traces) for traces in sets]
+    assert rows[0] != rows[1] != rows[2] and len(seconds) == 3 and min(seconds) > 0
+    assert torch.equal(net.head.hebb, own) and net.training
 
 
 def test_trace_diagnostics_resume_exactly_and_skip_plain_heads(tmp_path):
