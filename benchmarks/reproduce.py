@@ -318,6 +318,7 @@ def search(args) -> int:
     """
     values = {method: list(SEARCH_VALUES[method]) for method in args.methods or SEARCH_VALUES}
     started, totals = time.perf_counter(), {status: 0 for status in RUN_STATUS}
+    settled = set()  # run directories of earlier rounds: each run is counted once
     while True:
         jobs = search_jobs(args, values)
         states = [run_state(*job) for job in jobs]
@@ -329,10 +330,13 @@ def search(args) -> int:
             if any(state in ("to run", "to resume") for state in states):
                 return 0
         else:
+            fresh = [index for index, job in enumerate(jobs) if job[1] not in settled]
+            settled.update(job[1] for job in jobs)
             try:
-                counts = execute(jobs, data_dir=args.data_dir, device=args.device,
-                                 summaries=args.summaries, log=args.log, processes=args.jobs,
-                                 cohort=args.cohort, estimates=estimates)
+                counts = execute([jobs[i] for i in fresh], data_dir=args.data_dir,
+                                 device=args.device, summaries=args.summaries, log=args.log,
+                                 processes=args.jobs, cohort=args.cohort,
+                                 estimates=[estimates[i] for i in fresh])
             except ConfigMismatch as err:
                 print(f"error: {err}", file=sys.stderr)
                 return 2

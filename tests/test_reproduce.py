@@ -147,6 +147,9 @@ def test_search_chooses_by_validation_accuracy(tmp_path, data_dir, capsys):
     assert chosen["val_fraction"] == 0.1
     if chosen["at_edge"]:  # an edge optimum only once both extensions were tried
         assert len(tried) == 5
+    # Each run counted once, though every round lists the earlier rounds' runs again.
+    assert f"search: {len(tried)} trained (0 resumed), 0 already finished, 0 diverged" in \
+        capsys.readouterr().out
     summaries = sorted((tmp_path / "sum" / "search").rglob("*.json"))
     assert len(summaries) == len(tried)
     for path in summaries:
