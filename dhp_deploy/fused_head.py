@@ -10,7 +10,8 @@ takes 73 µs, which brings the DHP training step to the plain one's cost
 (benchmarks/bench_layer.py measures both side by side). The cross-entropy that ends both heads'
 steps (log-softmax, its gradient, the task's logits and the hit count: a dozen ops, ~80 µs) is a
 fourth kernel. A fifth, ``penalised_sgd``, is the quadratic regularisers' penalty gradient and the
-plain-SGD update in one pass over the weights (three memory-bound passes in torch ops). A sixth,
+plain-SGD update in one pass over the weights (three memory-bound passes in torch ops), with SI's
+path-integral term in the same pass. A sixth,
 ``lean_step``, is the whole one-process step's gradients as one call: the same ATen ops as
 :func:`dhp_deploy.lean_step.python_step_gradients`, in the same order, without the Python between
 them.

@@ -207,9 +207,14 @@ class QuadraticAnchors(Regularizer):
         totals = fused_head.kernels().penalised_sgd(
             params, [grads[id(p)] for p in params],
             self._views.of(model, "curvature", self._curvature_row()),
-            self._views.of(model, "anchor", anchor), lr)
+            self._views.of(model, "anchor", anchor), lr, self._fused_path_integral(model))
         return ({**grads, **{id(p): total for p, total in zip(params, totals)}},
                 frozenset(id(p) for p in params))
+
+    def _fused_path_integral(self, model: nn.Module) -> list:
+        r"""Per slow parameter, a path integral the penalised-SGD kernel adds ``lr·g·total`` to
+        in the same pass (SI's); none here."""
+        return []
 
     def max_curvature(self) -> float:
         if self._merged is None:

@@ -138,6 +138,7 @@ class SynapticIntelligence(QuadraticAnchors):
         self.task_start: Optional[Tensor] = None  # θ when the current task began
         self.before_step: Optional[Tensor] = None  # θ before the latest optimiser step
         self.path_integral: Optional[Tensor] = None  # ω of the current task
+        self._integrated = False  # this step's ω term already added by the penalised-SGD kernel
 
     def before_task(self, model: nn.Module) -> None:
         self.task_start = detached_slow_weights(model)
@@ -164,15 +165,26 @@ class SynapticIntelligence(QuadraticAnchors):
                                 value=-1)
         torch._foreach_copy_(before, params)
 
+    def _fused_path_integral(self, model: nn.Module) -> list:
+        return self._views.of(model, "path integral", self.path_integral)
+
+    def penalised_sgd(self, model: nn.Module, grads: dict, lr: float) -> tuple[dict, frozenset]:
+        totals, moved = super().penalised_sgd(model, grads, lr)
+        self._integrated = bool(moved)  # the kernel added this step's ω term in its pass
+        return totals, moved
+
     @torch.no_grad()
     def after_sgd_step(self, model: nn.Module, task_grads: dict, lr: float) -> None:
         # Plain SGD moved θ by −lr·g_total exactly, so −g_task·Δθ = lr·g_task·g_total: one pass,
         # with the task gradient as the lean step computed it (no subtraction of the penalty's).
-        # Δθ is the update itself rather than the rounded difference of the weights.
-        params = self._views.parameters(model)
-        torch._foreach_addcmul_(self._views.of(model, "path integral", self.path_integral),
-                                [task_grads[id(p)] for p in params], [p.grad for p in params],
-                                value=lr)
+        # Δθ is the update itself rather than the rounded difference of the weights. Where the
+        # penalised-SGD kernel moved θ it added the term in its pass, with the same rounding.
+        if not self._integrated:
+            params = self._views.parameters(model)
+            torch._foreach_addcmul_(self._views.of(model, "path integral", self.path_integral),
+                                    [task_grads[id(p)] for p in params],
+                                    [p.grad for p in params], value=lr)
+        self._integrated = False
         self.before_step = None  # not kept on this path (after_step refuses to run without it)
 
     @torch.no_grad()

@@ -216,8 +216,8 @@ def test_the_one_call_step_is_the_python_step_bit_for_bit(case, multi_head, dhp,
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("method", ["ewc", "online-ewc", "mas", "si"])
 def test_fused_penalised_sgd_equals_the_torch_ops(method, dtype, monkeypatch):
-    r"""The one-pass penalty + SGD update (csrc/penalised_sgd.cpp) against the torch ops it
-    replaces: bit for bit where torch's CPU kernels fuse their multiply-adds (its AVX2/AVX-512
+    r"""The one-pass penalty + SGD update (csrc/penalised_sgd.cpp; for SI with its path integral)
+    against the torch ops it replaces: bit for bit where torch's CPU kernels fuse their multiply-adds (its AVX2/AVX-512
     kernels in torch 2.13, measured; a torch build may change that), else within a few roundings
     of the largest penalty term (an unfused total can cancel against g)."""
     if not built_kernels().penalised_sgd_vectorised():
@@ -246,7 +246,12 @@ def test_fused_penalised_sgd_equals_the_torch_ops(method, dtype, monkeypatch):
         with torch.no_grad():
             for p in rest:
                 p.add_(grads[id(p)], alpha=-0.05)
+        for p in params:  # as the lean step leaves them
+            p.grad = grads[id(p)]
+        regularizer.after_sgd_step(net, task, 0.05)  # SI's path integral: in the kernel's pass
         nets[fused], totals[fused] = net, [grads[id(p)] for p in params]
+        if method == "si":
+            totals[fused].append(regularizer.path_integral)
     exact = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
     eps = torch.finfo(dtype).eps
     for a, b in zip(totals[True], totals[False]):

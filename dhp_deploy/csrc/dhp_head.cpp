@@ -186,7 +186,8 @@ std::vector<at::Tensor> cross_entropy(const at::Tensor& logits_in, const at::Ten
 // csrc/penalised_sgd.cpp
 std::vector<at::Tensor> penalised_sgd(std::vector<at::Tensor> params, std::vector<at::Tensor> grads,
                                       std::vector<at::Tensor> curvatures,
-                                      std::vector<at::Tensor> anchors, double lr);
+                                      std::vector<at::Tensor> anchors, double lr,
+                                      std::vector<at::Tensor> path_integrals);
 bool penalised_sgd_vectorised();
 // csrc/lean_step.cpp
 std::vector<at::Tensor> lean_step(const std::vector<at::Tensor>& params,
@@ -199,7 +200,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("class_stats", &class_stats);
   m.def("head_forward", &head_forward);
   m.def("head_backward", &head_backward);
-  m.def("penalised_sgd", &penalised_sgd);
+  m.def("penalised_sgd", &penalised_sgd, pybind11::arg("params"), pybind11::arg("grads"),
+        pybind11::arg("curvatures"), pybind11::arg("anchors"), pybind11::arg("lr"),
+        pybind11::arg("path_integrals") = std::vector<at::Tensor>());
   m.def("penalised_sgd_vectorised", &penalised_sgd_vectorised);
   m.def("lean_step", &lean_step);
 }
