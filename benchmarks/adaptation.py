@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the reproduction package beside us
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # checkout.py beside us
+import checkout  # noqa: E402  (this checkout's dhp_deploy, then the reproduction package)
 from dhp_deploy.run_dir import METRICS_NAME, atomic_write_json, read_config  # noqa: E402
 from reproduction.naming import ADAPTATION_KIND, protocol_tag, training_variant  # noqa: E402
 from reproduction.records import REPO  # noqa: E402
@@ -39,7 +40,7 @@ def export_plastic(run_dir: Path, out: Path, data_dir) -> Path:
     result = subprocess.run([sys.executable, "-m", "dhp_deploy.cli.export", str(run_dir),
                              "--plastic", "--format", "torchscript", "--out", str(out),
                              "--data-dir", str(data_dir)],
-                            capture_output=True, text=True)
+                            capture_output=True, text=True, env=checkout.child_environment())
     if result.returncode != 0:
         raise SystemExit(f"error: dhp-export failed for {run_dir}: {result.stderr.strip()}")
     return out

@@ -24,7 +24,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the reproduction package beside us
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # checkout.py beside us
+import checkout  # noqa: E402,F401  (this checkout's dhp_deploy, then the reproduction package)
 import reproduce  # noqa: E402
 from dhp_deploy.io import atomic_write_text  # noqa: E402
 from dhp_deploy.metrics import format_duration  # noqa: E402

@@ -52,7 +52,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the reproduction package beside us
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # checkout.py beside us
+import checkout  # noqa: E402,F401  (this checkout's dhp_deploy, then the reproduction package)
 from dhp_deploy.regularizers import STRENGTH_OPTION  # noqa: E402
 from dhp_deploy.run_dir import CHECKPOINT_NAME, METRICS_NAME  # noqa: E402
 from reproduction.jobs import (MAX_EXTENSIONS, SEARCH_SEED, SEARCH_VALUES,  # noqa: E402

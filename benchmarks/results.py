@@ -15,7 +15,8 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the reproduction package beside us
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # checkout.py beside us
+import checkout  # noqa: E402,F401  (this checkout's dhp_deploy, then the reproduction package)
 from dhp_deploy.run_dir import atomic_write_text  # noqa: E402
 from reproduction.records import load_adaptations, load_records  # noqa: E402
 from reproduction.report import render  # noqa: E402

@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -673,3 +674,19 @@ def test_the_eta_weighs_each_pending_run_by_its_expected_time_at_this_sittings_s
     assert time_left([None], measured, processes=1) == "1m22s"  # the mean of 150 s and 15 s
     assert time_left([None, None], [(30.0, None)], processes=1) == "1m00s"  # nothing recorded
     assert time_left([100.0], [], processes=1) == "n/a"
+
+
+def test_the_scripts_train_the_package_of_their_own_checkout(tmp_path):
+    # Another checkout (a git worktree pinned at one commit for a long grid) must train its own
+    # code and record its own commit, not the code the environment's editable install points at.
+    for folder in ("dhp_deploy", "benchmarks"):
+        shutil.copytree(REPO / folder, tmp_path / folder,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    init = tmp_path / "dhp_deploy" / "__init__.py"
+    init.write_text(init.read_text() + '\nprint("dhp_deploy from", __file__)\n')
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = subprocess.run([sys.executable, str(tmp_path / "benchmarks" / "reproduce.py"),
+                             "--help"], capture_output=True, text=True, cwd=elsewhere)
+    assert result.returncode == 0, result.stderr
+    assert f"dhp_deploy from {init}" in result.stdout  # and runs.git_commit asks its checkout

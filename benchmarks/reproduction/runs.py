@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+import dhp_deploy
 from dhp_deploy.cohort import Cohort, stack_key
 from dhp_deploy.regularizers import OPTIONS
 from dhp_deploy.tasks import build_benchmark
@@ -23,7 +24,9 @@ from dhp_deploy.run_dir import (CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, Chec
                                 atomic_write_json, is_finished, read_config)
 from dhp_deploy.train import TrainConfig, TrainingDiverged, TrainingError, start_or_resume
 from reproduction.naming import DIVERGED_NAME, train_command
-from reproduction.records import REPO, read_summary, summarize_run, write_summary
+from reproduction.records import read_summary, summarize_run, write_summary
+
+PACKAGE_ROOT = Path(dhp_deploy.__file__).resolve().parents[1]
 
 RUN_STATUS = ("finished", "skipped", "resumed", "started", "diverged", "failed", "postponed")
 
@@ -47,9 +50,10 @@ def recorded_result(config, summary_path: Path) -> str | None:
 
 
 def git_commit() -> dict:
-    r"""HEAD's hash and the package files changed against it (a run's code), or nulls off git."""
+    r"""HEAD's hash and the package files changed against it (a run's code), or nulls off git:
+    of the checkout the imported dhp_deploy lives in, the code that trains."""
     def git(*args):
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True,
+        return subprocess.run(["git", *args], cwd=PACKAGE_ROOT, capture_output=True, text=True,
                               check=True).stdout
     try:
         dirty = git("status", "--porcelain", "--", "dhp_deploy", "benchmarks/reproduce.py")
