@@ -76,26 +76,17 @@ def regularised_steps(x, y, device) -> dict:
     return steps
 
 
-def with_eager_head(step):
-    r"""``step`` with the DHP head's eager torch ops instead of its fused CPU kernels."""
+def with_kernel_setting(step, setting: str, value: bool):
+    r"""``step`` run with ``fused_head.<setting>`` (``ENABLED``: False runs the DHP head's eager
+    torch ops; ``ONE_CALL_STEP``: False computes the gradients from Python, the same ATen ops
+    as the one C++ call) set to ``value``, and restored after."""
     def run():
-        enabled, fused_head.ENABLED = fused_head.ENABLED, False
+        kept = getattr(fused_head, setting)
+        setattr(fused_head, setting, value)
         try:
             step()
         finally:
-            fused_head.ENABLED = enabled
-    return run
-
-
-def with_python_step(step):
-    r"""``step`` with its gradients computed from Python (the same ATen ops as the one C++ call
-    of ``csrc/lean_step.cpp``, one binding call each)."""
-    def run():
-        one_call, fused_head.ONE_CALL_STEP = fused_head.ONE_CALL_STEP, False
-        try:
-            step()
-        finally:
-            fused_head.ONE_CALL_STEP = one_call
+            setattr(fused_head, setting, kept)
     return run
 
 
@@ -190,10 +181,11 @@ def main():
         steps[f"{name} step (lean)"], steps[f"{name} step (autograd)"] = \
             training_steps(dhp, x, y, device)
     if fused_head.usable(x):
-        steps["DHPNet step (lean, eager head)"] = with_eager_head(steps["DHPNet step (lean)"])
+        steps["DHPNet step (lean, eager head)"] = with_kernel_setting(
+            steps["DHPNet step (lean)"], "ENABLED", False)
         for name in ("DHPNet", "plain net"):
-            steps[f"{name} step (lean, Python step)"] = with_python_step(
-                steps[f"{name} step (lean)"])
+            steps[f"{name} step (lean, Python step)"] = with_kernel_setting(
+                steps[f"{name} step (lean)"], "ONE_CALL_STEP", False)
     steps.update(regularised_steps(x, y, device))
     layers, vectorised = layer_steps(device, gen)
     times = median_times({**steps, **layers}, args.iters, args.rounds, cuda_sync(device))

@@ -59,10 +59,11 @@ from dhp_deploy.run_dir import CHECKPOINT_NAME, METRICS_NAME  # noqa: E402
 from reproduction.jobs import (MAX_EXTENSIONS, SEARCH_SEED, SEARCH_VALUES,  # noqa: E402
                                all_diverged, choose_strengths, grid_jobs, search_jobs)
 from reproduction.naming import (PAPER_BENCHMARKS, TRACE_BENCHMARKS, TRACE_SEEDS,  # noqa: E402
-                                 DHP_STRENGTH, INTERVENTIONS, SUFFIXES, TRACE_VARIANTS,
-                                 VARIANT_GROUPS, train_command)
+                                 DHP_STRENGTH, INTERVENTIONS, SUMMARY_DIR_RUNS,
+                                 SUMMARY_DIR_TRACE, SUFFIXES, TRACE_VARIANTS, VARIANT_GROUPS,
+                                 protocol_tag, train_command)
 from dhp_deploy.metrics import format_duration  # noqa: E402
-from reproduction.records import REPO  # noqa: E402
+from reproduction.records import REPO, read_summary  # noqa: E402
 from reproduction.runs import (RUN_STATUS, ConfigMismatch, auto_setting, execute,  # noqa: E402
                               recorded_result)
 
@@ -264,8 +265,17 @@ def job_estimates(jobs, states) -> list:
     time of the recorded runs of the same benchmark, protocol and method (on the hosts their
     summaries name): those under the grid's own summaries, else the repository's committed ones
     (a grid into a fresh folder); None where none is recorded."""
+    walls = {}  # each folder's records of a benchmark and protocol, read once for all its jobs
+
+    def recorded_wall(summaries: Path, config) -> float | None:
+        key = (summaries, config.benchmark, protocol_tag(asdict(config)))
+        if key not in walls:
+            walls[key] = _recorded_walls(*key)
+        found = walls[key].get((config.method, config.dhp))
+        return sum(found) / len(found) if found else None
+
     return [0.0 if state not in ("to run", "to resume") else
-            next((wall for wall in (_recorded_wall(folder, config) for folder in
+            next((wall for wall in (recorded_wall(folder, config) for folder in
                                     (summary_path.parents[4], COMMITTED_SUMMARIES))
                   if wall is not None), None)
             for (config, _, _, summary_path), state in zip(jobs, states)]
@@ -294,21 +304,16 @@ def print_plan(jobs, states, estimates, log, processes: int = 1) -> None:
         log(line)
 
 
-def _recorded_wall(summaries: Path, config) -> float | None:
-    r"""Mean wall time of the recorded runs of ``config``'s benchmark, protocol, head and method
-    (any seed, any strength) under ``summaries``; None where none is recorded."""
-    from reproduction.records import read_summary
-    from reproduction.naming import SUMMARY_DIR_RUNS, SUMMARY_DIR_TRACE, protocol_tag
-
-    tag = protocol_tag(asdict(config))
-    walls = []
+def _recorded_walls(summaries: Path, benchmark: str, tag: str) -> dict:
+    r"""``{(method, dhp): [wall seconds, ...]}`` of the finished runs recorded under
+    ``summaries`` for ``benchmark`` and protocol ``tag`` (any seed, any strength)."""
+    walls = {}
     for folder in (SUMMARY_DIR_RUNS, SUMMARY_DIR_TRACE):
-        for path in (summaries / folder / config.benchmark / tag).glob("*/seed*.json"):
+        for path in (summaries / folder / benchmark / tag).glob("*/seed*.json"):
             record = read_summary(path)
-            if (record and record["metrics"] is not None and record["method"] == config.method
-                    and record["dhp"] == config.dhp):
-                walls.append(record["wall_s"])
-    return sum(walls) / len(walls) if walls else None
+            if record and record["metrics"] is not None:
+                walls.setdefault((record["method"], record["dhp"]), []).append(record["wall_s"])
+    return walls
 
 
 def search(args) -> int:
