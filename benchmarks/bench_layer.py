@@ -14,7 +14,8 @@ alone (forward + backward) for the vectorised DHPSoftmax, the authors' per-class
 (dhp_deploy.layer.algorithm1_step) and a plain linear layer. All variants are timed interleaved in one process,
 so machine noise hits them alike; the figure is the median over rounds. The fp32 matmul peak (1024³ torch.mm, best of 10) is measured
 in the same run, with the same threads, and the lean plain step's GFLOP/s compared with it; on a
-multi-core CPU also both at one thread, a grid worker's setting. On CUDA it also checks the vectorised step makes no host sync.
+multi-core CPU also both at one thread, a grid worker's setting. On CUDA it also checks the
+vectorised step makes no host sync.
 """
 
 import argparse

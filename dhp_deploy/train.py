@@ -213,15 +213,14 @@ class TrainingRun:
         rows, seconds = evaluate_with_traces(self.model, self.benchmark, [None] + diagnostics,
                                              "test", self.replicas)
         self.progress.acc_matrix.append(rows[0])
-        evaluated = consolidated + seconds[0]
+        timings = self.progress.timings
+        timings["consolidate_s"] += consolidated - started
+        timings["evaluate_s"] += seconds[0]
         if any(len(t.y_val) for t in self.benchmark.tasks):
             val_started = time.perf_counter()
             self.progress.val_acc_matrix.append(evaluate(self.model, self.benchmark, "val",
                                                          self.replicas))
-            evaluated += time.perf_counter() - val_started
-        timings = self.progress.timings
-        timings["consolidate_s"] += consolidated - started
-        timings["evaluate_s"] += evaluated - consolidated
+            timings["evaluate_s"] += time.perf_counter() - val_started
         if dhp_heads(self.model):  # the diagnostics' share of the evaluation is kept apart
             timings["trace_diagnostics_s"] = (timings.get("trace_diagnostics_s", 0.0)
                                               + sum(seconds[1:]))
@@ -235,8 +234,8 @@ class TrainingRun:
         r"""What the Hebbian trace does to the accuracies after task ``task_id``, as
         evaluation entries (:func:`trace_diagnostic_sets`): every task with the trace zeroed
         (θ alone) and with its own trace (saved at the end of that task, kept in the
-        checkpoint). None for a plain head, or a run resumed from a checkpoint written before
-        these diagnostics existed."""
+        checkpoint). Empty for a plain head, or for a run resumed from a checkpoint written
+        before these diagnostics existed."""
         if not dhp_heads(self.model) or len(self.saved_traces) != task_id:
             return []
         self.saved_traces.append([head.hebb.detach().clone() for head in dhp_heads(self.model)])

@@ -217,9 +217,10 @@ def test_the_one_call_step_is_the_python_step_bit_for_bit(case, multi_head, dhp,
 @pytest.mark.parametrize("method", ["ewc", "online-ewc", "mas", "si"])
 def test_fused_penalised_sgd_equals_the_torch_ops(method, dtype, monkeypatch):
     r"""The one-pass penalty + SGD update (csrc/penalised_sgd.cpp; for SI with its path integral)
-    against the torch ops it replaces: bit for bit where torch's CPU kernels fuse their multiply-adds (its AVX2/AVX-512
-    kernels in torch 2.13, measured; a torch build may change that), else within a few roundings
-    of the largest penalty term (an unfused total can cancel against g)."""
+    against the torch ops it replaces: bit for bit where torch's CPU kernels fuse their
+    multiply-adds (its AVX2/AVX-512 kernels in torch 2.13, measured; a torch build may change
+    that), else within a few roundings of the largest penalty term (an unfused total can cancel
+    against g)."""
     if not built_kernels().penalised_sgd_vectorised():
         pytest.skip("no FMA units: the torch ops keep the update")
     nets, totals = {}, {}

@@ -42,35 +42,38 @@ bool vectorised() { return false; }
 // Inlined into each clone below, so each compiles for that clone's ISA. With `omega` (SI's path
 // integral) also ω ← ω + lr·g·total, rounded as torch's addcmul_(g, total, value=lr) on the CPU
 // (measured: fma(lr·g, total, ω), lr·g rounded first).
-template <typename T>
+template <typename T, bool kIntegrate>
 inline __attribute__((always_inline)) void penalised_sgd_loop(
     T* __restrict theta, T* __restrict total, const T* __restrict g, const T* __restrict c,
     const T* __restrict a, T* __restrict omega, T lr, int64_t n) {
-  if (omega == nullptr) {
-    for (int64_t i = 0; i < n; ++i) {
-      const T t = std::fma(c[i], theta[i] - a[i], g[i]);
-      total[i] = t;
-      theta[i] = std::fma(t, -lr, theta[i]);
-    }
-    return;
-  }
   for (int64_t i = 0; i < n; ++i) {
     const T t = std::fma(c[i], theta[i] - a[i], g[i]);
     total[i] = t;
     theta[i] = std::fma(t, -lr, theta[i]);
-    omega[i] = std::fma(lr * g[i], t, omega[i]);
+    if constexpr (kIntegrate) omega[i] = std::fma(lr * g[i], t, omega[i]);
+  }
+}
+
+template <typename T>
+inline __attribute__((always_inline)) void penalised_sgd_any(T* theta, T* total, const T* g,
+                                                             const T* c, const T* a, T* omega,
+                                                             T lr, int64_t n) {
+  if (omega == nullptr) {
+    penalised_sgd_loop<T, false>(theta, total, g, c, a, omega, lr, n);
+  } else {
+    penalised_sgd_loop<T, true>(theta, total, g, c, a, omega, lr, n);
   }
 }
 
 DHP_CLONES void penalised_sgd_f32(float* theta, float* total, const float* g, const float* c,
                                   const float* a, float* omega, float lr, int64_t n) {
-  penalised_sgd_loop(theta, total, g, c, a, omega, lr, n);
+  penalised_sgd_any(theta, total, g, c, a, omega, lr, n);
 }
 
 DHP_CLONES void penalised_sgd_f64(double* theta, double* total, const double* g,
                                   const double* c, const double* a, double* omega, double lr,
                                   int64_t n) {
-  penalised_sgd_loop(theta, total, g, c, a, omega, lr, n);
+  penalised_sgd_any(theta, total, g, c, a, omega, lr, n);
 }
 
 void check_operand(const at::Tensor& operand, const at::Tensor& param, size_t k,
