@@ -52,6 +52,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # checkout.py beside us
 import checkout  # noqa: E402,F401  (this checkout's dhp_deploy, then the reproduction package)
 from dhp_deploy.regularizers import STRENGTH_OPTION  # noqa: E402
@@ -63,7 +65,8 @@ from reproduction.naming import (PAPER_BENCHMARKS, TRACE_BENCHMARKS, TRACE_SEEDS
                                  SUMMARY_DIR_TRACE, SUFFIXES, TRACE_VARIANTS, VARIANT_GROUPS,
                                  protocol_tag, train_command)
 from dhp_deploy.metrics import format_duration  # noqa: E402
-from reproduction.records import REPO, read_summary  # noqa: E402
+from reproduction.estimates import commit_ages, job_estimates, record_folders  # noqa: E402
+from reproduction.records import REPO, machine  # noqa: E402
 from reproduction.runs import (RUN_STATUS, ConfigMismatch, auto_setting, execute,  # noqa: E402
                               recorded_result)
 
@@ -217,8 +220,6 @@ def main(argv=None) -> int:
     # SIGTERM unwinds like Ctrl-C, so a --jobs pool is terminated with its parent.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     if args.threads:
-        import torch
-
         torch.set_num_threads(args.threads)
     if args.step == "search":
         return search(args)
@@ -228,7 +229,7 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     states = [run_state(*job) for job in jobs]
-    estimates = job_estimates(jobs, states)
+    estimates = job_estimates(jobs, states, *estimate_sources(args))
     print_plan(jobs, states, estimates, args.log, args.jobs)
     if args.dry_run:
         for (config, run_dir, _, _), state in zip(jobs, states):
@@ -260,25 +261,12 @@ def run_state(config, run_dir, role, summary_path) -> str:
     return "to resume" if (run_dir / CHECKPOINT_NAME).exists() else "to run"
 
 
-def job_estimates(jobs, states) -> list:
-    r"""Each job's expected seconds: 0 for a run already done; for one to train, the mean wall
-    time of the recorded runs of the same benchmark, protocol and method (on the hosts their
-    summaries name): those under the grid's own summaries, else the repository's committed ones
-    (a grid into a fresh folder); None where none is recorded."""
-    walls = {}  # each folder's records of a benchmark and protocol, read once for all its jobs
-
-    def recorded_wall(summaries: Path, config) -> float | None:
-        key = (summaries, config.benchmark, protocol_tag(asdict(config)))
-        if key not in walls:
-            walls[key] = _recorded_walls(*key)
-        found = walls[key].get((config.method, config.dhp))
-        return sum(found) / len(found) if found else None
-
-    return [0.0 if state not in ("to run", "to resume") else
-            next((wall for wall in (recorded_wall(folder, config) for folder in
-                                    (summary_path.parents[4], COMMITTED_SUMMARIES))
-                  if wall is not None), None)
-            for (config, _, _, summary_path), state in zip(jobs, states)]
+def estimate_sources(args) -> tuple:
+    r"""What :func:`job_estimates` reads for this grid: the machine its runs train on (with the
+    threads each run gets), the records folders, and the checkout's commit ages."""
+    threads = 1 if args.jobs > 1 else torch.get_num_threads()  # main set --threads
+    host = {**machine(args.device), "torch_threads": threads}
+    return host, record_folders(args.summaries), commit_ages()
 
 
 def print_plan(jobs, states, estimates, log, processes: int = 1) -> None:
@@ -297,23 +285,11 @@ def print_plan(jobs, states, estimates, log, processes: int = 1) -> None:
                 f"{counts.get('to resume', 0)} to resume, {counts.get('to run', 0)} to train")
         if seconds.get(benchmark):
             line += (f"; ≈ {format_duration(seconds[benchmark])} of one-process training at "
-                     f"the recorded runs' wall times (≈ "
+                     f"the wall times of recorded runs like them (≈ "
                      f"{format_duration(seconds[benchmark] / processes)} at --jobs {processes})")
             if unknown.get(benchmark):
                 line += f", {unknown[benchmark]} run(s) with no recorded peer not counted"
         log(line)
-
-
-def _recorded_walls(summaries: Path, benchmark: str, tag: str) -> dict:
-    r"""``{(method, dhp): [wall seconds, ...]}`` of the finished runs recorded under
-    ``summaries`` for ``benchmark`` and protocol ``tag`` (any seed, any strength)."""
-    walls = {}
-    for folder in (SUMMARY_DIR_RUNS, SUMMARY_DIR_TRACE):
-        for path in (summaries / folder / benchmark / tag).glob("*/seed*.json"):
-            record = read_summary(path)
-            if record and record["metrics"] is not None:
-                walls.setdefault((record["method"], record["dhp"]), []).append(record["wall_s"])
-    return walls
 
 
 def search(args) -> int:
@@ -324,11 +300,12 @@ def search(args) -> int:
     """
     values = {method: list(SEARCH_VALUES[method]) for method in args.methods or SEARCH_VALUES}
     started, totals = time.perf_counter(), {status: 0 for status in RUN_STATUS}
+    sources = estimate_sources(args)
     settled = set()  # run directories of earlier rounds: each run is counted once
     while True:
         jobs = search_jobs(args, values)
         states = [run_state(*job) for job in jobs]
-        estimates = job_estimates(jobs, states)
+        estimates = job_estimates(jobs, states, *sources)
         print_plan(jobs, states, estimates, args.log, args.jobs)
         if args.dry_run:
             for (_, run_dir, _, _), state in zip(jobs, states):

@@ -1,0 +1,83 @@
+r"""A grid's time before it runs: each run's expected wall time from recorded runs like it.
+
+A run's best guide is a recorded run of the same benchmark, protocol and method, trained on this
+host (CPU model, cores, device) at the threads the grid will give it, by the newest code: the
+code got faster between sittings, and the repository's own records mix hosts and code versions
+(estimating from all of them put the Permuted MNIST grid at 1.6× its measured time).
+"""
+
+import subprocess
+from dataclasses import asdict
+from pathlib import Path
+
+from reproduction.naming import (SUMMARY_DIR_RUNS, SUMMARY_DIR_SEARCH, SUMMARY_DIR_TRACE,
+                                 protocol_tag)
+from reproduction.records import REPO, read_summary
+
+SHIPPED_SUMMARIES = REPO / "docs"  # every records folder the repository ships lies under it
+
+
+def record_folders(summaries: Path) -> list[Path]:
+    r"""The grid's own summaries folder, then each records folder the repository ships (a
+    folder holding ``runs/``, ``search/`` or ``trace/``)."""
+    shipped = sorted({path.parent for folder in (SUMMARY_DIR_RUNS, SUMMARY_DIR_SEARCH,
+                                                 SUMMARY_DIR_TRACE)
+                      for path in SHIPPED_SUMMARIES.glob(f"**/{folder}") if path.is_dir()})
+    return [summaries] + [folder for folder in shipped if folder != summaries]
+
+
+def commit_ages(root: Path = REPO) -> dict:
+    r"""``{commit: age}`` over the checkout's history, 0 for HEAD (newer code, lower age);
+    empty off git, where the records' code cannot be ordered."""
+    try:
+        log = subprocess.run(["git", "log", "--format=%H"], cwd=root, capture_output=True,
+                             text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return {}
+    return {commit: age for age, commit in enumerate(log.split())}
+
+
+def job_estimates(jobs, states, host: dict, folders: list[Path], ages: dict) -> list:
+    r"""Each job's expected seconds: 0 for a run already done; for one to train, the mean wall
+    time of its best-matching records (:func:`best_records`) in ``folders``; None where none.
+
+    ``host``: the machine the runs will train on, as a summary's ``machine`` records it, with
+    ``torch_threads`` the threads each run gets.
+    """
+    records = {}  # (benchmark, protocol) → {(method, dhp): [record, ...]}, read once
+
+    def estimate(config) -> float | None:
+        key = (config.benchmark, protocol_tag(asdict(config)))
+        if key not in records:
+            records[key] = _finished_records(folders, *key)
+        chosen = best_records(records[key].get((config.method, config.dhp), []), host, ages)
+        return sum(r["wall_s"] for r in chosen) / len(chosen) if chosen else None
+
+    return [estimate(config) if state in ("to run", "to resume") else 0.0
+            for (config, _, _, _), state in zip(jobs, states)]
+
+
+def best_records(records: list[dict], host: dict, ages: dict) -> list[dict]:
+    r"""Of one method's ``records``: those trained on ``host`` (else all), and of them those of
+    the newest code (a commit not in ``ages`` counts as oldest)."""
+    fields = ("cpu", "cores", "device") + (("torch_threads",) if host["device"] == "cpu" else ())
+    here = [r for r in records if all(r["machine"].get(f) == host.get(f) for f in fields)]
+    records = here or records
+    if not records:
+        return []
+    age = {id(r): ages.get(r["commit"], len(ages)) for r in records}
+    newest = min(age.values())
+    return [r for r in records if age[id(r)] == newest]
+
+
+def _finished_records(folders: list[Path], benchmark: str, tag: str) -> dict:
+    r"""``{(method, dhp): [summary, ...]}``: the finished runs of ``benchmark`` and protocol
+    ``tag`` (any seed, any strength, any role) recorded under ``folders``."""
+    found = {}
+    for root in folders:
+        for folder in (SUMMARY_DIR_RUNS, SUMMARY_DIR_SEARCH, SUMMARY_DIR_TRACE):
+            for path in (root / folder / benchmark / tag).glob("*/seed*.json"):
+                record = read_summary(path)
+                if record and record["metrics"] is not None:
+                    found.setdefault((record["method"], record["dhp"]), []).append(record)
+    return found
