@@ -31,6 +31,7 @@ from dhp_deploy.distributed import SINGLE, Replicas
 from dhp_deploy.run_dir import (CHECKPOINT_NAME, CONFIG_NAME, CheckpointError, atomic_write_json,
                                 load_checkpoint, save_checkpoint)
 from dhp_deploy.metrics import average_accuracies, format_duration, run_metrics, write_run_metrics
+from dhp_deploy import fused_head
 from dhp_deploy.lean_step import supports_lean_step
 from dhp_deploy.loop import Loop
 from dhp_deploy.steps import OneRunSteps, derived_generator
@@ -89,6 +90,8 @@ class TrainingRun:
         # The lean step computes the same gradients with far less overhead; autograd serves any
         # other model (lean=False forces it, e.g. to compare the two).
         self.lean = lean and supports_lean_step(self.model)
+        if self.lean and self.device.type == "cpu":
+            fused_head.load(self.log)  # its steps use the kernels: a build is not training time
         if replicas.distributed and not self.lean:
             raise TrainingError("data-parallel training needs the lean step (a Linear+ReLU trunk "
                                 "and a DHP-Softmax or plain head), which synchronises the trace")

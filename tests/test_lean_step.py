@@ -415,6 +415,33 @@ def test_graphed_steps_warm_up_capture_replay_and_fall_back(monkeypatch):
     assert logged[0].startswith("CUDA graph capture failed (operation not permitted")
 
 
+def test_a_run_says_when_it_compiles_the_kernels_and_not_again(tmp_path, data_dir):
+    r"""A first build takes ~20 s: dhp-train says so before it starts (else the run seems to hang
+    and the first epoch's time and throughput include the build), and says nothing once built.
+    The copied build folder without its library relinks the compiled objects (a fast build)."""
+    built_kernels()
+    copy = tmp_path / fused_head.build_directory().name
+    shutil.copytree(fused_head.build_directory(), copy)
+    for library in copy.glob("*.so"):
+        library.unlink()
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path), "DHP_DATA_DIR": str(data_dir)}
+    tiny = ["--benchmark", "split-mnist", "--dhp", "--epochs", "1", "--num-tasks", "1",
+            "--train-limit", "64", "--test-limit", "64", "--threads", "1", "--device", "cpu"]
+
+    def train(name: str) -> list[str]:
+        result = subprocess.run([sys.executable, "-m", "dhp_deploy.cli.train", *tiny, "--out",
+                                 str(tmp_path / name)], capture_output=True, text=True,
+                                timeout=300, env=env)
+        assert result.returncode == 0, result.stderr
+        return result.stderr.splitlines()
+
+    first, second = train("first"), train("second")
+    assert first[0] == f"compiling the fused CPU kernels (once per source and torch version, " \
+                       f"~20 s on 2 cores) into {copy}"
+    assert first[1].startswith("training finetune + DHP on split-mnist")
+    assert list(copy.glob("*.so")) and not any("compiling" in line for line in second)
+
+
 def test_a_stale_build_lock_does_not_hang_the_next_run(tmp_path):
     r"""A builder killed outright leaves torch's lock file; a later process must not wait on it
     forever (torch's own wait has no timeout): a lock older than a build can take is removed."""
