@@ -61,9 +61,8 @@ from dhp_deploy.run_dir import CHECKPOINT_NAME, METRICS_NAME  # noqa: E402
 from reproduction.jobs import (MAX_EXTENSIONS, SEARCH_SEED, SEARCH_VALUES,  # noqa: E402
                                all_diverged, choose_strengths, grid_jobs, search_jobs)
 from reproduction.naming import (PAPER_BENCHMARKS, TRACE_BENCHMARKS, TRACE_SEEDS,  # noqa: E402
-                                 DHP_STRENGTH, INTERVENTIONS, SUMMARY_DIR_RUNS,
-                                 SUMMARY_DIR_TRACE, SUFFIXES, TRACE_VARIANTS, VARIANT_GROUPS,
-                                 protocol_tag, train_command)
+                                 DHP_STRENGTH, INTERVENTIONS, SUFFIXES, TRACE_VARIANTS,
+                                 VARIANT_GROUPS, train_command)
 from dhp_deploy.metrics import format_duration  # noqa: E402
 from reproduction.estimates import commit_ages, job_estimates, record_folders  # noqa: E402
 from reproduction.records import REPO, machine  # noqa: E402
@@ -263,10 +262,12 @@ def run_state(config, run_dir, role, summary_path) -> str:
 
 def estimate_sources(args) -> tuple:
     r"""What :func:`job_estimates` reads for this grid: the machine its runs train on (with the
-    threads each run gets), the records folders, and the checkout's commit ages."""
+    threads each run gets) and their setting, the records folders, the checkout's commit ages."""
     threads = 1 if args.jobs > 1 else torch.get_num_threads()  # main set --threads
-    host = {**machine(args.device), "torch_threads": threads}
-    return host, record_folders(args.summaries), commit_ages()
+    gpu = torch.device(args.device).type == "cuda" and torch.cuda.is_available()
+    here = {"machine": {**machine(args.device if gpu else "cpu"), "torch_threads": threads},
+            "setting": {"jobs": args.jobs, "cohort": args.cohort}}
+    return here, record_folders(args.summaries), commit_ages()
 
 
 def print_plan(jobs, states, estimates, log, processes: int = 1) -> None:

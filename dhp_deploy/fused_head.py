@@ -81,20 +81,24 @@ def kernels() -> Optional[ModuleType]:
 
 def load(log: Callable[[str], None]) -> None:
     r"""Load the kernels now, before a run's clock starts, saying so when they must be compiled
-    first: a first build takes ~20 s on 2 cores, which would otherwise pass in silence inside the
-    first epoch's time and throughput."""
+    first: a first build takes 20-40 s on 2 cores, which would otherwise pass in silence inside
+    the first epoch's time and throughput."""
     if not ENABLED:
         return
     if kernels.cache_info().currsize == 0 and _build_due():
-        log(f"compiling the fused CPU kernels (once per source and torch version, ~20 s on 2 "
-            f"cores) into {build_directory()}")
+        log(f"compiling the fused CPU kernels (once per source, Python and torch version; "
+            f"20-40 s on 2 cores) into {build_directory()}")
     kernels()
 
 
 def _build_due() -> bool:
-    r"""Whether loading will compile: no built library yet, or a source newer than it."""
-    built = [path.stat().st_mtime for path in build_directory().glob("dhp_deploy_head*.so")]
-    return not built or any(Path(source).stat().st_mtime > max(built) for source in SOURCES)
+    r"""Whether loading will compile: no built library yet, or a source newer than it (a source
+    that cannot be read: loading will say why)."""
+    try:
+        built = [path.stat().st_mtime for path in build_directory().glob("dhp_deploy_head*.so")]
+        return not built or any(Path(source).stat().st_mtime > max(built) for source in SOURCES)
+    except OSError:
+        return True
 
 
 def usable(h: Tensor) -> bool:

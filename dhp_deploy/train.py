@@ -68,7 +68,8 @@ class TrainingRun:
     between the loop's steps (:mod:`dhp_deploy.loop`, :mod:`dhp_deploy.steps`).
 
     Build with :meth:`start` (fresh) or :meth:`resume` (from a checkpoint payload), then call
-    :meth:`run`. ``log`` receives one progress line per epoch; ``on_step`` is called with the number
+    :meth:`run`. ``log`` receives one progress line per epoch (and one before training when
+    the CPU kernels must be compiled first); ``on_step`` is called with the number
     of optimiser steps taken in this process after each step (a test hook). ``replicas``: this
     process's rank among the data-parallel processes of the run (default: the only one).
     """

@@ -692,41 +692,50 @@ def test_the_scripts_train_the_package_of_their_own_checkout(tmp_path):
     assert f"dhp_deploy from {init}" in result.stdout  # and runs.git_commit asks its checkout
 
 
-def test_a_run_is_estimated_from_this_hosts_newest_records():
-    # The plan's estimate comes from the records most like the run to train: this host's at the
-    # grid's threads per run over another host's, and of those the newest code's (the code got
-    # faster between sittings: averaging every record put the Permuted grid at 1.6× its time).
+def test_a_run_is_estimated_from_the_records_most_like_it():
+    # The plan's estimate comes from the records most like the run to train: the same device
+    # kind, then this host at the grid's threads per run, then the grid's setting, then the
+    # newest code (the code got faster between sittings: averaging every record put the
+    # Permuted grid at 1.6× its time).
     from reproduction.estimates import best_records
 
-    here = {"cpu": "Xeon", "cores": 2, "device": "cpu", "torch_threads": 1}
+    machine = {"cpu": "Xeon", "cores": 2, "device": "cpu", "torch_threads": 1}
+    here = {"machine": machine, "setting": {"jobs": 2, "cohort": 1}}
 
-    def record(wall, commit, **machine):
-        return {"wall_s": wall, "commit": commit, "machine": {**here, **machine}}
+    def record(wall, commit, jobs=2, **differs):
+        return {"wall_s": wall, "commit": commit, "setting": {"jobs": jobs, "cohort": 1},
+                "machine": {**machine, **differs}}
 
     ages = {"new": 0, "mid": 1, "old": 2}
     other_host = record(10.0, "new", cpu="EPYC")
     two_threads = record(20.0, "new", torch_threads=2)
+    alone = record(30.0, "new", jobs=1)
     old, mid, mid2 = record(90.0, "old"), record(60.0, "mid"), record(40.0, "mid")
     unknown = record(5.0, "not-in-history")
-    records = [other_host, two_threads, old, mid, unknown, mid2]
-    assert best_records(records, here, ages) == [mid, mid2]
-    assert best_records([other_host, two_threads, old], here, ages) == [old]
+    assert best_records([other_host, two_threads, alone, old, mid, unknown, mid2], here,
+                        ages) == [mid, mid2]
+    assert best_records([other_host, two_threads, alone], here, ages) == [alone]
     assert best_records([other_host, unknown], here, ages) == [unknown]
     assert best_records([other_host, two_threads], here, ages) == [other_host, two_threads]
     assert best_records([], here, ages) == []
     assert best_records([old, mid], here, {}) == [old, mid]  # off git: this host's, all of them
-    gpu = {**here, "device": "NVIDIA H100", "torch_threads": 8}
-    on_gpu = record(3.0, "old", device="NVIDIA H100", torch_threads=16)
+    before_gpus = {**old, "machine": {k: v for k, v in machine.items() if k != "device"}}
+    assert best_records([other_host, before_gpus], here, ages) == [before_gpus]
+    on_gpu = record(3.0, "new", device="NVIDIA H100", torch_threads=16, jobs=1)
+    assert best_records([on_gpu, other_host], here, ages) == [other_host]  # a CPU run's peer
+    gpu = {"machine": {**machine, "device": "NVIDIA H100", "torch_threads": 8},
+           "setting": {"jobs": 1, "cohort": 1}}
     assert best_records([mid, on_gpu], gpu, ages) == [on_gpu]  # threads do not matter on a GPU
 
 
-def test_the_plan_estimates_from_the_grids_own_records_first(tmp_path, capsys):
-    # A run recorded in the grid's own folder, on this host by this checkout's code, is what
-    # the plan expects the next runs of its method to take.
+def test_the_plan_expects_a_run_to_take_what_its_like_took_here(tmp_path, capsys):
+    # A run recorded on this host, in this grid's setting, by this checkout's code, is what the
+    # plan expects the next runs of its variant to take.
     from reproduction.records import machine
 
     args = ["grid", "--variants", "finetune", "--seeds", "0-2", *TINY, "--summaries",
-            str(tmp_path / "sum"), "--runs", str(tmp_path / "runs"), "--dry-run"]
+            str(tmp_path / "sum"), "--runs", str(tmp_path / "runs"), "--jobs", "1",
+            "--cohort", "1", "--dry-run"]
     config, _, _, summary_path = grid_jobs(reproduce.parse_arguments(args))[0]
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
                           text=True).stdout.strip()
@@ -736,17 +745,24 @@ def test_the_plan_estimates_from_the_grids_own_records_first(tmp_path, capsys):
                "benchmark": config.benchmark, "variant": "finetune", "method": "finetune",
                "dhp": False, "seed": 0, "protocol": naming.protocol_tag(vars(config)),
                "commit": head, "machine": {**machine(), "torch_threads": 1}, "wall_s": 3600.0,
+               "setting": {"jobs": 1, "cohort": 1},
                "metrics": {}, "diverged": None, "timings": {},
                "config": {"training": vars(config)}}
     summary_path.parent.mkdir(parents=True)
     summary_path.write_text(json.dumps(summary))
-    # Seeds outside the grid, a minute each: one from another host, one from code not in this
-    # checkout's history. Neither is like the runs to train.
+    # Seeds outside the grid, a minute each: from another host, from code not in this
+    # checkout's history, beside another grid process, of another variant. None is like the
+    # runs to train.
     elsewhere = {**summary, "seed": 5, "wall_s": 60.0,
                  "machine": {**summary["machine"], "cpu": "another CPU"}}
     unknown_code = {**summary, "seed": 6, "wall_s": 60.0, "commit": "0" * 40}
-    for record in (elsewhere, unknown_code):
-        summary_path.with_name(f"seed{record['seed']}.json").write_text(json.dumps(record))
+    shared = {**summary, "seed": 7, "wall_s": 60.0, "setting": {"jobs": 2, "cohort": 1}}
+    authors = {**summary, "seed": 8, "wall_s": 60.0, "variant": "finetune@authors",
+               "config": {"training": {**vars(config), "head_init": "authors"}}}
+    for record in (elsewhere, unknown_code, shared, authors):
+        path = summary_path.parent.parent / record["variant"] / f"seed{record['seed']}.json"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(json.dumps(record))
     capsys.readouterr()
     assert reproduce.main(args) == 0
     plan = [line for line in capsys.readouterr().out.splitlines() if line.startswith("plan:")]

@@ -1,9 +1,10 @@
 r"""A grid's time before it runs: each run's expected wall time from recorded runs like it.
 
-A run's best guide is a recorded run of the same benchmark, protocol and method, trained on this
-host (CPU model, cores, device) at the threads the grid will give it, by the newest code: the
-code got faster between sittings, and the repository's own records mix hosts and code versions
-(estimating from all of them put the Permuted MNIST grid at 1.6× its measured time).
+A run's best guide is a recorded run of the same benchmark, protocol and variant, trained on this
+host (CPU model, cores, device) at the threads and in the grid setting it will have, by the
+newest code: the code got faster between sittings, and the repository's own records mix hosts,
+settings and code versions (estimating from all of them put the Permuted MNIST grid at 1.6× its
+measured time).
 """
 
 import subprocess
@@ -20,10 +21,10 @@ SHIPPED_SUMMARIES = REPO / "docs"  # every records folder the repository ships l
 def record_folders(summaries: Path) -> list[Path]:
     r"""The grid's own summaries folder, then each records folder the repository ships (a
     folder holding ``runs/``, ``search/`` or ``trace/``)."""
-    shipped = sorted({path.parent for folder in (SUMMARY_DIR_RUNS, SUMMARY_DIR_SEARCH,
+    shipped = sorted({path.parent.resolve() for folder in (SUMMARY_DIR_RUNS, SUMMARY_DIR_SEARCH,
                                                  SUMMARY_DIR_TRACE)
                       for path in SHIPPED_SUMMARIES.glob(f"**/{folder}") if path.is_dir()})
-    return [summaries] + [folder for folder in shipped if folder != summaries]
+    return [summaries] + [folder for folder in shipped if folder != summaries.resolve()]
 
 
 def commit_ages(root: Path = REPO) -> dict:
@@ -37,37 +38,43 @@ def commit_ages(root: Path = REPO) -> dict:
     return {commit: age for age, commit in enumerate(log.split())}
 
 
-def job_estimates(jobs, states, host: dict, folders: list[Path], ages: dict) -> list:
+def job_estimates(jobs, states, here: dict, folders: list[Path], ages: dict) -> list:
     r"""Each job's expected seconds: 0 for a run already done; for one to train, the mean wall
     time of its best-matching records (:func:`best_records`) in ``folders``; None where none.
 
-    ``host``: the machine the runs will train on, as a summary's ``machine`` records it, with
-    ``torch_threads`` the threads each run gets.
+    ``here``: how the runs will train, as a summary records it: ``machine`` (with
+    ``torch_threads`` the threads each run gets) and ``setting`` (``{"jobs": N, "cohort": K}``).
     """
     records = {}  # (benchmark, protocol) → {(method, dhp): [record, ...]}, read once
 
-    def estimate(config) -> float | None:
+    def estimate(config, variant: str) -> float | None:
         key = (config.benchmark, protocol_tag(asdict(config)))
         if key not in records:
             records[key] = _finished_records(folders, *key)
-        chosen = best_records(records[key].get((config.method, config.dhp), []), host, ages)
+        peers = records[key].get((config.method, config.dhp), [])
+        chosen = best_records([r for r in peers if r["variant"] == variant] or peers, here, ages)
         return sum(r["wall_s"] for r in chosen) / len(chosen) if chosen else None
 
-    return [estimate(config) if state in ("to run", "to resume") else 0.0
-            for (config, _, _, _), state in zip(jobs, states)]
+    return [estimate(config, summary_path.parent.name) if state in ("to run", "to resume")
+            else 0.0 for (config, _, _, summary_path), state in zip(jobs, states)]
 
 
-def best_records(records: list[dict], host: dict, ages: dict) -> list[dict]:
-    r"""Of one method's ``records``: those trained on ``host`` (else all), and of them those of
-    the newest code (a commit not in ``ages`` counts as oldest)."""
-    fields = ("cpu", "cores", "device") + (("torch_threads",) if host["device"] == "cpu" else ())
-    here = [r for r in records if all(r["machine"].get(f) == host.get(f) for f in fields)]
-    records = here or records
-    if not records:
-        return []
-    age = {id(r): ages.get(r["commit"], len(ages)) for r in records}
-    newest = min(age.values())
-    return [r for r in records if age[id(r)] == newest]
+def best_records(records: list[dict], here: dict, ages: dict) -> list[dict]:
+    r"""Of one kind of run's ``records``, those most like a run trained ``here``: ranked by the
+    device kind (CPU or GPU), then the host (CPU model, cores, device; threads per run on a
+    CPU), then the grid's setting (processes sharing the host, runs stacked), then the newest
+    code (a commit not in ``ages`` counts as oldest)."""
+    def rank(record) -> tuple:
+        machine = {"device": "cpu", **record["machine"]}  # summaries before GPUs lack it
+        cpu = here["machine"]["device"] == "cpu"
+        fields = ("cpu", "cores", "device") + (("torch_threads",) if cpu else ())
+        return ((machine["device"] == "cpu") == cpu,
+                all(machine.get(f) == here["machine"].get(f) for f in fields),
+                record.get("setting") == here["setting"],
+                -ages.get(record["commit"], len(ages)))
+
+    best = max(map(rank, records), default=None)
+    return [record for record in records if rank(record) == best]
 
 
 def _finished_records(folders: list[Path], benchmark: str, tag: str) -> dict:
