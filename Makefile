@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU wheel: an unpinned torch would pull several GB of CUDA packages. GPU users: install
 # your own CUDA torch into the venv first, then `make install TORCH_SPEC=`.
 TORCH_SPEC ?= torch==2.13.0
-# Where MNIST lives (torchvision layout: DIR/MNIST/raw/*.gz); missing files are downloaded.
+# Where MNIST lives (torchvision layout: DIR/MNIST/raw/*.gz); `make demo` downloads missing files.
 DHP_DATA_DIR ?= ./data
 export DHP_DATA_DIR
 STAMP := $(VENV)/.installed
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(if $(TORCH_SPEC),$(BIN)/python -m pip install -q "$(TORCH_SPEC)")
 	$(BIN)/python -m pip install -q -e '.[dev]'
-	$(BIN)/python -m dhp_deploy.fused_head  # compiles the fused DHP head once (~20 s)
+	$(BIN)/python -m dhp_deploy.fused_head  # compiles the fused CPU kernels once (20-40 s)
 	touch $@
 
 install: $(STAMP)
@@ -25,7 +25,7 @@ install: $(STAMP)
 DEMO_RUN ?= runs/demo
 DEMO_BUNDLE ?= export/bundles/demo
 demo: $(STAMP)
-	$(BIN)/dhp-train --benchmark split-mnist --method finetune --dhp --epochs 1 \
+	$(BIN)/dhp-train --benchmark split-mnist --method finetune --dhp --epochs 1 --download \
 	  --out $(DEMO_RUN) --overwrite
 	$(BIN)/dhp-export $(DEMO_RUN) --format all --out $(DEMO_BUNDLE) --overwrite
 	$(BIN)/dhp-serve check $(DEMO_BUNDLE) --backend all

@@ -1,9 +1,10 @@
 r"""Reproduce the DHP paper's table: 5 methods × {plain head, DHP head} × benchmarks × seeds.
 
-Two steps, both resumable (run them again after an interruption; nothing finished is redone):
+Three steps, each resumable (run it again after an interruption; nothing finished is redone):
 
     python benchmarks/reproduce.py search   # regularisation strengths on a validation split
     python benchmarks/reproduce.py grid     # the table's runs with the chosen strengths
+    python benchmarks/reproduce.py trace    # the trace study (DHP on a shared head, interventions)
     python benchmarks/results.py --from docs/results --out docs/RESULTS.md
 
 ``search`` trains each regulariser (plain head) with a few strengths on one benchmark
@@ -20,7 +21,9 @@ search ranks that strength last, and it is not retried.
 The grid's rows (``--variants``): ``paper``, the ten variants of the paper's table, and
 ``ablation``, each of them with the other head's θ initialisation (``dhp@linear``: a DHP head with
 ``nn.Linear``'s init; ``finetune@authors``: a plain head with the authors' init), which separates
-what the initialisation and what plasticity contribute to DHP's gain; ``all`` (default) both.
+what the initialisation and what plasticity contribute to DHP's gain; ``all`` both. Without
+``--variants`` the grid is the one docs/RESULTS.md reports: ``all`` on Split MNIST, the paper's
+and the Finetune/SI ablation on the permuted benchmarks.
 
 Trainings run through the training API (``dhp_deploy.train.TrainingRun``, the code behind
 ``dhp-train``), in this process or, with ``--jobs N``, in N one-thread worker processes that

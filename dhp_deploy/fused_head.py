@@ -1,7 +1,7 @@
 r"""The lean step's fused CPU kernels (``csrc/dhp_head.cpp``, ``csrc/penalised_sgd.cpp``,
 ``csrc/lean_step.cpp``).
 
-Built once per machine.
+Built once per source, Python and torch version.
 
 At batch 64 the eager DHP head is about 30 small torch ops whose dispatch (3–10 µs each) is the
 cost, not their arithmetic: on a 2-core CPU, one thread, its forward + backward took 311 µs
@@ -17,7 +17,8 @@ path-integral term in the same pass. A sixth,
 them.
 
 torch builds the extension on first use (:mod:`torch.utils.cpp_extension`: a C++ compiler and
-ninja, about 20 s; ``make install`` does it ahead) and caches it. Where it cannot build, or with
+ninja, 20-40 s on 2 cores; ``make install`` does it ahead, and :func:`load` says so before a run
+when it must) and caches it. Where it cannot build, or with
 ``DHP_FUSED_HEAD=0``, the lean step runs the eager head, the same maths; the build failure is
 warned once. The kernels run on the CPU for float32 and float64; CUDA keeps the eager head (and
 CUDA graphs, which remove its launch overhead).

@@ -1,7 +1,10 @@
 r"""dhp_deploy.data on the real MNIST files: decoding, verification, bad input, downloads."""
 import gzip
 import http.server
+import os
+import shlex
 import shutil
+import subprocess
 import threading
 from pathlib import Path
 
@@ -213,3 +216,25 @@ def test_failed_download_leaves_no_file(tmp_path, mirror, mode, message):
         data.load_split(tmp_path, "MNIST", train=False, download=True,
                         mirrors=[f"{mirror}/{mode}/{{dataset}}/raw/"])
     assert list((tmp_path / "MNIST" / "raw").iterdir()) == []  # neither the file nor a temp
+
+
+def test_make_demo_fetches_the_data_a_fresh_machine_lacks(tmp_path, mirror):
+    # The README's main command on a machine without MNIST: its training step downloads the
+    # files (here from a local mirror of the real ones), verifies them and trains.
+    repo = Path(__file__).resolve().parents[1]
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    empty = tmp_path / "data"
+    plan = subprocess.run(["make", "-n", "--no-print-directory", "demo",
+                           f"DHP_DATA_DIR={empty}", f"DEMO_RUN={tmp_path / 'run'}"],
+                          cwd=repo, capture_output=True, text=True, check=True).stdout
+    (train,) = [line for line in plan.replace("\\\n", " ").splitlines()
+                if "bin/dhp-train " in line]
+    env = {**os.environ, "DHP_DATA_DIR": str(empty),
+           "DHP_MNIST_MIRROR": mirror + "/good/{dataset}/raw/"}
+    result = subprocess.run(shlex.split(train), cwd=repo, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(path.name for path in (empty / "MNIST" / "raw").iterdir()) == sorted(
+        name for name in data.MD5["MNIST"] if name.endswith(".gz"))
+    assert (tmp_path / "run" / "metrics.json").exists()
