@@ -274,26 +274,35 @@ def estimate_sources(args) -> tuple:
 
 
 def print_plan(jobs, states, estimates, log, processes: int = 1) -> None:
-    r"""One line per benchmark: its runs, how many are already done or will be trained, and an
-    estimate of the training time (:func:`job_estimates`)."""
-    plan, seconds, unknown = {}, {}, {}
+    r"""One line per benchmark, and one for them all when there are several: the runs, how many
+    are already done or will be trained, and an estimate of the training time
+    (:func:`job_estimates`)."""
+    plan = {}  # benchmark → {state: count, "seconds": expected, "unknown": runs without one}
     for (config, _, _, _), state, estimate in zip(jobs, states, estimates):
-        counts = plan.setdefault(config.benchmark, {})
+        counts = plan.setdefault(config.benchmark, {"seconds": 0.0, "unknown": 0})
         counts[state] = counts.get(state, 0) + 1
         if state in ("to run", "to resume"):
-            seconds[config.benchmark] = seconds.get(config.benchmark, 0.0) + (estimate or 0.0)
-            unknown[config.benchmark] = unknown.get(config.benchmark, 0) + (estimate is None)
+            counts["seconds"] += estimate or 0.0
+            counts["unknown"] += estimate is None
+    if len(plan) > 1:
+        plan["all benchmarks"] = {key: sum(counts.get(key, 0) for counts in plan.values())
+                                  for key in {key for counts in plan.values() for key in counts}}
     for benchmark, counts in plan.items():
-        done = counts.get("finished", 0) + counts.get("recorded", 0)
-        line = (f"plan: {benchmark}: {sum(counts.values())} runs, {done} already done, "
-                f"{counts.get('to resume', 0)} to resume, {counts.get('to run', 0)} to train")
-        if seconds.get(benchmark):
-            line += (f"; ≈ {format_duration(seconds[benchmark])} of one-process training at "
-                     f"the wall times of recorded runs like them (≈ "
-                     f"{format_duration(seconds[benchmark] / processes)} at --jobs {processes})")
-            if unknown.get(benchmark):
-                line += f", {unknown[benchmark]} run(s) with no recorded peer not counted"
-        log(line)
+        log(_plan_line(benchmark, counts, processes))
+
+
+def _plan_line(benchmark: str, counts: dict, processes: int) -> str:
+    runs = sum(counts.get(state, 0) for state in ("finished", "recorded", "to resume", "to run"))
+    done = counts.get("finished", 0) + counts.get("recorded", 0)
+    line = (f"plan: {benchmark}: {runs} runs, {done} already done, "
+            f"{counts.get('to resume', 0)} to resume, {counts.get('to run', 0)} to train")
+    if counts["seconds"]:
+        line += (f"; ≈ {format_duration(counts['seconds'])} of one-process training at the wall "
+                 f"times of recorded runs like them (≈ "
+                 f"{format_duration(counts['seconds'] / processes)} at --jobs {processes})")
+        if counts["unknown"]:
+            line += f", {counts['unknown']} run(s) with no recorded peer not counted"
+    return line
 
 
 def search(args) -> int:

@@ -631,14 +631,25 @@ def test_a_grid_into_a_fresh_folder_plans_from_the_committed_wall_times(tmp_path
     committed = REPO / "docs" / "results"
     if not any((committed / "runs" / "split-mnist").glob("*/*/seed*.json")):
         pytest.skip("no committed Split MNIST records")
-    assert reproduce.main(["grid", "--benchmarks", "split-mnist", "--variants", "finetune,dhp",
-                           "--seeds", "0-1", "--summaries", str(tmp_path / "sum"),
+    assert reproduce.main(["grid", "--benchmarks", "split-mnist,permuted-mnist", "--variants",
+                           "finetune,dhp", "--seeds", "0-1", "--summaries", str(tmp_path / "sum"),
                            "--strengths", str(committed / "strengths.json"),
                            "--runs", str(tmp_path / "runs"), "--jobs", "2", "--dry-run"]) == 0
     plan = [line for line in capsys.readouterr().out.splitlines() if line.startswith("plan:")]
-    assert plan and "4 runs, 0 already done, 0 to resume, 4 to train" in plan[0]
+    assert [line.split(":")[1] for line in plan] == [" split-mnist", " permuted-mnist",
+                                                      " all benchmarks"]
+    assert all("4 runs, 0 already done, 0 to resume, 4 to train" in line for line in plan[:2])
+    assert "8 runs, 0 already done, 0 to resume, 8 to train" in plan[2]
     one_process, at_jobs = re.findall(r"≈ ([0-9hms]+)", plan[0])
     assert at_jobs != one_process  # halved for two processes
+
+    def seconds(line: str) -> int:  # format_duration's "1h02m", "2m05s" or "45s", read back
+        text = re.findall(r"≈ ([0-9hms]+)", line)[0]
+        return sum(int(value) * {"h": 3600, "m": 60, "s": 1}[unit]
+                   for value, unit in re.findall(r"(\d+)([hms])", text))
+
+    # the sum of the benchmarks' estimates, to the minute format_duration keeps past an hour
+    assert seconds(plan[2]) == pytest.approx(seconds(plan[0]) + seconds(plan[1]), abs=120)
     assert not (tmp_path / "runs").exists() and not (tmp_path / "sum").exists()
 
 
