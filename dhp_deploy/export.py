@@ -21,6 +21,7 @@ stream instead (:mod:`dhp_deploy.plastic`). The full format is documented in ``e
 """
 
 import json
+import os
 import platform
 import shutil
 from pathlib import Path
@@ -40,6 +41,7 @@ from dhp_deploy.frozen import FrozenMLP, fold_model
 from dhp_deploy.io import commit_directory, make_sibling_dir
 from dhp_deploy.network import DHPNet, predicted_classes
 from dhp_deploy.run_dir import METRICS_NAME, CheckpointError, load_model
+from dhp_deploy.triton_repository import is_repository
 
 __all__ = ["ExportError", "export_run", "benchmark_of_run", "evaluate_accuracy", "sha256_file",
            "BUNDLE_FORMAT", "BUNDLE_VERSION", "FORMATS", "ATOL", "RTOL", "INPUT_NAME",
@@ -193,8 +195,7 @@ def export_run(run_dir, out_dir, formats: Sequence[str] = FORMATS, *, overwrite:
     unknown = [f for f in formats if f not in FORMATS]
     if unknown or not formats:
         raise ExportError(f"unknown format(s) {unknown}, expected some of {', '.join(FORMATS)}")
-    if out_dir.exists() and not overwrite:
-        raise ExportError(f"{out_dir} already exists (pass overwrite / --overwrite to replace it)")
+    check_replaceable(out_dir, run_dir, overwrite)
     try:
         model, payload = load_model(run_dir)
     except CheckpointError as err:
@@ -242,6 +243,26 @@ def export_run(run_dir, out_dir, formats: Sequence[str] = FORMATS, *, overwrite:
             raise ExportError(f"writing the bundle failed: {err}") from None
         raise
     return out_dir
+
+
+def check_replaceable(out_dir: Path, run_dir: Path, overwrite: bool) -> None:
+    r"""An :class:`ExportError` unless an export may be written at ``out_dir``: nothing there, or
+    with ``overwrite`` an empty folder or an earlier export (a bundle, a Triton repository) that
+    does not hold the run. ``--overwrite`` replaces what dhp-export wrote, never a run directory
+    or a folder of other files (it would delete them)."""
+    out_dir, run = Path(out_dir), Path(run_dir).resolve()
+    if not os.path.lexists(out_dir):
+        return
+    if not overwrite:
+        raise ExportError(f"{out_dir} already exists (pass overwrite / --overwrite to replace it)")
+    if out_dir.resolve() == run or out_dir.resolve() in run.parents:
+        raise ExportError(f"{out_dir} holds the run being exported ({run_dir}); not replacing it "
+                          f"(choose another --out)")
+    earlier_export = (out_dir / MANIFEST_NAME).exists() or is_repository(out_dir)
+    if (out_dir.is_dir() and not out_dir.is_symlink() and any(out_dir.iterdir())
+            and not earlier_export):
+        raise ExportError(f"{out_dir} is not an earlier export (no {MANIFEST_NAME}, not a Triton "
+                          f"repository): --overwrite replaces only those, not other folders")
 
 
 def _commit(tmp: Path, out_dir: Path, overwrite: bool) -> None:

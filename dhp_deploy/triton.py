@@ -46,7 +46,7 @@ import numpy as np
 
 from dhp_deploy.bundle import (ARTIFACT_FILES, HEBB_FILE, HEBB_NAME, HEBB_OUT_NAME, INPUT_NAME,
                                LABELS_NAME, MANIFEST_NAME, OUTPUT_NAME, sha256_file)
-from dhp_deploy.export import ExportError, _commit, export_run
+from dhp_deploy.export import ExportError, _commit, check_replaceable, export_run
 from dhp_deploy.io import make_sibling_dir
 from dhp_deploy.triton_repository import (FROZEN_MODEL, INITIAL_STATE_DIR, INITIAL_STATE_FILE,
                                           MAX_BATCH_SIZE, MAX_QUEUE_DELAY_US,
@@ -143,8 +143,7 @@ def write_triton_repository(run_dir, out_dir, *, overwrite: bool = False, data_d
     if sequences < 1:
         raise ExportError(f"sequences must be at least 1, not {sequences}")
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise ExportError(f"{out_dir} already exists (pass overwrite / --overwrite to replace it)")
+    check_replaceable(out_dir, run_dir, overwrite)
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         work = make_sibling_dir(out_dir)

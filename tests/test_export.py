@@ -319,6 +319,35 @@ def test_overwrite_replaces_a_bundle_only_when_asked(served, tmp_path, data_dir)
     assert not (out / "model.onnx").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["b"]
 
 
+def test_overwrite_never_deletes_the_run_or_a_folder_it_did_not_write(served, tmp_path,
+                                                                      data_dir):
+    # --overwrite replaces an earlier export; pointed at the run itself, a folder holding it or
+    # a folder of other files, it used to move them aside and delete them.
+    from dhp_deploy.triton import write_triton_repository
+
+    run, _ = served
+    copy = tmp_path / "runs" / "run"
+    shutil.copytree(run, copy)
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "thesis.txt").write_text("important")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    for out, message in [(copy, "holds the run being exported"),
+                         (copy.parent, "holds the run being exported"),
+                         (notes, "is not an earlier export")]:
+        result = run_cli("export", copy, "--format", "onnx", "--out", out, "--overwrite",
+                         "--data-dir", data_dir)
+        assert_one_line_error(result, str(out), message)
+    with pytest.raises(ExportError, match="is not an earlier export"):
+        write_triton_repository(copy, notes, overwrite=True, data_dir=data_dir)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    assert (notes / "thesis.txt").read_text() == "important"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    export_run(copy, empty, ("onnx",), data_dir=data_dir, overwrite=True, golden_count=8)
+    assert manifest_of(empty)["artifacts"] == {"onnx": "model.onnx"}
+
+
 def test_cli_bad_out_parent_leaves_nothing(served, tmp_path, data_dir):
     run, _ = served
     blocker = tmp_path / "not-a-dir"

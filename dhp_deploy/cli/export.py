@@ -24,7 +24,8 @@ class ExportFailed(click.ClickException):
               help="Bundle directory to create (default: export/bundles/<RUN_DIR name>; with "
                    "--format triton, the repository: export/triton/<RUN_DIR name>).")
 @click.option("--overwrite", is_flag=True,
-              help="Replace an existing bundle at --out (atomically).")
+              help="Replace an earlier export at --out (atomically; never a run or a folder "
+                   "of other files).")
 @click.option("--golden", "golden_count", type=click.IntRange(min=1), default=64,
               show_default=True, help="Number of real test images stored as golden vectors.")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
