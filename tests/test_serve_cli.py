@@ -101,6 +101,13 @@ def test_bench_prints_latency_and_throughput(served):
                         r"[\d,]+ samples/s = [\d.]+ GFLOP/s \(1 thread\)$", line), line
 
 
+def test_bench_with_a_batch_no_host_holds_is_a_one_line_error(served):
+    result = serve("bench", served[1], "--backend", "onnx", "--iters", 10, "--repeats", 1,
+                   "--batch-size", 10 ** 12)
+    assert_one_line_error(result, "--batch-size 1000000000000", "more than this host could "
+                          "allocate")
+
+
 def _bad_input(tmp_path, name, array):
     path = tmp_path / name
     np.save(path, array)

@@ -135,6 +135,13 @@ def test_unknown_benchmark_or_method_is_a_usage_error(option, value, tmp_path):
     assert value in result.stderr
 
 
+def test_a_model_too_large_for_the_host_is_a_one_line_error(tmp_path, data_dir):
+    # A billion-unit hidden layer (3 TB of weights): the allocator's error, in one line.
+    result = dhp_train("--benchmark", "split-mnist", "--hidden", "1000000000", "--device", "cpu",
+                       "--out", tmp_path / "r", data_dir=data_dir)
+    assert_one_line_error(result, "out of memory", "a smaller --hidden or --batch-size fits")
+
+
 def test_missing_data_is_a_one_line_error(tmp_path):
     result = dhp_train("--benchmark", "split-mnist", "--out", tmp_path / "r",
                        "--data-dir", tmp_path / "no-data")

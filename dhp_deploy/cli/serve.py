@@ -237,9 +237,16 @@ def bench(bundle, backend, device, iters, batch_size, repeats, threads):
         runtime = _open(bundle, name, device, threads)
         inputs = runtime.golden()["inputs"]
         one = np.ascontiguousarray(inputs[:1])
-        big = np.ascontiguousarray(np.resize(inputs, (batch_size, inputs.shape[1])))
-        latency = time_calls(runtime.run_unchecked, one, iters, warmup=20) * 1e3
-        seconds = float(np.median(time_calls(runtime.run_unchecked, big, repeats, warmup=3)))
+        try:
+            big = np.ascontiguousarray(np.resize(inputs, (batch_size, inputs.shape[1])))
+            latency = time_calls(runtime.run_unchecked, one, iters, warmup=20) * 1e3
+            seconds = float(np.median(time_calls(runtime.run_unchecked, big, repeats, warmup=3)))
+        except MemoryError:
+            raise ServeFailed(f"--batch-size {batch_size}: its input alone needs "
+                              f"{batch_size * inputs[:1].nbytes / 2 ** 30:.3g} GiB, more than "
+                              f"this host could allocate") from None
+        except Exception as err:  # a backend failing at run time (e.g. out of memory)
+            raise ServeFailed(f"{name}/{device}: {str(err).splitlines()[0][:300]}") from None
         per_second = batch_size / seconds
         gflops = per_second * runtime.manifest["model"]["flops_per_sample"] / 1e9
         click.echo(f"{name}/{device}: batch 1 p50={np.percentile(latency, 50):.3f} ms "

@@ -189,7 +189,11 @@ def main(ctx, out_dir, resume_dir, overwrite, data_dir, download, device, cuda_g
             run, run_dir = _start_run(training, out_dir, **options), out_dir
         metrics = _run_to_the_end(run)
         replicas.barrier()  # leave together: a rank that exits early can abort a peer's teardown
+    except MemoryError as err:
+        raise _out_of_memory(err) from None
     except RuntimeError as err:  # a collective failed: another rank died or stopped answering
+        if "allocate" in str(err) or "out of memory" in str(err):  # torch's CPU / CUDA allocators
+            raise _out_of_memory(err) from None
         if not replicas.distributed:
             raise
         detail = str(err).splitlines()[0].rsplit("] ", 1)[-1]  # gloo prefixes a source path
@@ -200,6 +204,12 @@ def main(ctx, out_dir, resume_dir, overwrite, data_dir, download, device, cuda_g
         _leave_replicas(replicas)
     if not quiet:
         click.echo(summary_table(metrics, run_dir))
+
+
+def _out_of_memory(err: BaseException) -> TrainCommandError:
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return TrainCommandError(f"out of memory ({first[:200]}): a smaller --hidden or "
+                             f"--batch-size fits")
 
 
 def _where_to_continue(run_dir: Path) -> str:
