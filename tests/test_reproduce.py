@@ -705,16 +705,16 @@ def test_the_scripts_train_the_package_of_their_own_checkout(tmp_path):
 
 def test_a_run_is_estimated_from_the_records_most_like_it():
     # The plan's estimate comes from the records most like the run to train: the same device
-    # kind, then this host at the grid's threads per run, then the grid's setting, then the
-    # newest code (the code got faster between sittings: averaging every record put the
-    # Permuted grid at 1.6× its time).
+    # kind, then this host at the grid's threads per run, then the same stacking, then the
+    # newest code, then the same number of processes (the code got faster between sittings:
+    # averaging every record put the Permuted grid at 1.6× its time).
     from reproduction.estimates import best_records
 
     machine = {"cpu": "Xeon", "cores": 2, "device": "cpu", "torch_threads": 1}
     here = {"machine": machine, "setting": {"jobs": 2, "cohort": 1}}
 
-    def record(wall, commit, jobs=2, **differs):
-        return {"wall_s": wall, "commit": commit, "setting": {"jobs": jobs, "cohort": 1},
+    def record(wall, commit, jobs=2, cohort=1, **differs):
+        return {"wall_s": wall, "commit": commit, "setting": {"jobs": jobs, "cohort": cohort},
                 "machine": {**machine, **differs}}
 
     ages = {"new": 0, "mid": 1, "old": 2}
@@ -723,9 +723,11 @@ def test_a_run_is_estimated_from_the_records_most_like_it():
     alone = record(30.0, "new", jobs=1)
     old, mid, mid2 = record(90.0, "old"), record(60.0, "mid"), record(40.0, "mid")
     unknown = record(5.0, "not-in-history")
-    assert best_records([other_host, two_threads, alone, old, mid, unknown, mid2], here,
+    assert best_records([other_host, two_threads, old, mid, unknown, mid2], here,
                         ages) == [mid, mid2]
-    assert best_records([other_host, two_threads, alone], here, ages) == [alone]
+    assert best_records([mid, alone, old], here, ages) == [alone]  # newer code, one process
+    beside = record(35.0, "new")
+    assert best_records([alone, beside, mid], here, ages) == [beside]  # as many processes
     assert best_records([other_host, unknown], here, ages) == [unknown]
     assert best_records([other_host, two_threads], here, ages) == [other_host, two_threads]
     assert best_records([], here, ages) == []
@@ -737,6 +739,9 @@ def test_a_run_is_estimated_from_the_records_most_like_it():
     gpu = {"machine": {**machine, "device": "NVIDIA H100", "torch_threads": 8},
            "setting": {"jobs": 1, "cohort": 1}}
     assert best_records([mid, on_gpu], gpu, ages) == [on_gpu]  # threads do not matter on a GPU
+    stacked = record(0.4, "new", device="NVIDIA H100", jobs=1, cohort=10)
+    older_alone = record(3.5, "old", device="NVIDIA H100", jobs=1)
+    assert best_records([stacked, older_alone], gpu, ages) == [older_alone]  # a share of 10
 
 
 def test_the_plan_expects_a_run_to_take_what_its_like_took_here(tmp_path, capsys):

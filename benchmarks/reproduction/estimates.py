@@ -1,8 +1,8 @@
 r"""A grid's time before it runs: each run's expected wall time from recorded runs like it.
 
 A run's best guide is a recorded run of the same benchmark, protocol and variant, trained on this
-host (CPU model, cores, device) at the threads and in the grid setting it will have, by the
-newest code: the code got faster between sittings, and the repository's own records mix hosts,
+host (CPU model, cores, device) at the threads and stacking it will have, by the newest code,
+in the same number of processes: the code got faster between sittings, and the repository's own records mix hosts,
 settings and code versions (estimating from all of them put the Permuted MNIST grid at 1.6× its
 measured time).
 """
@@ -62,16 +62,22 @@ def job_estimates(jobs, states, here: dict, folders: list[Path], ages: dict) -> 
 def best_records(records: list[dict], here: dict, ages: dict) -> list[dict]:
     r"""Of one kind of run's ``records``, those most like a run trained ``here``: ranked by the
     device kind (CPU or GPU), then the host (CPU model, cores, device; threads per run on a
-    CPU), then the grid's setting (processes sharing the host, runs stacked), then the newest
-    code (a commit not in ``ages`` counts as oldest)."""
+    CPU), then the runs stacked (``--cohort``: a stacked run records its share, several times
+    less), then the newest code (a commit not in ``ages`` counts as oldest), then the processes
+    sharing the host (``--jobs``). The code before the processes: between sittings it got up to
+    2× faster, while a second process slows a run by ~15% (measured: a grid timed at --jobs 2
+    took 3h51m of run walls; the newest code's records at --jobs 1 predicted 3h50m, the older
+    code's at --jobs 2 4h44m)."""
     def rank(record) -> tuple:
         machine = {"device": "cpu", **record["machine"]}  # summaries before GPUs lack it
+        setting = record.get("setting") or {}
         cpu = here["machine"]["device"] == "cpu"
         fields = ("cpu", "cores", "device") + (("torch_threads",) if cpu else ())
         return ((machine["device"] == "cpu") == cpu,
                 all(machine.get(f) == here["machine"].get(f) for f in fields),
-                record.get("setting") == here["setting"],
-                -ages.get(record["commit"], len(ages)))
+                setting.get("cohort", 1) == here["setting"]["cohort"],
+                -ages.get(record["commit"], len(ages)),
+                setting.get("jobs") == here["setting"]["jobs"])
 
     best = max(map(rank, records), default=None)
     return [record for record in records if rank(record) == best]
