@@ -1,10 +1,10 @@
 r"""A grid's time before it runs: each run's expected wall time from recorded runs like it.
 
 A run's best guide is a recorded run of the same benchmark, protocol and variant, trained on this
-host (CPU model, cores, device) at the threads and stacking it will have, by the newest code,
-in the same number of processes: the code got faster between sittings, and the repository's own records mix hosts,
-settings and code versions (estimating from all of them put the Permuted MNIST grid at 1.6× its
-measured time).
+host (CPU model, cores, device) at the threads and stacking it will have, by the newest code, in
+the same number of processes: the code got faster between sittings, and the repository's own
+records mix hosts, settings and code versions (estimating from all of them put the Permuted
+MNIST grid at 1.6× its measured time).
 """
 
 import subprocess
@@ -21,8 +21,8 @@ SHIPPED_SUMMARIES = REPO / "docs"  # every records folder the repository ships l
 def record_folders(summaries: Path) -> list[Path]:
     r"""The grid's own summaries folder, then each records folder the repository ships (a
     folder holding ``runs/``, ``search/`` or ``trace/``)."""
-    shipped = sorted({path.parent.resolve() for folder in (SUMMARY_DIR_RUNS, SUMMARY_DIR_SEARCH,
-                                                 SUMMARY_DIR_TRACE)
+    shipped = sorted({path.parent.resolve()
+                      for folder in (SUMMARY_DIR_RUNS, SUMMARY_DIR_SEARCH, SUMMARY_DIR_TRACE)
                       for path in SHIPPED_SUMMARIES.glob(f"**/{folder}") if path.is_dir()})
     return [summaries] + [folder for folder in shipped if folder != summaries.resolve()]
 
@@ -79,8 +79,9 @@ def best_records(records: list[dict], here: dict, ages: dict) -> list[dict]:
                 -ages.get(record["commit"], len(ages)),
                 setting.get("jobs") == here["setting"]["jobs"])
 
-    best = max(map(rank, records), default=None)
-    return [record for record in records if rank(record) == best]
+    ranks = [rank(record) for record in records]
+    best = max(ranks, default=None)
+    return [record for record, r in zip(records, ranks) if r == best]
 
 
 def _finished_records(folders: list[Path], benchmark: str, tag: str) -> dict:
